@@ -1,0 +1,766 @@
+"""HighLevelFeatures.py -- the calorimeter geometry and shower features every calokit script shares.
+
+One file, importable alone (numpy; matplotlib only for drawing). It holds:
+
+* the binning-XML reader for both accepted forms (CaloChallenge ``<Bin>`` and the FastCaloGAN
+  multi-slice ``<Particle><Bin>``), giving a :class:`Geometry`: layers, r/alpha edges, voxel order
+  (``index = layer_offset + i_alpha * n_r + i_r``), voxel centres and the (r, alpha) -> voxel mapping;
+* the high-level features of CaloChallenge (E_tot, E_layer, centres of energy and widths in eta/phi/r,
+  sparsity), vectorised over events and layers with float64 accumulation, and a streaming path for
+  files that do not fit in memory;
+* :class:`HighLevelFeatures`, API compatible with CaloChallenge's class of the same name;
+* the small I/O kit the scripts share: :class:`UserError` (bad input -> one line, exit code 2),
+  :func:`run_cli`, atomic outputs and chunked, validated reading of CaloChallenge HDF5 files.
+
+Example
+-------
+>>> import numpy as np
+>>> from HighLevelFeatures import HighLevelFeatures
+>>> hlf = HighLevelFeatures("photon", filename="binning/binning_dataset_1_photons.xml")
+>>> sum(hlf.num_voxel)
+368
+>>> showers = np.zeros((1, 368)); showers[0, 8 + 3 * 16 + 5] = 10.0   # layer 1, alpha bin 3, r bin 5
+>>> hlf.CalculateFeatures(showers)
+>>> float(hlf.GetElayers()[1][0]), float(hlf.GetWidthR()[1][0])
+(10.0, 0.0)
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+
+import numpy as np
+
+# ----------------------------------------------------------------------------------------------
+# facts
+
+#: particle name -> (PDG id, mass in MeV)
+PARTICLES = {
+    "photon": (22, 0.0),
+    "electron": (11, 0.511),
+    "pion": (211, 139.57),
+    "proton": (2212, 938.27),
+}
+
+BINNING_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "binning")
+
+#: CaloChallenge dataset name -> (binning file name in binning/, particle name, voxel count)
+DATASETS = {
+    "1-photons": ("binning_dataset_1_photons.xml", "photon", 368),
+    "1-pions": ("binning_dataset_1_pions.xml", "pion", 533),
+    "2": ("binning_dataset_2.xml", "electron", 6480),
+    "3": ("binning_dataset_3.xml", "electron", 40500),
+}
+
+DEFAULT_CHUNK_BYTES = 16 * 2**20  # float32 shower bytes per streamed chunk
+
+
+class UserError(Exception):
+    """Bad input from the user (file, flag, data). Scripts print it as one line and exit with code 2."""
+
+
+class GeometryError(UserError, ValueError):
+    """A binning XML that cannot be used; the message names the file and the element."""
+
+
+# ----------------------------------------------------------------------------------------------
+# geometry
+
+class Layer:
+    """One calorimeter layer of a slice: radial edges (mm) and the number of alpha bins.
+
+    Voxels of the layer are ordered r fastest, then alpha: ``i = i_alpha * n_r + i_r``.
+
+    >>> lay = Layer(1, [0, 2, 4], 4)
+    >>> lay.n_voxels, lay.r_centres.tolist(), lay.alpha_centres.round(3).tolist()
+    (8, [1.0, 3.0], [-2.356, -0.785, 0.785, 2.356])
+    """
+
+    def __init__(self, layer_id, r_edges, n_alpha, symmetrise_alpha=False):
+        self.id = int(layer_id)
+        self.r_edges = np.asarray(r_edges, dtype=np.float64)
+        self.n_alpha = int(n_alpha)
+        self.symmetrise_alpha = bool(symmetrise_alpha)
+
+    @property
+    def n_r(self):
+        return max(len(self.r_edges) - 1, 0)
+
+    @property
+    def n_voxels(self):
+        return self.n_r * self.n_alpha if self.n_r > 0 else 0
+
+    @property
+    def r_centres(self):
+        return 0.5 * (self.r_edges[:-1] + self.r_edges[1:])
+
+    @property
+    def alpha_edges(self):
+        """Uniform alpha edges: over (-pi, pi], or [0, pi] when alpha is symmetrised."""
+        lo = 0.0 if self.symmetrise_alpha else -math.pi
+        return np.linspace(lo, math.pi, self.n_alpha + 1)
+
+    @property
+    def alpha_centres(self):
+        if self.n_alpha == 1:
+            return np.zeros(1)
+        e = self.alpha_edges
+        return 0.5 * (e[:-1] + e[1:])
+
+    def voxel_coordinates(self):
+        """Per-voxel (r, alpha, eta, phi) in the layer's voxel order; eta = r cos(alpha), phi = r sin(alpha)."""
+        r = np.tile(self.r_centres, self.n_alpha)
+        a = np.repeat(self.alpha_centres, self.n_r)
+        return r, a, r * np.cos(a), r * np.sin(a)
+
+    def bin_index(self, r, alpha):
+        """Voxel index inside the layer for positions (r in mm >= 0, alpha in (-pi, pi]).
+
+        r beyond the last edge goes to the last r bin; with symmetrised alpha, |alpha| is binned.
+
+        >>> Layer(0, [0, 1, 2], 2).bin_index(np.array([0.5, 1.5, 99.0]), np.array([-1.0, 1.0, 3.0])).tolist()
+        [0, 3, 3]
+        """
+        r = np.asarray(r, dtype=np.float64)
+        alpha = np.asarray(alpha, dtype=np.float64)
+        ir = np.searchsorted(self.r_edges, r, side="right") - 1
+        np.clip(ir, 0, self.n_r - 1, out=ir)
+        if self.n_alpha == 1:
+            return ir
+        lo = 0.0 if self.symmetrise_alpha else -math.pi
+        a = np.abs(alpha) if self.symmetrise_alpha else alpha
+        width = (math.pi - lo) / self.n_alpha
+        ia = np.floor((a - lo) / width).astype(np.int64)
+        np.clip(ia, 0, self.n_alpha - 1, out=ia)
+        return ia * self.n_r + ir
+
+    def __repr__(self):
+        return f"Layer(id={self.id}, n_r={self.n_r}, n_alpha={self.n_alpha})"
+
+
+class Geometry:
+    """The voxelisation of one (particle, |eta| slice): an ordered list of :class:`Layer`.
+
+    Layers with no voxels (``r_edges="0"``) are kept in order but own no voxels.
+    """
+
+    def __init__(self, layers, particle, pid, filename="", eta_min=0, eta_max=0, region_id=None,
+                 latent_dim=None, symmetrise_alpha=False):
+        self.layers = list(layers)
+        self.particle = particle
+        self.pid = int(pid)
+        self.filename = filename
+        self.eta_min = eta_min          # |eta| x 100
+        self.eta_max = eta_max
+        self.region_id = region_id
+        self.latent_dim = latent_dim
+        self.symmetrise_alpha = symmetrise_alpha
+        counts = [lay.n_voxels for lay in self.layers]
+        self.bin_edges = [0] + np.cumsum(counts).astype(int).tolist()  # by layer position
+        self.offsets = {lay.id: (self.bin_edges[i], self.bin_edges[i + 1]) for i, lay in enumerate(self.layers)}
+
+    @property
+    def n_voxels(self):
+        return self.bin_edges[-1]
+
+    @property
+    def layer_ids(self):
+        return [lay.id for lay in self.layers]
+
+    @property
+    def relevant_layers(self):
+        """Ids of layers that own voxels."""
+        return [lay.id for lay in self.layers if lay.n_voxels > 0]
+
+    @property
+    def layers_binned_in_alpha(self):
+        return [lay.id for lay in self.layers if lay.n_voxels > 0 and lay.n_alpha > 1]
+
+    def layer(self, layer_id):
+        for lay in self.layers:
+            if lay.id == layer_id:
+                return lay
+        raise KeyError(f"layer {layer_id} not in {self.filename}")
+
+    def voxel_index(self, layer_id, i_alpha, i_r):
+        """Flat index of voxel (layer, i_alpha, i_r): ``offset + i_alpha * n_r + i_r``."""
+        lay = self.layer(layer_id)
+        return self.offsets[layer_id][0] + i_alpha * lay.n_r + i_r
+
+    def voxel_names(self):
+        """Names ``L<layer>_a<ialpha>_r<ir>`` in the flat voxel order (used as CSV header)."""
+        return [f"L{lay.id}_a{ia}_r{ir}" for lay in self.layers if lay.n_voxels
+                for ia in range(lay.n_alpha) for ir in range(lay.n_r)]
+
+    def voxel_coordinates(self):
+        """Flat per-voxel arrays (r, alpha, eta, phi) and the layer id of each voxel."""
+        parts = [lay.voxel_coordinates() for lay in self.layers if lay.n_voxels]
+        if not parts:
+            return tuple(np.zeros(0) for _ in range(4)) + (np.zeros(0, int),)
+        cols = [np.concatenate([p[k] for p in parts]) for k in range(4)]
+        lid = np.concatenate([np.full(lay.n_voxels, lay.id) for lay in self.layers if lay.n_voxels])
+        return (*cols, lid)
+
+    def slice_name(self):
+        """``eta_<min>_<max>`` with |eta| x 100 as in FastCaloGAN file names."""
+        return f"eta_{int(self.eta_min)}_{int(self.eta_max)}"
+
+    def __repr__(self):
+        return (f"Geometry({self.particle}, eta {self.eta_min}-{self.eta_max}, {len(self.layers)} layers, "
+                f"{self.n_voxels} voxels, file={self.filename!r})")
+
+
+def _where(filename, elem):
+    attrs = " ".join(f'{k}="{v}"' for k, v in elem.attrib.items())
+    return f"{filename}: <{elem.tag} {attrs}>"
+
+
+def _attr(filename, elem, name, conv=str, default=None):
+    raw = elem.attrib.get(name)
+    if raw is None:
+        if default is not None:
+            return default
+        raise GeometryError(f"{_where(filename, elem)}: missing attribute '{name}'")
+    try:
+        return conv(raw)
+    except ValueError:
+        raise GeometryError(f"{_where(filename, elem)}: attribute {name}={raw!r} is not a valid {conv.__name__}") from None
+
+
+def _parse_bool(raw):
+    low = raw.strip().lower()
+    if low in ("true", "1", "yes"):
+        return True
+    if low in ("false", "0", "no"):
+        return False
+    raise ValueError(raw)
+
+
+_parse_bool.__name__ = "bool"
+
+
+def _read_layers(filename, bin_elem, symmetrise):
+    layers, seen = [], set()
+    for el in bin_elem:
+        if el.tag != "Layer":
+            continue
+        lid = _attr(filename, el, "id", int)
+        if lid < 0 or lid in seen:
+            raise GeometryError(f"{_where(filename, el)}: layer id {lid} is negative or repeated")
+        seen.add(lid)
+        raw = _attr(filename, el, "r_edges")
+        try:
+            edges = [float(s) for s in raw.split(",") if s.strip() != ""]
+        except ValueError:
+            raise GeometryError(f"{_where(filename, el)}: r_edges must be comma-separated numbers") from None
+        if not edges or edges[0] != 0.0:
+            raise GeometryError(f"{_where(filename, el)}: r_edges must start at 0")
+        if not all(np.isfinite(edges)) or any(b <= a for a, b in zip(edges, edges[1:])):
+            raise GeometryError(f"{_where(filename, el)}: r_edges must be finite, non-negative and strictly increasing")
+        n_alpha = _attr(filename, el, "n_bin_alpha", int, default=1)
+        if n_alpha < 1:
+            raise GeometryError(f"{_where(filename, el)}: n_bin_alpha must be >= 1")
+        layers.append(Layer(lid, edges, n_alpha, symmetrise))
+    if not layers:
+        raise GeometryError(f"{_where(filename, bin_elem)}: no <Layer> elements")
+    return layers
+
+
+def _read_root(filename):
+    if not os.path.isfile(filename):
+        raise GeometryError(f"{filename}: binning file not found")
+    try:
+        root = ET.parse(filename).getroot()
+    except ET.ParseError as err:
+        raise GeometryError(f"{filename}: malformed XML ({err})") from None
+    if root.tag != "Bins":
+        raise GeometryError(f"{filename}: root element is <{root.tag}>, expected <Bins>")
+    return root
+
+
+def _matches(filename, elem, particle):
+    name = elem.attrib.get("name")
+    pid = elem.attrib.get("pid")
+    return particle == name or (pid is not None and str(particle) == pid)
+
+
+def list_slices(filename, particle):
+    """All (etaMin, etaMax, <Bin> element, owning element) slices of ``particle`` in ``filename``; etaMin/Max are |eta| x 100.
+
+    >>> [s[:2] for s in list_slices("binning/binning_fastcalogan.xml", "photon")][:2]
+    [(0.0, 5.0), (5.0, 10.0)]
+    """
+    root = _read_root(filename)
+    out, names = [], []
+    for el in root:
+        names.append(el.attrib.get("name", "?"))
+        if not _matches(filename, el, particle):
+            continue
+        if el.tag == "Bin":  # CaloChallenge form
+            out.append((_attr(filename, el, "etaMin", float, 0.0), _attr(filename, el, "etaMax", float, 500.0), el, el))
+        elif el.tag == "Particle":  # FastCaloGAN form
+            for b in el:
+                if b.tag == "Bin":
+                    out.append((_attr(filename, b, "etaMin", float), _attr(filename, b, "etaMax", float), b, el))
+        else:
+            raise GeometryError(f"{_where(filename, el)}: expected <Bin> or <Particle>")
+    if not out:
+        raise GeometryError(f"{filename}: no <Bin>/<Particle> for particle '{particle}' (file has: {', '.join(names)})")
+    return out
+
+
+def read_geometry(filename, particle, eta=None):
+    """Read the slice of ``particle`` (name like "photon" or PDG id) covering ``|eta|`` from a binning XML.
+
+    ``eta`` may be omitted when the file has one slice for the particle. Raises :class:`GeometryError`
+    (a :class:`UserError`) naming the file and element for anything unusable.
+
+    >>> g = read_geometry("binning/binning_fastcalogan.xml", "pion", eta=0.22)
+    >>> g.eta_min, g.eta_max, g.n_voxels, g.latent_dim
+    (20.0, 25.0, 533, 50)
+    """
+    slices = list_slices(filename, particle)
+    if eta is None:
+        if len(slices) > 1:
+            raise GeometryError(f"{filename}: particle '{particle}' has {len(slices)} eta slices; say which |eta|")
+        chosen = slices[0]
+    else:
+        x = round(abs(float(eta)) * 100.0, 6)
+        hits = [s for s in slices if s[0] <= x < s[1]]
+        if not hits:
+            ranges = f"{min(s[0] for s in slices) / 100:.2f}-{max(s[1] for s in slices) / 100:.2f}"
+            raise GeometryError(f"{filename}: no <Bin> of particle '{particle}' covers |eta|={abs(float(eta)):.4g} "
+                                f"(slices cover {ranges})")
+        chosen = hits[0]
+    lo, hi, bin_el, part_el = chosen
+    symmetrise = _attr(filename, part_el, "symmetriseAlpha", _parse_bool, default=False)
+    latent = _attr(filename, part_el, "latentDim", int, default=50)
+    name = part_el.attrib.get("name", str(particle))
+    pid = _attr(filename, part_el, "pid", int, default=PARTICLES.get(name, (0, 0))[0])
+    region = bin_el.attrib.get("regionId")
+    layers = _read_layers(filename, bin_el, symmetrise)
+    return Geometry(layers, name, pid, filename, lo, hi, None if region is None else int(region), latent, symmetrise)
+
+
+def dataset_geometry(dataset, binning=None):
+    """Geometry of a CaloChallenge dataset name ('1-photons', '1-pions', '2', '3'), optionally from another XML."""
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset '{dataset}' (choose from {', '.join(DATASETS)})")
+    fname, particle, _ = DATASETS[dataset]
+    return read_geometry(binning or os.path.join(BINNING_DIR, fname), particle)
+
+
+# ----------------------------------------------------------------------------------------------
+# features
+
+class _LayerPlan:
+    """Precomputed per-layer weights so that features are a few reductions over (events, alpha, r)."""
+
+    def __init__(self, geom):
+        self.items = []
+        for lay in geom.layers:
+            if not lay.n_voxels:
+                continue
+            a, b = geom.offsets[lay.id]
+            rc = lay.r_centres
+            ac = lay.alpha_centres
+            rw = np.stack([np.ones_like(rc), rc, rc * rc], axis=1)                 # (n_r, 3)
+            aw = np.stack([np.cos(ac), np.sin(ac), np.cos(ac) ** 2, np.sin(ac) ** 2], axis=1)  # (n_alpha, 4)
+            self.items.append((lay.id, a, b, lay.n_alpha, lay.n_r, rw, aw))
+
+
+def _moments(mean_x, mean_x2):
+    return mean_x, np.sqrt(np.clip(mean_x2 - mean_x ** 2, 0.0, None))
+
+
+def compute_features(geom, showers, threshold=0.0, plan=None):
+    """High-level features of ``showers`` (events, n_voxels) in MeV, as a dict of float64 arrays.
+
+    Keys: ``Etot`` (events,), and per layer id dicts ``E_layer``, ``EC_eta``, ``EC_phi``, ``width_eta``,
+    ``width_phi`` (layers binned in alpha only), ``EC_r``, ``width_r`` and ``sparsity`` (all voxelised layers).
+    Definitions (s = layer energy): EC = sum(x E)/(s + 1e-16); width = sqrt(max(sum(x^2 E)/(s + 1e-16) - EC^2, 0));
+    sparsity = 1 - mean(E > threshold). Sums are accumulated in float64 whatever the input dtype.
+
+    >>> g = read_geometry("binning/binning_dataset_1_photons.xml", "photon")
+    >>> x = np.zeros((1, g.n_voxels)); x[0, g.voxel_index(2, 0, 1)] = 1; x[0, g.voxel_index(2, 5, 1)] = 1
+    >>> f = compute_features(g, x)
+    >>> round(float(f["EC_r"][2][0]), 3), round(float(f["width_eta"][2][0]), 3)   # r centre 3.5, alpha +-pi/10
+    (3.5, 3.329)
+    """
+    x = np.asarray(showers)
+    if x.ndim != 2 or x.shape[1] != geom.n_voxels:
+        raise UserError(f"showers have shape {x.shape}, expected (events, {geom.n_voxels}) for {geom.filename}")
+    plan = plan or _LayerPlan(geom)
+    n = x.shape[0]
+    out = {k: {} for k in ("E_layer", "EC_eta", "EC_phi", "width_eta", "width_phi", "EC_r", "width_r", "sparsity")}
+    etot = np.zeros(n)
+    x64 = x.astype(np.float64, copy=False)              # one conversion per chunk: float64 sums
+    for lid, a, b, na, nr, rw, aw in plan.items:
+        block = x64[:, a:b].reshape(n, na, nr)
+        t = block @ rw                                  # (n, na, 3): sum E, sum rE, sum r^2 E over r
+        s_alpha = t[:, :, 0]
+        s = s_alpha.sum(axis=1)
+        etot += s
+        inv = 1.0 / (s + 1e-16)
+        out["E_layer"][lid] = s
+        out["EC_r"][lid], out["width_r"][lid] = _moments(t[:, :, 1].sum(axis=1) * inv, t[:, :, 2].sum(axis=1) * inv)
+        out["sparsity"][lid] = 1.0 - np.count_nonzero(x[:, a:b] > threshold, axis=1) / float(b - a)
+        if na > 1:
+            m1 = t[:, :, 1] @ aw[:, :2]                  # sum r cos(a) E, sum r sin(a) E
+            m2 = t[:, :, 2] @ aw[:, 2:]                  # sum r^2 cos^2 E, sum r^2 sin^2 E
+            out["EC_eta"][lid], out["width_eta"][lid] = _moments(m1[:, 0] * inv, m2[:, 0] * inv)
+            out["EC_phi"][lid], out["width_phi"][lid] = _moments(m1[:, 1] * inv, m2[:, 1] * inv)
+    # E_tot over every voxel (identical to the layer sum: every voxel belongs to one layer)
+    out["Etot"] = etot
+    return out
+
+
+def _concat_features(parts):
+    first = parts[0]
+    out = {"Etot": np.concatenate([p["Etot"] for p in parts])}
+    for k, v in first.items():
+        if isinstance(v, dict):
+            out[k] = {lid: np.concatenate([p[k][lid] for p in parts]) for lid in v}
+    return out
+
+
+def chunk_events(n_voxels, chunk_bytes=DEFAULT_CHUNK_BYTES):
+    """Events per chunk so that one float32 chunk of showers takes about ``chunk_bytes``."""
+    return max(1, int(chunk_bytes // (4 * max(n_voxels, 1))))
+
+
+def features_streaming(geom, showers, threshold=0.0, chunk=None):
+    """:func:`compute_features` over an array-like (numpy, h5py dataset) in chunks, float32 reads.
+
+    Memory stays at one chunk of showers plus the per-event features (a few dozen floats per event).
+    """
+    n = showers.shape[0]
+    chunk = chunk or chunk_events(geom.n_voxels)
+    plan = _LayerPlan(geom)
+    parts = []
+    for i in range(0, n, chunk):
+        block = np.asarray(showers[i:i + chunk], dtype=np.float32)
+        parts.append(compute_features(geom, block, threshold, plan))
+    if not parts:
+        return compute_features(geom, np.zeros((0, geom.n_voxels), np.float32), threshold, plan)
+    return _concat_features(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# CaloChallenge-compatible class
+
+class HighLevelFeatures:
+    """Computes the CaloChallenge high-level features for one binning (API of CaloChallenge's class).
+
+    ``HighLevelFeatures(particle, filename=xml)``; ``CalculateFeatures(showers)``; getters return dicts keyed
+    by layer id. ``eta`` picks the slice in a multi-slice (FastCaloGAN) XML.
+    """
+
+    def __init__(self, particle, filename="binning.xml", eta=None):
+        geom = read_geometry(filename, particle, eta)
+        self.geometry = geom
+        self.particle = particle
+        self.bin_edges = list(geom.bin_edges)
+        self.relevantLayers = geom.relevant_layers
+        self.layersBinnedInAlpha = geom.layers_binned_in_alpha
+        rel = [lay for lay in geom.layers if lay.n_voxels]
+        self.r_edges = [lay.r_edges.tolist() for lay in rel]
+        self.num_alpha = [lay.n_alpha for lay in rel]
+        self.num_voxel = [lay.n_voxels for lay in rel]
+        coords = [lay.voxel_coordinates() for lay in geom.layers]
+        self.eta_all_layers = [c[2] for c in coords]
+        self.phi_all_layers = [c[3] for c in coords]
+        self.Einc = None
+        self._f = None
+
+    def CalculateFeatures(self, data, threshold=0.0):
+        """Compute all features of ``data`` (events, voxels): numpy array or h5py dataset (streamed)."""
+        self._f = features_streaming(self.geometry, data, threshold)
+
+    def _get(self, key):
+        if self._f is None:
+            raise RuntimeError("call CalculateFeatures first")
+        return self._f[key]
+
+    def GetEtot(self):
+        return self._get("Etot")
+
+    def GetElayers(self):
+        return self._get("E_layer")
+
+    def GetECEtas(self):
+        return self._get("EC_eta")
+
+    def GetECPhis(self):
+        return self._get("EC_phi")
+
+    def GetWidthEtas(self):
+        return self._get("width_eta")
+
+    def GetWidthPhis(self):
+        return self._get("width_phi")
+
+    def GetECR(self):
+        return self._get("EC_r")
+
+    def GetWidthR(self):
+        return self._get("width_r")
+
+    def GetSparsity(self):
+        return self._get("sparsity")
+
+    # reference attribute names, for code written against CaloChallenge's class
+    E_tot = property(lambda self: None if self._f is None else self._f["Etot"])
+    E_layers = property(lambda self: {} if self._f is None else self._f["E_layer"])
+    EC_etas = property(lambda self: {} if self._f is None else self._f["EC_eta"])
+    EC_phis = property(lambda self: {} if self._f is None else self._f["EC_phi"])
+    width_etas = property(lambda self: {} if self._f is None else self._f["width_eta"])
+    width_phis = property(lambda self: {} if self._f is None else self._f["width_phi"])
+    EC_r = property(lambda self: {} if self._f is None else self._f["EC_r"])
+    width_r = property(lambda self: {} if self._f is None else self._f["width_r"])
+    sparsity = property(lambda self: {} if self._f is None else self._f["sparsity"])
+
+    def DrawAverageShower(self, data, filename=None, title=None):
+        """Plot the mean of ``data`` (events, voxels), one polar panel per voxelised layer."""
+        mean = np.asarray(features_mean(data), dtype=np.float64)
+        draw_shower(self.geometry, mean, filename, title)
+
+    def DrawSingleShower(self, data, filename=None, title=None):
+        """Plot each shower of ``data`` to ``<name>_<i><ext>``."""
+        data = np.atleast_2d(np.asarray(data))
+        for i, shower in enumerate(data):
+            name = None
+            if filename is not None:
+                stem, ext = os.path.splitext(filename)
+                name = f"{stem}_{i}{ext}"
+            draw_shower(self.geometry, shower, name, title)
+
+
+def features_mean(data, chunk=None):
+    """Mean shower over events, float64 accumulation, streamed over an array or h5py dataset."""
+    n = data.shape[0]
+    chunk = chunk or chunk_events(data.shape[1])
+    acc = np.zeros(data.shape[1])
+    for i in range(0, n, chunk):
+        acc += np.asarray(data[i:i + chunk], dtype=np.float64).sum(axis=0)
+    return acc / max(n, 1)
+
+
+def draw_shower(geom, shower, filename=None, title=None, vmin=1e-2):
+    """Polar plot of one shower vector (log colour scale, log radius), Agg backend, no LaTeX."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    shower = np.asarray(shower, dtype=np.float64)
+    rel = [lay for lay in geom.layers if lay.n_voxels]
+    ncol = min(len(rel), 9)
+    nrow = int(math.ceil(len(rel) / ncol))
+    fig = plt.figure(figsize=(2.2 * ncol, 2.4 * nrow + 0.6), dpi=100)
+    vmax = max(float(shower.max()), vmin * 10)
+    norm = LogNorm(vmin=vmin, vmax=vmax)
+    rmax = max(float(lay.r_edges[-1]) for lay in rel)
+    pcm = None
+    for k, lay in enumerate(rel):
+        a, b = geom.offsets[lay.id]
+        img = shower[a:b].reshape(lay.n_alpha, lay.n_r)
+        ax = fig.add_subplot(nrow, ncol, k + 1, polar=True)
+        theta = lay.alpha_edges if lay.n_alpha > 1 or geom.symmetrise_alpha else np.array([-math.pi, math.pi])
+        radii = np.log1p(lay.r_edges)
+        tt, rr = np.meshgrid(theta, radii)
+        pcm = ax.pcolormesh(tt, rr, img.T + 1e-16, norm=norm, shading="flat")
+        ax.set_rmax(np.log1p(rmax))
+        ax.grid(False)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"Layer {lay.id}", fontsize=9)
+    fig.subplots_adjust(bottom=0.22 if nrow == 1 else 0.1)
+    cax = fig.add_axes([0.2, 0.06, 0.6, 0.04])
+    cbar = fig.colorbar(pcm, cax=cax, orientation="horizontal")
+    cbar.set_label("Energy (MeV)  [radius: log(1 + r/mm)]", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    if filename is not None:
+        with atomic_output(filename) as tmp:
+            fig.savefig(tmp, facecolor="white")
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# shared I/O: atomic outputs, validated chunked reading, CLI error handling
+
+@contextlib.contextmanager
+def atomic_output(path):
+    """Yield a temporary path beside ``path`` (same extension); rename it to ``path`` only on success.
+
+    A crash or kill never leaves a truncated file under the final name.
+    """
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise UserError(f"{path}: output directory {d} does not exist")
+    if not os.access(d, os.W_OK):
+        raise UserError(f"{path}: output directory {d} is not writable")
+    base = os.path.basename(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + base, dir=d)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(path):
+    """Yield a temporary directory beside ``path``; rename it to ``path`` when the block succeeds."""
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    try:
+        yield tmp
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def ensure_dir(path):
+    """Create an output directory, or raise a :class:`UserError` naming it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{path}: cannot create output directory ({err.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"{path}: output directory is not writable")
+    return path
+
+
+def open_calo_file(path, n_voxels=None):
+    """Open and validate a CaloChallenge HDF5 file; returns (h5py.File, n_events, n_voxels).
+
+    Checks: readable HDF5, datasets ``incident_energies`` (N,1)/(N,) and ``showers`` (N, V), same N > 0,
+    V = ``n_voxels`` when given. Every failure is a :class:`UserError` naming the file and the field.
+    """
+    import h5py
+
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: file not found")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise UserError(f"{path}: not a readable HDF5 file ({err})") from None
+    try:
+        for name in ("incident_energies", "showers"):
+            if name not in f or not isinstance(f[name], h5py.Dataset):
+                raise UserError(f"{path}: missing dataset '{name}' (CaloChallenge files have "
+                                f"'incident_energies' and 'showers')")
+        einc, sh = f["incident_energies"], f["showers"]
+        if sh.ndim != 2:
+            raise UserError(f"{path}: 'showers' has shape {sh.shape}, expected (events, voxels)")
+        if einc.ndim not in (1, 2) or (einc.ndim == 2 and einc.shape[1] != 1):
+            raise UserError(f"{path}: 'incident_energies' has shape {einc.shape}, expected (events, 1)")
+        if einc.shape[0] != sh.shape[0]:
+            raise UserError(f"{path}: 'incident_energies' has {einc.shape[0]} events but 'showers' has {sh.shape[0]}")
+        if sh.shape[0] == 0:
+            raise UserError(f"{path}: 'showers' has zero events")
+        if n_voxels is not None and sh.shape[1] != n_voxels:
+            raise UserError(f"{path}: 'showers' has {sh.shape[1]} voxels per event, expected {n_voxels}")
+        return f, sh.shape[0], sh.shape[1]
+    except BaseException:
+        f.close()
+        raise
+
+
+def iter_calo_chunks(path, n_voxels=None, chunk=None, check=True, start=0, stop=None):
+    """Yield (start_index, incident_energies (n,) float64, showers (n, V) float32) chunks of a CaloChallenge file.
+
+    With ``check``, NaN/inf or negative values raise a :class:`UserError` naming file, dataset and event.
+    """
+    f, n, v = open_calo_file(path, n_voxels)
+    with f:
+        stop = n if stop is None else min(stop, n)
+        chunk = chunk or chunk_events(v)
+        for i in range(start, stop, chunk):
+            j = min(i + chunk, stop)
+            try:
+                e = np.asarray(f["incident_energies"][i:j], dtype=np.float64).reshape(-1)
+                s = np.asarray(f["showers"][i:j], dtype=np.float32)
+            except OSError as err:
+                raise UserError(f"{path}: cannot read events {i}..{j} (truncated or corrupt file: {err})") from None
+            if check:
+                check_finite(path, "incident_energies", e, i, positive=True)
+                check_finite(path, "showers", s, i)
+            yield i, e, s
+
+
+def check_finite(path, name, arr, first_event=0, positive=False):
+    """Raise :class:`UserError` if ``arr`` has NaN/inf or negative (or, with positive, non-positive) values."""
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        ev = first_event + int(np.argwhere(bad)[0][0])
+        raise UserError(f"{path}: '{name}' has NaN/inf values (first at event {ev})")
+    neg = arr <= 0 if positive else arr < 0
+    if neg.any():
+        ev = first_event + int(np.argwhere(neg)[0][0])
+        what = "non-positive" if positive else "negative"
+        raise UserError(f"{path}: '{name}' has {what} values (first at event {ev})")
+
+
+def write_calo_file(path, incident_energies, showers, compression=None, **extra):
+    """Write a CaloChallenge HDF5 file atomically (float32 showers, (N,1) incident energies)."""
+    import h5py
+
+    einc = np.asarray(incident_energies, dtype=np.float64).reshape(-1, 1)
+    with atomic_output(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("incident_energies", data=einc)
+            f.create_dataset("showers", data=np.asarray(showers, dtype=np.float32), compression=compression)
+            for k, v in extra.items():
+                f.create_dataset(k, data=v)
+
+
+def run_cli(fn, argv=None):
+    """Run ``fn(argv)`` as a command: UserError -> one line on stderr and 2; other errors -> 1; else fn's code."""
+    try:
+        rc = fn(argv)
+        return 0 if rc is None else int(rc)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: out of memory (try a smaller --chunk / fewer events)", file=sys.stderr)
+        return 1
+    except Exception as err:  # internal error: still one readable line, but a distinct code
+        print(f"internal error: {type(err).__name__}: {err}", file=sys.stderr)
+        if os.environ.get("CALOKIT_DEBUG"):
+            raise
+        return 1
+
+
+if __name__ == "__main__":  # python HighLevelFeatures.py XML PARTICLE: print the geometry summary
+    if len(sys.argv) < 3 or sys.argv[1] in ("-h", "--help"):
+        print("usage: python HighLevelFeatures.py BINNING.xml PARTICLE [ETA]")
+        sys.exit(0 if len(sys.argv) > 1 else 2)
+
+    def _summary(argv):
+        g = read_geometry(argv[0], argv[1], float(argv[2]) if len(argv) > 2 else None)
+        print(g)
+        for lay in g.layers:
+            if lay.n_voxels:
+                print(f"  layer {lay.id:2d}: {lay.n_r} r x {lay.n_alpha} alpha, r_edges {lay.r_edges.tolist()}")
+
+    sys.exit(run_cli(_summary, sys.argv[1:]))
