@@ -59,6 +59,71 @@ DATASETS = {
 
 DEFAULT_CHUNK_BYTES = 16 * 2**20  # float32 shower bytes per streamed chunk
 
+#: FastCaloGAN energy ranges by momentum p (MeV), one GAN each: (p_min, p_max, p_min included?).
+#: "high" takes p > 2^12 but keeps 2^12 as p_min of its label; "all" for e/gamma is a calokit extension.
+ENERGY_RANGES = {
+    "photon": {"low": (2.0**6, 2.0**12, True), "high": (2.0**12, 2.0**22, False), "all": (2.0**6, 2.0**22, True)},
+    "electron": {"low": (2.0**6, 2.0**12, True), "high": (2.0**12, 2.0**22, False), "all": (2.0**6, 2.0**22, True)},
+    "pion": {"all": (2.0**8, 2.0**22, True)},
+    "proton": {"all": (2.0**10, 2.0**22, True)},
+}
+
+
+def particle_mass(particle):
+    """Mass in MeV of a particle name (photon, electron, pion, proton)."""
+    if particle not in PARTICLES:
+        raise UserError(f"unknown particle '{particle}' (choose from {', '.join(PARTICLES)})")
+    return PARTICLES[particle][1]
+
+
+def kinetic_energy(p, particle):
+    """E_kin = sqrt(p^2 + m^2) - m in MeV (FastCaloGAN's normalisation energy).
+
+    >>> float(kinetic_energy(1000.0, "photon")), round(float(kinetic_energy(1000.0, "pion")), 3)
+    (1000.0, 870.123)
+    """
+    m = particle_mass(particle)
+    p = np.asarray(p, dtype=np.float64)
+    return np.sqrt(p * p + m * m) - m
+
+
+def energy_range(particle, name):
+    """(p_min, p_max, p_min_included) of a FastCaloGAN energy range; UserError if undefined."""
+    ranges = ENERGY_RANGES.get(particle, {})
+    if name not in ranges:
+        raise UserError(f"energy range '{name}' is not defined for {particle} (choose from {', '.join(ranges) or 'none'})")
+    return ranges[name]
+
+
+def in_energy_range(p, particle, name):
+    """Boolean mask of momenta p (MeV) inside the range (2^-20 relative tolerance on the edges)."""
+    lo, hi, inc = energy_range(particle, name)
+    p = np.asarray(p, dtype=np.float64)
+    tol = 2.0**-20
+    above = p >= lo * (1 - tol) if inc else p > lo * (1 + tol)
+    return above & (p <= hi * (1 + tol))
+
+
+def condition_label(ekin, ekin_min, ekin_max, scheme="V2", max_exp=22):
+    """FastCaloGAN condition label: V2 log(E/E_min)/log(E_max/E_min) (default), V1 E/2^max_exp.
+
+    >>> condition_label(np.array([256.0, 4096.0, 65536.0]), 256.0, 65536.0).tolist()
+    [0.0, 0.5, 1.0]
+    """
+    ekin = np.asarray(ekin, dtype=np.float64)
+    if scheme == "V2":
+        return np.log(ekin / ekin_min) / np.log(ekin_max / ekin_min)
+    if scheme == "V1":
+        return ekin / 2.0**max_exp
+    raise UserError(f"unknown label scheme '{scheme}' (V1 or V2)")
+
+
+def condition_vector(label, eta=None):
+    """The (N, 2) condition FastCaloSim feeds lwtnn node_1: [label, |eta| or 0]."""
+    label = np.asarray(label, dtype=np.float32).reshape(-1)
+    second = np.zeros_like(label) if eta is None else np.full_like(label, abs(float(eta)))
+    return np.stack([label, second], axis=1)
+
 
 class UserError(Exception):
     """Bad input from the user (file, flag, data). Scripts print it as one line and exit with code 2."""
