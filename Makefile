@@ -1,22 +1,94 @@
 # calokit Makefile -- `make all` runs the chain, `make test` proves it.
 #
-# Variables (override on the command line, e.g. `make all DATASET=1-photons ITERATIONS=20000`):
-#   PYTHON      interpreter used to create the virtual environment        (python3)
-#   VENV        virtual environment directory                              (.venv)
-#   REQS        pinned requirements file (requirements-gpu.txt for GPUs)   (requirements.txt)
-#   PYTEST_ARGS extra arguments for pytest, e.g. "-m slow" or "-k hlf"    ()
+#   make all                       toy hits -> voxels -> train -> select -> export -> evaluate (DATASET=demo)
+#   make all DATASET=1-photons     the same on the CaloChallenge files in DATA_DIR (downloaded if absent)
+#   make test                      the test suite (creates .venv from requirements.txt first)
+#   make -j2 all ETAS="0.20 0.25"  several |eta| slices, trained in parallel
+#   make condor / make slurm       the same per-slice chain as an HTCondor DAG / a Slurm job array
+#
+# Variables (override on the command line, e.g. `make all ITERATIONS=20000`):
+#   DATASET     demo | 1-photons | 1-pions | 2 | 3                                   (demo)
+#   PARTICLES   particles of the demo: photon and/or pion                             (photon)
+#   ETAS        lower |eta| edges of the slices to run (0.05 wide)                    (0.20)
+#   EVENTS      toy events per energy point (demo), for training and for held-out     (1000)
+#   ITERATIONS  generator iterations per GAN (FastCaloGAN trained up to 1,000,000)    (3000)
+#   CKPT_EVERY  checkpoint interval in iterations (FastCaloGAN: 1000)                 (500)
+#   RANGE       energy range per GAN: all | low | high (e/gamma), all (pions)         (all)
+#   SELECT_EVENTS showers generated per checkpoint and energy in select_epoch.py      (2000)
+#   CLS_EPOCHS  epochs of the evaluate.py classifiers (reference: 50)                 (10)
+#   SEED        seed of every step                                                    (1)
+#   DATA_DIR    where CaloChallenge files are looked for / downloaded to              (data)
+#   WORK, RESULTS  intermediate and final output folders          (work/$(DATASET), results/$(DATASET))
+#   PYTHON, VENV, REQS, PYTEST_ARGS   interpreter, venv folder, requirements file, extra pytest args
 PYTHON ?= python3
 VENV ?= .venv
 REQS ?= requirements.txt
 PYTEST_ARGS ?=
+DATASET ?= demo
+PARTICLES ?= photon
+ETAS ?= 0.20
+EVENTS ?= 1000
+ITERATIONS ?= 3000
+CKPT_EVERY ?= 500
+RANGE ?= all
+SELECT_EVENTS ?= 2000
+CLS_EPOCHS ?= 10
+SEED ?= 1
+DATA_DIR ?= data
+WORK ?= work/$(DATASET)
+RESULTS ?= results/$(DATASET)
+
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(notdir $(REQS))
+export MPLBACKEND := Agg
+export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: venv test bench clean-venv help
+# --- what a dataset means -------------------------------------------------------------------------
+# demo: one GAN per (particle, eta) slice on toy hits, evaluated against held-out toy showers.
+# CaloChallenge: file _1 trains (and chooses the epoch), file _2 is the held-out reference.
+ifeq ($(DATASET),demo)
+  SLICES := $(foreach p,$(PARTICLES),$(foreach e,$(ETAS),$(p)_$(e)))
+else ifeq ($(DATASET),1-photons)
+  SLICES := photon_0.20
+  CC_FILES := dataset_1_photons_1.hdf5 dataset_1_photons_2.hdf5
+else ifeq ($(DATASET),1-pions)
+  SLICES := pion_0.20
+  CC_FILES := dataset_1_pions_1.hdf5 dataset_1_pions_2.hdf5
+else ifeq ($(DATASET),2)
+  SLICES := electron_0.20
+  CC_FILES := dataset_2_1.hdf5 dataset_2_2.hdf5
+else ifeq ($(DATASET),3)
+  SLICES := electron_0.20
+  CC_FILES := dataset_3_1.hdf5 dataset_3_2.hdf5
+else
+  $(error DATASET must be one of demo 1-photons 1-pions 2 3, not '$(DATASET)')
+endif
+
+# slice "photon_0.20" -> particle, eta; the evaluate.py dataset and binning of a particle
+part = $(word 1,$(subst _, ,$(1)))
+eta = $(word 2,$(subst _, ,$(1)))
+ifeq ($(DATASET),demo)
+  evalds = 1-$(call part,$(1))s
+else
+  evalds = $(DATASET)
+endif
+BINNING_1-photons := binning/binning_dataset_1_photons.xml
+BINNING_1-pions := binning/binning_dataset_1_pions.xml
+BINNING_2 := binning/binning_dataset_2.xml
+BINNING_3 := binning/binning_dataset_3.xml
+binning = $(BINNING_$(call evalds,$(1)))
+
+.PHONY: all venv test bench data voxels train select export evaluate condor slurm clean clean-venv help
+.DELETE_ON_ERROR:
+.SECONDARY:
+
+all: $(foreach s,$(SLICES),$(RESULTS)/$(s)/eval/metrics.json $(RESULTS)/$(s)/lwtnn/.done)
+	@echo "calokit: results in $(RESULTS)/ for slices: $(SLICES)"
 
 help:
-	@sed -n '1,12p' Makefile
+	@sed -n '1,29p' Makefile
 
+# --- environment ----------------------------------------------------------------------------------
 # The venv is (re)built only when the requirements file changes.
 venv: $(STAMP)
 $(STAMP): $(REQS)
@@ -30,6 +102,67 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b --quick; done
+
+# --- per-stage targets ----------------------------------------------------------------------------
+voxels:   $(foreach s,$(SLICES),$(WORK)/$(s)/voxels.h5 $(WORK)/$(s)/voxels_heldout.h5)
+train:    $(foreach s,$(SLICES),$(WORK)/$(s)/run/.done)
+select:   $(foreach s,$(SLICES),$(RESULTS)/$(s)/select/best.json)
+export:   $(foreach s,$(SLICES),$(RESULTS)/$(s)/lwtnn/.done)
+evaluate: $(foreach s,$(SLICES),$(RESULTS)/$(s)/eval/metrics.json)
+
+ifeq ($(DATASET),demo)
+# toy hits: one seed for training, another for the held-out reference
+$(WORK)/%/hits/.done: preprocess.py HighLevelFeatures.py | $(STAMP)
+	$(PY) preprocess.py toy --particle $(call part,$*) --eta $(call eta,$*) --events-per-energy $(EVENTS) --seed $(SEED) --out $(@D)
+	touch $@
+$(WORK)/%/hits_heldout/.done: preprocess.py HighLevelFeatures.py | $(STAMP)
+	$(PY) preprocess.py toy --particle $(call part,$*) --eta $(call eta,$*) --events-per-energy $(EVENTS) --seed $$(( $(SEED) + 1000 )) --out $(@D)
+	touch $@
+$(WORK)/%/voxels.h5: $(WORK)/%/hits/.done
+	$(PY) preprocess.py voxelise --binning $(call binning,$*) --particle $(call part,$*) --out $@ $(WORK)/$*/hits/hits_*.h5
+$(WORK)/%/voxels_heldout.h5: $(WORK)/%/hits_heldout/.done
+	$(PY) preprocess.py voxelise --binning $(call binning,$*) --particle $(call part,$*) --out $@ $(WORK)/$*/hits_heldout/hits_*.h5
+else
+# CaloChallenge files: verified download (or a clear message naming the files and the record to fetch by hand)
+data: $(addprefix $(DATA_DIR)/,$(CC_FILES))
+$(addprefix $(DATA_DIR)/,$(CC_FILES)): | $(STAMP)
+	$(PY) preprocess.py fetch --dataset $(DATASET) --dir $(DATA_DIR)
+$(WORK)/%/voxels.h5: $(DATA_DIR)/$(word 1,$(CC_FILES))
+	mkdir -p $(@D) && ln -sf $(abspath $<) $@
+$(WORK)/%/voxels_heldout.h5: $(DATA_DIR)/$(word 2,$(CC_FILES))
+	mkdir -p $(@D) && ln -sf $(abspath $<) $@
+endif
+
+$(WORK)/%/train.h5: $(WORK)/%/voxels.h5 preprocess.py
+	$(PY) preprocess.py prepare --binning $(call binning,$*) --particle $(call part,$*) --range $(RANGE) --out $@ $<
+
+$(WORK)/%/run/.done: $(WORK)/%/train.h5 train.py
+	$(PY) train.py --data $< --out $(@D) --iterations $(ITERATIONS) --checkpoint-every $(CKPT_EVERY) --seed $(SEED) --resume
+	touch $@
+
+# the epoch is chosen on the training sample; the held-out sample is kept for evaluate.py
+$(RESULTS)/%/select/best.json: $(WORK)/%/run/.done select_epoch.py
+	$(PY) select_epoch.py --run $(WORK)/$*/run --reference $(WORK)/$*/voxels.h5 --events $(SELECT_EVENTS) --out $(@D)
+
+$(RESULTS)/%/lwtnn/.done: $(RESULTS)/%/select/best.json export_lwtnn.py
+	$(PY) export_lwtnn.py --run $(WORK)/$*/run --best $< --out $(@D) --check
+	touch $@
+
+$(RESULTS)/%/eval/metrics.json: $(RESULTS)/%/select/best.json $(WORK)/%/voxels_heldout.h5 evaluate.py
+	$(PY) evaluate.py -i $(RESULTS)/$*/select/generated.h5 -r $(WORK)/$*/voxels_heldout.h5 -m all -d $(call evalds,$*) \
+	    --output_dir $(@D) --seed $(SEED) --cls_n_epochs $(CLS_EPOCHS) --json $@
+
+# --- scale-out: the same per-slice targets, run by HTCondor DAGMan or a Slurm job array -------------
+condor: | $(STAMP)
+	$(PY) scaleout.py condor --slices "$(SLICES)" --work $(WORK) --results $(RESULTS) --out condor/$(DATASET) \
+	    -- $(MAKEFLAGS_FOR_JOBS)
+slurm: | $(STAMP)
+	$(PY) scaleout.py slurm --slices "$(SLICES)" --work $(WORK) --results $(RESULTS) --out slurm/$(DATASET) -- $(MAKEFLAGS_FOR_JOBS)
+MAKEFLAGS_FOR_JOBS = DATASET=$(DATASET) ITERATIONS=$(ITERATIONS) CKPT_EVERY=$(CKPT_EVERY) RANGE=$(RANGE) \
+    EVENTS=$(EVENTS) SELECT_EVENTS=$(SELECT_EVENTS) CLS_EPOCHS=$(CLS_EPOCHS) SEED=$(SEED) DATA_DIR=$(DATA_DIR)
+
+clean:
+	rm -rf $(WORK) $(RESULTS)
 
 clean-venv:
 	rm -rf $(VENV)
