@@ -1,0 +1,773 @@
+"""export_lwtnn.py -- write a trained generator as the lwtnn graph JSON that C++ FastCaloSim loads.
+
+lwtnn's own Keras converters do not read Keras 3 models, so this script walks the Keras functional graph
+itself and writes the lwtnn *graph* format (what ``lwt::parse_json_graph`` reads):
+
+* ``inputs``: ``node_0`` = the noise (``variable_0`` .. ``variable_<latent-1>``) and ``node_1`` = the
+  condition (``variable_0`` = the energy label, ``variable_1`` = 0); every variable has ``name``,
+  ``offset`` 0 and ``scale`` 1 (lwtnn applies ``(x + offset) * scale``); ``input_sequences`` is ``[]``;
+* ``nodes``: ``input`` (sources = [index into inputs], size), ``concatenate`` (sources), ``feed_forward``
+  (one source, ``layer_index``);
+* ``layers``: ``dense`` (weights row-major n_out x n_in, i.e. the Keras kernel transposed; bias; an
+  activation, always) and, on request, ``normalization`` for batch-norm;
+* ``outputs``: ``{<name>: {"node_index": i, "labels": ["out_0", ...]}}``, one label per voxel (XML order).
+
+Batch normalisation is folded into the dense layer before it by default (W' = diag(gamma/s) W,
+b' = (b - mean) gamma/s + beta, s = sqrt(var + eps)); ``--batchnorm normalization`` writes lwtnn
+``normalization`` layers instead (W * (x + b) with W = gamma/s, b = -mean + beta s/gamma; the activation
+after it then needs a layer of its own). Activations: linear, rectified, sigmoid, tanh, softmax, and the
+parametrised ones only in lwtnn's object form ``{"function": "swish"|"leakyrelu"|"elu", "alpha": a}`` (the
+plain strings give NaN in C++). Any layer or activation lwtnn cannot reproduce exactly is an error
+(exit code 2, naming the layer): never a silently wrong JSON.
+
+Beside the network, ``neural_net_<...>.meta.json`` records what a consumer needs to invert the voxel
+normalisation (latent size, noise, label scheme, E_kin range, particle, slice, binning, voxel count).
+
+:func:`evaluate_graph` is an independent numpy evaluator of the JSON with lwtnn's definitions (clipped
+sigmoid, swish = x sigmoid(alpha x), ...). ``--check`` compares it with Keras on random inputs before
+anything is written and exits with 1 if they differ by more than ``--tolerance``.
+
+Usage
+-----
+    python export_lwtnn.py --run work/demo/photon_0.20/run --best results/demo/photon_0.20/select/best.json \\
+        --out results/demo/photon_0.20/lwtnn --check
+    python export_lwtnn.py --run RUN_DIR --iteration 3000 --out DIR       # a given checkpoint
+    python export_lwtnn.py --run RUN_DIR --out DIR                        # the last complete checkpoint
+    python export_lwtnn.py --checkpoint RUN_DIR/ckpt_3000 --out DIR       # run dir = the checkpoint's parent
+
+Writes ``DIR/neural_net_<pid>_eta_<min>_<max>_<range>.json`` (|eta| x 100, e.g.
+``neural_net_22_eta_20_25_high.json``) and ``DIR/neural_net_<...>.meta.json``, both atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+
+import numpy as np
+
+from HighLevelFeatures import UserError, atomic_output, ensure_dir, run_cli
+
+# ----------------------------------------------------------------------------------------------
+# configuration: defaults of the command line
+
+DEFAULTS = {
+    "batchnorm": "fold",        # fold | normalization
+    "check_events": 1000,       # random (noise, label) inputs compared with Keras under --check
+    "tolerance": 1e-5,          # max |lwtnn - keras| (relative above |keras| = 1)
+    "seed": 1,
+}
+NOISE_NAME, CONDITION_NAME = "noise", "condition"   # Keras input names (CONTRACTS.md)
+LWTNN_INPUTS = ("node_0", "node_1")                  # lwtnn input node names FastCaloSim fills
+CONFIG_REQUIRED = ("particle", "pid", "eta_min", "eta_max", "range", "latent_dim", "n_voxels")
+CKPT_RE = re.compile(r"^ckpt_(\d+)$")
+
+# ----------------------------------------------------------------------------------------------
+# lwtnn facts: activations
+
+#: Keras activation name -> (lwtnn function, alpha or None). alpha None = plain string in the JSON.
+KERAS_ACTIVATIONS = {
+    "linear": ("linear", None),
+    "relu": ("rectified", None),
+    "sigmoid": ("sigmoid", None),
+    "tanh": ("tanh", None),
+    "softmax": ("softmax", None),
+    "swish": ("swish", 1.0),
+    "silu": ("swish", 1.0),
+    "elu": ("elu", 1.0),           # keras.activations.elu: alpha = 1
+    "leaky_relu": ("leakyrelu", 0.2),  # keras.activations.leaky_relu: negative_slope = 0.2
+}
+PARAMETRISED = ("swish", "leakyrelu", "elu")
+
+
+def lwtnn_activation(function, alpha=None):
+    """The JSON value of an lwtnn activation: a plain string, or ``{"function", "alpha"}`` if parametrised.
+
+    >>> lwtnn_activation("rectified"), lwtnn_activation("swish", 1.0)
+    ('rectified', {'function': 'swish', 'alpha': 1.0})
+    """
+    if function in PARAMETRISED:
+        return {"function": function, "alpha": float(1.0 if alpha is None else alpha)}
+    return function
+
+
+# ----------------------------------------------------------------------------------------------
+# the numpy evaluator of an lwtnn graph JSON (independent of Keras)
+
+def _sigmoid(x):
+    """lwtnn's sigmoid: exactly 0 below -30 and 1 above 30."""
+    with np.errstate(over="ignore"):
+        s = 1.0 / (1.0 + np.exp(-np.clip(x, -30.0, 30.0)))
+    return np.where(x < -30.0, 0.0, np.where(x > 30.0, 1.0, s))
+
+
+def apply_activation(act, x):
+    """Apply an lwtnn activation (string or {function, alpha}) to rows of ``x`` as lwtnn does.
+
+    A parametrised function given as a plain string gets alpha = NaN, as in lwtnn (except elu: alpha 1).
+    """
+    if isinstance(act, dict):
+        fn, alpha = act["function"], float(act["alpha"])
+    else:
+        fn, alpha = act, (1.0 if act == "elu" else math.nan)
+    if fn == "linear":
+        return x
+    if fn == "rectified":
+        return np.where(np.isnan(x) | (x > 0), x, 0.0)
+    if fn == "sigmoid":
+        return _sigmoid(x)
+    if fn == "tanh":
+        return np.tanh(x)
+    if fn == "hard_sigmoid":
+        return np.clip(0.2 * x + 0.5, 0.0, 1.0)
+    if fn == "softmax":
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+    if fn == "swish":
+        return x * _sigmoid(alpha * x)
+    if fn == "leakyrelu":
+        return np.where(x > 0, x, alpha * x)
+    if fn == "elu":
+        with np.errstate(over="ignore"):
+            return np.where(x >= 0, x, alpha * np.expm1(np.minimum(x, 0.0)))
+    if fn == "abs":
+        return np.abs(x)
+    raise ValueError(f"activation function {fn!r} not recognised by lwtnn")
+
+
+def _apply_layer(layer, x):
+    """One lwtnn layer (dense or normalization) on rows of ``x`` (N, n_in)."""
+    arch = layer["architecture"]
+    w = np.asarray(layer["weights"], dtype=np.float64)
+    b = np.asarray(layer["bias"], dtype=np.float64)
+    if arch == "normalization":
+        if w.size != x.shape[1] or b.size != x.shape[1]:
+            raise ValueError(f"normalization layer has {w.size} weights / {b.size} biases for {x.shape[1]} inputs")
+        return w * (x + b)
+    if arch != "dense":
+        raise ValueError(f"layer architecture {arch!r} is not evaluated here (dense, normalization only)")
+    if "activation" not in layer:
+        raise ValueError("dense layer without an activation (lwtnn refuses it)")
+    if w.size:
+        n_in = x.shape[1]
+        if w.size % n_in:
+            raise ValueError(f"dense layer: {w.size} weights not divisible by {n_in} inputs")
+        x = x @ w.reshape(w.size // n_in, n_in).T
+    if b.size:
+        if b.size != x.shape[1]:
+            raise ValueError(f"dense layer: {b.size} biases for {x.shape[1]} outputs")
+        x = x + b
+    return apply_activation(layer["activation"], x)
+
+
+def evaluate_graph_inputs(graph, inputs, output=None):
+    """Evaluate an lwtnn graph JSON (dict) on ``inputs`` = {input node name: array (N, n_vars)}.
+
+    Returns the output node (``output`` name, or the only one) as float64 (N, n_labels).
+    """
+    arrays = []
+    for node in graph["inputs"]:
+        if node["name"] not in inputs:
+            raise ValueError(f"no values given for input node {node['name']}")
+        x = np.asarray(inputs[node["name"]], dtype=np.float64)
+        x = np.atleast_2d(x)
+        var = node["variables"]
+        if x.shape[1] != len(var):
+            raise ValueError(f"input {node['name']}: {x.shape[1]} columns for {len(var)} variables")
+        offset = np.array([v["offset"] for v in var], dtype=np.float64)
+        scale = np.array([v["scale"] for v in var], dtype=np.float64)
+        arrays.append((x + offset) * scale)
+    nodes, layers, cache = graph["nodes"], graph["layers"], {}
+
+    def value(i, stack=()):
+        if i in cache:
+            return cache[i]
+        if i in stack or not 0 <= i < len(nodes):
+            raise ValueError(f"node {i}: cycle or index out of range")
+        node = nodes[i]
+        kind, src = node["type"], node["sources"]
+        if kind == "input":
+            out = arrays[src[0]]
+            if out.shape[1] != node["size"]:
+                raise ValueError(f"input node {i}: size {node['size']} but {out.shape[1]} variables")
+        elif kind == "concatenate":
+            out = np.concatenate([value(s, stack + (i,)) for s in src], axis=1)
+        elif kind == "feed_forward":
+            if len(src) != 1:
+                raise ValueError(f"feed_forward node {i} needs one source, has {len(src)}")
+            out = _apply_layer(layers[node["layer_index"]], value(src[0], stack + (i,)))
+        else:
+            raise ValueError(f"node {i}: type {kind!r} is not evaluated here")
+        cache[i] = out
+        return out
+
+    outputs = graph["outputs"]
+    name = output if output is not None else next(iter(outputs))
+    out = value(outputs[name]["node_index"])
+    if out.shape[1] != len(outputs[name]["labels"]):
+        raise ValueError(f"output {name}: {out.shape[1]} values for {len(outputs[name]['labels'])} labels")
+    return out
+
+
+def evaluate_graph(graph, noise, condition):
+    """Evaluate a calokit generator graph: ``noise`` (N, latent) -> node_0, ``condition`` (N, 2) -> node_1."""
+    return evaluate_graph_inputs(graph, {LWTNN_INPUTS[0]: noise, LWTNN_INPUTS[1]: condition})
+
+
+# ----------------------------------------------------------------------------------------------
+# Keras functional graph -> a small list of operations (input, concat, dense, bn, act)
+
+def _tensor_refs(obj):
+    """All (layer, node_index, tensor_index) keras_history triples inside a serialised call argument."""
+    if isinstance(obj, dict):
+        if obj.get("class_name") == "__keras_tensor__":
+            name, node, tensor = obj["config"]["keras_history"]
+            return [(name, int(node), int(tensor))]
+        return [r for v in obj.values() for r in _tensor_refs(v)]
+    if isinstance(obj, (list, tuple)):
+        return [r for v in obj for r in _tensor_refs(v)]
+    return []
+
+
+def _keras_activation(name, layer_desc):
+    """(lwtnn function, alpha) of a Keras activation name; UserError naming the layer if unsupported."""
+    if isinstance(name, str) and name in KERAS_ACTIVATIONS:
+        return KERAS_ACTIVATIONS[name]
+    shown = name if isinstance(name, str) else json.dumps(name)[:80]
+    raise UserError(f"{layer_desc}: activation '{shown}' has no exact lwtnn equivalent "
+                    f"(supported: {', '.join(sorted(KERAS_ACTIVATIONS))})")
+
+
+def _numpy(variable):
+    import keras
+
+    return np.asarray(keras.ops.convert_to_numpy(variable), dtype=np.float64)
+
+
+def keras_to_ops(model, source=""):
+    """Translate a Keras functional generator into a list of operations in dependency order.
+
+    Each op is a dict with ``kind`` (input | concat | dense | bn | act), ``src`` (op indices), ``size``
+    (output width), ``layer`` (Keras layer name) and its parameters. Returns (ops, output op index).
+    Identity layers at inference (Dropout, GaussianNoise, ...) are skipped; anything else unknown is a
+    UserError naming the layer.
+    """
+    where = f"{source}: " if source else ""
+    config = model.get_config()
+    if "layers" not in config or "output_layers" not in config:
+        raise UserError(f"{where}not a Keras functional model (class {type(model).__name__})")
+    layer_cfg = {entry["name"]: entry for entry in config["layers"]}
+    outputs = config["output_layers"]
+    if outputs and not isinstance(outputs[0], (list, tuple)):
+        outputs = [outputs]
+    if len(outputs) != 1:
+        raise UserError(f"{where}the generator must have one output, it has {len(outputs)}")
+
+    ops, done = [], {}
+
+    def add(op):
+        ops.append(op)
+        return len(ops) - 1
+
+    def resolve(ref, stack=()):
+        name, node_index, tensor_index = ref
+        if ref in done:
+            return done[ref]
+        if ref in stack:
+            raise UserError(f"{where}cycle in the Keras graph at layer '{name}'")
+        entry = layer_cfg[name]
+        cls, cfg = entry["class_name"], entry.get("config", {})
+        desc = f"{where}layer '{name}' ({cls})"
+        if tensor_index != 0:
+            raise UserError(f"{desc}: layers with several outputs are not supported by the lwtnn export")
+        if cls == "InputLayer":
+            shape = cfg.get("batch_shape") or cfg.get("batch_input_shape")
+            if shape is None or len(shape) != 2 or shape[1] is None:
+                raise UserError(f"{desc}: input shape {shape} is not (batch, features)")
+            done[ref] = add({"kind": "input", "src": [], "size": int(shape[1]), "layer": name})
+            return done[ref]
+        call = entry["inbound_nodes"][node_index]
+        srcs = [resolve(r, stack + (ref,)) for r in _tensor_refs(call.get("args", []))]
+        if any(_tensor_refs(call.get("kwargs", {}))):
+            raise UserError(f"{desc}: tensor keyword arguments (masks, ...) are not supported")
+        layer = model.get_layer(name)
+        if cls != "Concatenate" and len(srcs) != 1:
+            raise UserError(f"{desc}: expected one input tensor, found {len(srcs)}")
+        n_in = ops[srcs[0]]["size"] if srcs else 0
+        if cls in ("Dropout", "GaussianNoise", "GaussianDropout", "AlphaDropout", "Identity",
+                   "SpatialDropout1D", "ActivityRegularization"):
+            op = srcs[0]                                     # identity at inference
+        elif cls == "Concatenate":
+            if cfg.get("axis", -1) not in (-1, 1):
+                raise UserError(f"{desc}: only concatenation along the feature axis is supported")
+            op = add({"kind": "concat", "src": srcs, "size": sum(ops[s]["size"] for s in srcs), "layer": name})
+        elif cls == "Dense":
+            weights = layer.get_weights()
+            kernel = np.asarray(weights[0], dtype=np.float64)
+            if kernel.ndim != 2 or kernel.shape[0] != n_in:
+                raise UserError(f"{desc}: kernel shape {kernel.shape} does not take {n_in} inputs")
+            bias = (np.asarray(weights[1], dtype=np.float64) if cfg.get("use_bias", True) and len(weights) > 1
+                    else np.zeros(kernel.shape[1]))
+            act = _keras_activation(cfg.get("activation", "linear"), desc)
+            op = add({"kind": "dense", "src": srcs, "size": kernel.shape[1], "layer": name,
+                      "W": kernel.T.copy(), "b": bias, "act": act})
+        elif cls == "BatchNormalization":
+            if cfg.get("axis", -1) not in (-1, 1, [-1], [1]):
+                raise UserError(f"{desc}: only batch normalisation over the feature axis is supported")
+            gamma = _numpy(layer.gamma) if getattr(layer, "gamma", None) is not None else np.ones(n_in)
+            beta = _numpy(layer.beta) if getattr(layer, "beta", None) is not None else np.zeros(n_in)
+            op = add({"kind": "bn", "src": srcs, "size": n_in, "layer": name, "gamma": gamma, "beta": beta,
+                      "mean": _numpy(layer.moving_mean), "var": _numpy(layer.moving_variance),
+                      "eps": float(cfg["epsilon"])})
+        elif cls in ("Activation", "ReLU", "LeakyReLU", "ELU", "Softmax"):
+            if cls == "Activation":
+                act = _keras_activation(cfg.get("activation"), desc)
+            elif cls == "ReLU":
+                if cfg.get("max_value") is not None or float(cfg.get("threshold", 0.0) or 0.0) != 0.0:
+                    raise UserError(f"{desc}: ReLU with max_value/threshold has no lwtnn equivalent")
+                slope = float(cfg.get("negative_slope", 0.0) or 0.0)
+                act = ("rectified", None) if slope == 0.0 else ("leakyrelu", slope)
+            elif cls == "LeakyReLU":
+                act = ("leakyrelu", float(cfg.get("negative_slope", cfg.get("alpha", 0.3))))
+            elif cls == "ELU":
+                act = ("elu", float(cfg.get("alpha", 1.0)))
+            else:
+                if cfg.get("axis", -1) not in (-1, 1):
+                    raise UserError(f"{desc}: softmax over a non-feature axis")
+                act = ("softmax", None)
+            op = add({"kind": "act", "src": srcs, "size": n_in, "layer": name, "act": act})
+        else:
+            raise UserError(f"{desc} is not supported by the lwtnn export (supported: Dense, "
+                            "BatchNormalization, Concatenate, Activation, ReLU, LeakyReLU, ELU, Softmax, Dropout)")
+        done[ref] = op
+        return op
+
+    out = resolve(tuple(outputs[0]))
+    return ops, out
+
+
+# ----------------------------------------------------------------------------------------------
+# simplification: fold batch-norm into dense, merge activations into dense, drop identities
+
+def _bn_scale(op):
+    return op["gamma"] / np.sqrt(op["var"] + op["eps"])
+
+
+def simplify_ops(ops, out, fold=True):
+    """Fold BN into the dense before it (``fold``), merge activations into a linear dense, drop linear ones.
+
+    Only rewrites a dense whose output feeds nothing else. Returns (new ops, new output index); ops that
+    are no longer reachable from the output are dropped later by the emitter.
+    """
+    ops = [dict(op) for op in ops]
+    users = [0] * len(ops)
+    for op in ops:
+        for s in op["src"]:
+            users[s] += 1
+    users[out] += 1
+    redirect = {}
+
+    def src_of(i):
+        while i in redirect:
+            i = redirect[i]
+        return i
+
+    for i, op in enumerate(ops):
+        op["src"] = [src_of(s) for s in op["src"]]
+        if op["kind"] == "bn" and fold:
+            s = op["src"][0]
+            prev = ops[s]
+            if prev["kind"] == "dense" and prev["act"][0] == "linear" and users[s] == 1:
+                k = _bn_scale(op)
+                ops[i] = {"kind": "dense", "src": prev["src"], "size": op["size"],
+                          "layer": f"{prev['layer']}+{op['layer']}", "W": prev["W"] * k[:, None],
+                          "b": (prev["b"] - op["mean"]) * k + op["beta"], "act": ("linear", None)}
+                users[s] = 0
+        elif op["kind"] == "act":
+            s = op["src"][0]
+            prev = ops[s]
+            if op["act"][0] == "linear":
+                redirect[i] = s
+                users[s] += users[i] - 1
+            elif prev["kind"] == "dense" and prev["act"][0] == "linear" and users[s] == 1:
+                ops[i] = dict(prev, layer=f"{prev['layer']}+{op['layer']}", act=op["act"])
+                users[s] = 0
+    return ops, src_of(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# emission of the lwtnn graph JSON
+
+def _finite(arr, what):
+    if not np.all(np.isfinite(arr)):
+        raise UserError(f"{what} has NaN/inf parameters; cannot export")
+    return [float(v) for v in np.asarray(arr, dtype=np.float64).ravel()]
+
+
+def ops_to_graph(ops, out, input_ops, output_name):
+    """Build the lwtnn graph dict from simplified ops.
+
+    ``input_ops`` = op indices of (noise, condition) in lwtnn input order. A batch-norm left after
+    simplification becomes an lwtnn ``normalization`` layer, or, if a gamma is exactly 0 (which that
+    layer cannot hold: b = beta s / gamma), an equivalent diagonal dense layer.
+    """
+    reach, todo = set(), [out]
+    while todo:
+        i = todo.pop()
+        if i not in reach:
+            reach.add(i)
+            todo.extend(ops[i]["src"])
+    graph = {"inputs": [], "input_sequences": [], "nodes": [], "layers": [], "outputs": {}}
+    node_of = {}
+    for k, i in enumerate(input_ops):
+        var_names = [f"variable_{j}" for j in range(ops[i]["size"])]
+        graph["inputs"].append({"name": LWTNN_INPUTS[k],
+                                "variables": [{"name": v, "offset": 0.0, "scale": 1.0} for v in var_names]})
+        node_of[i] = len(graph["nodes"])
+        graph["nodes"].append({"type": "input", "sources": [k], "size": ops[i]["size"]})
+
+    def feed_forward(src_node, layer):
+        graph["layers"].append(layer)
+        graph["nodes"].append({"type": "feed_forward", "sources": [src_node], "layer_index": len(graph["layers"]) - 1})
+        return len(graph["nodes"]) - 1
+
+    for i, op in enumerate(ops):
+        if i not in reach or i in node_of:
+            continue
+        kind = op["kind"]
+        if kind == "input":
+            raise UserError(f"Keras input '{op['layer']}' is neither '{NOISE_NAME}' nor '{CONDITION_NAME}'")
+        srcs = [node_of[s] for s in op["src"]]
+        if kind == "concat":
+            graph["nodes"].append({"type": "concatenate", "sources": srcs})
+            node_of[i] = len(graph["nodes"]) - 1
+        elif kind == "dense":
+            node_of[i] = feed_forward(srcs[0], {
+                "architecture": "dense", "weights": _finite(op["W"], f"layer '{op['layer']}'"),
+                "bias": _finite(op["b"], f"layer '{op['layer']}'"), "activation": lwtnn_activation(*op["act"])})
+        elif kind == "bn":
+            s = np.sqrt(op["var"] + op["eps"])
+            if np.all(op["gamma"] != 0):
+                layer = {"architecture": "normalization", "weights": _finite(op["gamma"] / s, f"layer '{op['layer']}'"),
+                         "bias": _finite(-op["mean"] + op["beta"] * s / op["gamma"], f"layer '{op['layer']}'")}
+            else:
+                k = op["gamma"] / s
+                layer = {"architecture": "dense", "weights": _finite(np.diag(k), f"layer '{op['layer']}'"),
+                         "bias": _finite(op["beta"] - op["mean"] * k, f"layer '{op['layer']}'"),
+                         "activation": "linear"}
+            node_of[i] = feed_forward(srcs[0], layer)
+        elif kind == "act":
+            node_of[i] = feed_forward(srcs[0], {"architecture": "dense", "weights": [], "bias": [],
+                                                "activation": lwtnn_activation(*op["act"])})
+        else:
+            raise UserError(f"internal: unknown op kind {kind}")
+    graph["outputs"][output_name] = {"node_index": node_of[out],
+                                     "labels": [f"out_{j}" for j in range(ops[out]["size"])]}
+    return graph
+
+
+def export_model(model, fold=True, source=""):
+    """Keras generator (inputs ``noise``, ``condition``) -> lwtnn graph dict. UserError if not exportable."""
+    where = f"{source}: " if source else ""
+    ops, out = keras_to_ops(model, source)
+    by_name = {op["layer"]: i for i, op in enumerate(ops) if op["kind"] == "input"}
+    missing = [n for n in (NOISE_NAME, CONDITION_NAME) if n not in by_name]
+    if missing or len(by_name) != 2:
+        raise UserError(f"{where}generator inputs are {sorted(by_name)}, expected exactly "
+                        f"'{NOISE_NAME}' and '{CONDITION_NAME}'")
+    ops, out = simplify_ops(ops, out, fold=fold)
+    output_layer = model.get_config()["output_layers"]
+    output_layer = output_layer[0] if isinstance(output_layer[0], (list, tuple)) else output_layer
+    return ops_to_graph(ops, out, [by_name[NOISE_NAME], by_name[CONDITION_NAME]], f"{output_layer[0]}_0")
+
+
+# ----------------------------------------------------------------------------------------------
+# comparison with Keras
+
+def keras_predict(model, noise, condition):
+    """The Keras generator's output (float64) for noise and condition, inference mode."""
+    import keras
+
+    feed = {NOISE_NAME: np.asarray(noise, np.float32), CONDITION_NAME: np.asarray(condition, np.float32)}
+    names = [t.name.split(":")[0] for t in model.inputs]
+    out = model([feed[n] for n in names], training=False)
+    return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float64)
+
+
+def random_inputs(latent_dim, n, seed, noise_mean=0.5, noise_std=0.5):
+    """Noise N(mean, std) as in training and conditions [label ~ U(0, 1), 0]."""
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(noise_mean, noise_std, size=(n, latent_dim))
+    label = rng.uniform(0.0, 1.0, size=n)
+    return noise, np.stack([label, np.zeros(n)], axis=1)
+
+
+def compare_with_keras(graph, model, n=1000, seed=1, noise_mean=0.5, noise_std=0.5):
+    """max |lwtnn(JSON) - keras| and max |keras| over ``n`` random inputs (as float64)."""
+    latent = len(graph["inputs"][0]["variables"])
+    noise, cond = random_inputs(latent, n, seed, noise_mean, noise_std)
+    noise, cond = noise.astype(np.float32), cond.astype(np.float32)   # what Keras sees exactly
+    ref = keras_predict(model, noise, cond)
+    got = evaluate_graph(graph, noise, cond)
+    diff = np.abs(got - ref) / np.maximum(1.0, np.abs(ref))
+    return float(np.max(diff)), float(np.max(np.abs(ref)))
+
+
+# ----------------------------------------------------------------------------------------------
+# run directory: config, checkpoints, best.json
+
+def read_json(path, what):
+    """Load a JSON file or raise a UserError naming it."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: {what} not found")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: not a readable JSON file ({err})") from None
+
+
+def read_run_config(run):
+    """config.json of a run directory, checked for the keys the export needs."""
+    path = os.path.join(run, "config.json")
+    cfg = read_json(path, "run configuration")
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    for key in CONFIG_REQUIRED:
+        if key not in cfg:
+            raise UserError(f"{path}: missing key '{key}'")
+    return cfg
+
+
+def list_checkpoints(run):
+    """[(iteration, path)] of the complete checkpoints (ckpt_<N>/generator.keras), sorted by iteration."""
+    if not os.path.isdir(run):
+        raise UserError(f"{run}: run directory not found")
+    found = []
+    for name in os.listdir(run):
+        m = CKPT_RE.match(name)
+        path = os.path.join(run, name)
+        if m and os.path.isfile(os.path.join(path, "generator.keras")):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def _iteration_of(ckpt):
+    m = CKPT_RE.match(os.path.basename(os.path.normpath(ckpt)))
+    return int(m.group(1)) if m else None
+
+
+def choose_checkpoint(args):
+    """(run dir, checkpoint dir, iteration) from --run / --iteration / --best / --checkpoint."""
+    run = args.run
+    if args.checkpoint:
+        ckpt = args.checkpoint
+        run = run or os.path.dirname(os.path.abspath(os.path.normpath(ckpt)))
+    elif args.best:
+        best = read_json(args.best, "best-epoch file")
+        if not isinstance(best, dict):
+            raise UserError(f"{args.best}: expected a JSON object")
+        run = run or best.get("run")
+        if not run:
+            raise UserError(f"{args.best}: no 'run' key and no --run given")
+        ckpt = best.get("checkpoint")
+        if ckpt and not os.path.isdir(ckpt):
+            beside = os.path.join(os.path.dirname(os.path.abspath(args.best)), ckpt)
+            ckpt = beside if os.path.isdir(beside) else None
+        if not ckpt:
+            if "best_iteration" not in best:
+                raise UserError(f"{args.best}: neither an existing 'checkpoint' nor 'best_iteration'")
+            try:
+                ckpt = os.path.join(run, f"ckpt_{int(best['best_iteration'])}")
+            except (TypeError, ValueError):
+                raise UserError(f"{args.best}: 'best_iteration' is not an integer") from None
+    elif args.iteration is not None:
+        if not run:
+            raise UserError("--iteration needs --run RUN_DIR")
+        ckpt = os.path.join(run, f"ckpt_{args.iteration}")
+    else:
+        if not run:
+            raise UserError("give --run RUN_DIR (or --checkpoint CKPT_DIR / --best best.json)")
+        ckpts = list_checkpoints(run)
+        if not ckpts:
+            raise UserError(f"{run}: no complete checkpoint (ckpt_<iteration>/generator.keras)")
+        ckpt = ckpts[-1][1]
+    if not os.path.isfile(os.path.join(ckpt, "generator.keras")):
+        raise UserError(f"{os.path.join(ckpt, 'generator.keras')}: checkpoint generator not found")
+    return run, ckpt, _iteration_of(ckpt)
+
+
+def load_generator(path):
+    """Load a Keras generator (.keras) for inference; UserError if it cannot be read."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as err:  # corrupt zip, unknown custom layer, ...: the user's file
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise UserError(f"{path}: cannot load the Keras model ({type(err).__name__}: {msg[:300]})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# output names and metadata
+
+def _eta_tag(value, path, key):
+    v = float(value)
+    if not math.isfinite(v) or v < 0:
+        raise UserError(f"{path}: '{key}' = {value} is not a |eta| x 100 value")
+    return str(int(round(v))) if abs(v - round(v)) < 1e-6 else f"{v:g}".replace(".", "p")
+
+
+def network_stem(cfg, path="config.json"):
+    """neural_net_<pid>_eta_<min>_<max>_<range> from a run configuration."""
+    try:
+        pid = int(cfg["pid"])
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: 'pid' = {cfg['pid']!r} is not an integer") from None
+    rng = str(cfg["range"])
+    if not re.match(r"^[A-Za-z0-9]+$", rng):
+        raise UserError(f"{path}: 'range' = {rng!r} is not a plain name")
+    return (f"neural_net_{pid}_eta_{_eta_tag(cfg['eta_min'], path, 'eta_min')}_"
+            f"{_eta_tag(cfg['eta_max'], path, 'eta_max')}_{rng}")
+
+
+def build_metadata(cfg, graph, json_name, run, ckpt, iteration, mode, check):
+    """What a consumer needs to drive the network and invert the voxel normalisation."""
+    scheme = cfg.get("label_scheme", "V2")
+    if scheme == "V1":
+        inverse = "E_kin = label * 2**max_exp"
+    else:
+        inverse = "E_kin = ekin_min * (ekin_max / ekin_min)**label"
+    noise = cfg.get("noise", {"mean": 0.5, "std": 0.5})
+    keys = ("particle", "pid", "eta_min", "eta_max", "range", "binning", "latent_dim", "n_voxels", "label_scheme",
+            "max_exp", "p_min", "p_max", "ekin_min", "ekin_max", "normalisation")
+    meta = {"network": json_name, "format": "lwtnn graph JSON (lwt::parse_json_graph)"}
+    meta.update({k: cfg[k] for k in keys if k in cfg})
+    meta.update({
+        "slice": f"{cfg['particle']} |eta| in [{float(cfg['eta_min']) / 100:.2f}, {float(cfg['eta_max']) / 100:.2f})",
+        "inputs": {"node_0": f"noise, {len(graph['inputs'][0]['variables'])} values ~ N({noise.get('mean', 0.5)}, "
+                             f"{noise.get('std', 0.5)}), variable_0..variable_{len(graph['inputs'][0]['variables']) - 1}",
+                   "node_1": "condition: variable_0 = energy label, variable_1 = 0"},
+        "noise": noise,
+        "label": {"scheme": scheme, "from_ekin": ("label = E_kin / 2**max_exp" if scheme == "V1" else
+                                                  "label = log(E_kin / ekin_min) / log(ekin_max / ekin_min)"),
+                  "inverse": inverse},
+        "outputs": {"labels": f"out_0..out_{len(next(iter(graph['outputs'].values()))['labels']) - 1}",
+                    "meaning": "voxel energy / E_kin, voxel order of the binning XML slice",
+                    "inverse": "voxel energy [MeV] = out_i * E_kin [MeV]"},
+        "batchnorm": mode, "run": run, "checkpoint": ckpt, "iteration": iteration,
+        "n_layers": len(graph["layers"]), "n_nodes": len(graph["nodes"]),
+    })
+    if check is not None:
+        meta["check"] = check
+    return meta
+
+
+def _format_json(obj, indent=0):
+    """JSON text with nested structure indented but number arrays kept on one line (compact, readable)."""
+    pad, inner = " " * indent, " " * (indent + 1)
+    if isinstance(obj, dict):
+        if not any(isinstance(v, (dict, list)) for v in obj.values()):
+            return json.dumps(obj)
+        items = [f"{inner}{json.dumps(k)}: {_format_json(v, indent + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(obj, list):
+        if all(type(v) in (int, float) for v in obj):           # repr = JSON for finite numbers
+            return "[" + ",".join(map(repr, obj)) + "]"
+        if all(isinstance(v, str) for v in obj):
+            return json.dumps(obj)
+        return "[\n" + ",\n".join(inner + _format_json(v, indent + 1) for v in obj) + "\n" + pad + "]"
+    return json.dumps(obj)
+
+
+def write_json(path, obj):
+    """Write JSON atomically (temp file + rename), readable as the umask allows (not only 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    with atomic_output(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(_format_json(obj) + "\n")
+        os.chmod(tmp, 0o666 & ~umask)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Export a calokit generator checkpoint as the lwtnn graph JSON FastCaloSim loads.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--run", help="run directory of train.py (config.json, ckpt_<iteration>/)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--iteration", type=int, help="checkpoint iteration (default: the last complete one)")
+    which.add_argument("--best", help="best.json of select_epoch.py (its checkpoint)")
+    which.add_argument("--checkpoint", help="checkpoint directory (holding generator.keras); run = its parent")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--batchnorm", choices=("fold", "normalization"), default=DEFAULTS["batchnorm"],
+                   help="fold batch-norm into the dense layer before it, or write lwtnn normalization layers")
+    p.add_argument("--check", action="store_true",
+                   help="compare the JSON (numpy lwtnn evaluator) with Keras before writing; exit 1 if they differ")
+    p.add_argument("--check-events", type=int, default=DEFAULTS["check_events"], help="random inputs for --check")
+    p.add_argument("--tolerance", type=float, default=DEFAULTS["tolerance"],
+                   help="--check: max |json - keras| (relative where |keras| > 1)")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of the --check inputs")
+    return p
+
+
+def _main(argv):
+    args = build_parser().parse_args(argv)
+    if args.check_events < 1:
+        raise UserError("--check-events must be >= 1")
+    run, ckpt, iteration = choose_checkpoint(args)
+    cfg = read_run_config(run)
+    cfg_path = os.path.join(run, "config.json")
+    stem = network_stem(cfg, cfg_path)
+    model_path = os.path.join(ckpt, "generator.keras")
+    model = load_generator(model_path)
+    graph = export_model(model, fold=args.batchnorm == "fold", source=model_path)
+
+    latent, n_cond = (len(node["variables"]) for node in graph["inputs"])
+    n_out = len(next(iter(graph["outputs"].values()))["labels"])
+    for what, got, want in (("noise size", latent, cfg["latent_dim"]), ("condition size", n_cond, 2),
+                            ("output size", n_out, cfg["n_voxels"])):
+        if int(got) != int(want):
+            raise UserError(f"{model_path}: generator {what} is {got} but {cfg_path} says {want}")
+
+    check = None
+    if args.check:
+        noise = cfg.get("noise", {})
+        diff, scale = compare_with_keras(graph, model, args.check_events, args.seed,
+                                         float(noise.get("mean", 0.5)), float(noise.get("std", 0.5)))
+        check = {"events": args.check_events, "seed": args.seed, "max_diff": diff, "max_abs_keras": scale,
+                 "tolerance": args.tolerance}
+        if not diff <= args.tolerance:
+            print(f"error: {model_path}: lwtnn JSON differs from Keras by {diff:.3g} (> {args.tolerance:g}) "
+                  f"on {args.check_events} random inputs; nothing written", file=sys.stderr)
+            return 1
+
+    ensure_dir(args.out)
+    json_path = os.path.join(args.out, stem + ".json")
+    meta_path = os.path.join(args.out, stem + ".meta.json")
+    write_json(json_path, graph)
+    write_json(meta_path, build_metadata(cfg, graph, os.path.basename(json_path), run, ckpt, iteration,
+                                         args.batchnorm, check))
+    checked = f"; check: max diff {check['max_diff']:.2g} on {check['events']} inputs" if check else ""
+    print(f"wrote {json_path} ({len(graph['layers'])} layers, {len(graph['nodes'])} nodes, "
+          f"iteration {iteration}{checked}) and {meta_path}")
+    return 0
+
+
+def main(argv=None):
+    """Run the command; returns the exit code (argparse errors included: 2) instead of exiting."""
+    try:
+        return run_cli(_main, argv)
+    except SystemExit as stop:       # --help (0) or a usage error (2) from argparse
+        return stop.code if isinstance(stop.code, int) else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
