@@ -685,13 +685,10 @@ def _format_json(obj, indent=0):
 
 
 def write_json(path, obj):
-    """Write JSON atomically (temp file + rename), readable as the umask allows (not only 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    """Write JSON atomically (temp file + rename)."""
     with atomic_output(path) as tmp:
         with open(tmp, "w") as f:
             f.write(_format_json(obj) + "\n")
-        os.chmod(tmp, 0o666 & ~umask)
 
 
 # ----------------------------------------------------------------------------------------------
