@@ -1,0 +1,804 @@
+"""preprocess.py -- hits -> voxels -> training file, driven by the binning XML (and the toy hit source).
+
+Three sub-commands, one stage each (SPEC sections 2, 3, 4, 10)::
+
+    python preprocess.py toy      --particle photon --eta 0.20 --events-per-energy 1000 --seed 1 --out hits/
+    python preprocess.py voxelise --binning binning/binning_dataset_1_photons.xml --particle photon \\
+                                  --out voxels.h5 [--csv csv/] hits/hits_photon_E*_eta_020_025.h5
+    python preprocess.py prepare  --binning binning/binning_dataset_1_photons.xml --particle photon \\
+                                  --range high --out train/ voxels.h5
+
+``toy`` writes one hits file per energy (default the 15 energies 2^8..2^22 MeV) from the seeded toy shower
+source in toyshower.py -- a physics-shaped toy, NOT Geant4 (its parametrisation is in that module's
+docstring). ``--eta`` is any |eta| inside the 0.05-wide FastCaloGAN slice to fill (0.20 -> 0.20-0.25).
+
+``voxelise`` reads hits files (SPEC 3 / CONTRACTS.md: per hit ``event``, ``layer``, ``eta``, ``phi``, ``energy``
+[, ``r``, ``z``]; per event ``truth_p`` [, ``truth_pdg``] and ``extrap_eta/phi/r/z`` (events, layer-id columns);
+file attributes are optional) and maps every hit to its voxel exactly as SPEC section 3 says: at the extrapolated
+particle position
+of the hit's layer, deta_mm = (eta - eta_x) |2 e^-eta_x / (1 + e^-2 eta_x)| sqrt(r_x^2 + z_x^2),
+dphi_mm = wrap(phi - phi_x) r_x with wrap into (-pi, pi], r = sqrt(deta_mm^2 + dphi_mm^2),
+alpha = atan2(dphi_mm, deta_mm) (atan2(|dphi_mm|, deta_mm) with symmetriseAlpha); hits beyond the last r edge
+go to the last r bin; hits in layers listed in the XML without voxels are dropped and counted. The |eta| slice
+is the one of the XML that holds the median over events of |extrap_eta| (every event must lie in it, within
+``--eta-tolerance``). Output: CaloChallenge HDF5 (``incident_energies`` = truth_p in MeV, (N, 1) float64;
+``showers`` (N, V) float32 MeV, the XML's voxel order), events in input-file order, plus attributes
+(particle, pid, eta_min, eta_max, binning) that ``prepare`` uses and other readers ignore. With ``--csv DIR``
+also one FastCaloGAN-style CSV per energy, ``pid<pid>_E<MeV>_eta_<min>_<max>.csv``: a header row of voxel
+names ``L<layer>_a<ialpha>_r<ir>`` and one row per event (MeV, float32 values written with 9 significant
+digits, so they read back bit-identical). The column order is this project's flat order (layers in XML order,
+then alpha, r fastest) -- not FastCaloGAN's historical alpha-fastest order; the names say which is which.
+Read with ``np.loadtxt(f, delimiter=",", skiprows=1)`` or ``pandas.read_csv(f)``.
+
+Speed: hits are read in chunks (``--chunk`` hits at a time, never a whole file), mapped in cache-sized blocks
+by a vectorised kernel (a per-layer look-up table for the r bin, exact against the edges; cross-checked against
+HighLevelFeatures' ``Layer.bin_index`` and a plain per-hit Python loop in the tests) and accumulated with
+``np.bincount`` into a dense (events, voxels) float64 array per file (memory: 8 bytes x events x voxels of
+the files in flight): some 5 x 10^7 hits/s on one core once in memory (bench/bench_voxelise.py). Files are
+processed in parallel (``--jobs``, default 2). Energy is conserved per event and layer to float64 rounding
+(the file stores float32).
+
+``prepare`` writes the training file of one GAN (CONTRACTS.md): ``voxels`` = showers / E_kin (float32),
+``label`` (V2 by default: log(E_kin/E_kin,min)/log(E_kin,max/E_kin,min); V1: E_kin/2^22), ``incident_energies``
+(p, MeV), ``e_kin``, for the events of the FastCaloGAN energy range (``--range low|high|all``). ``--out`` may be
+a directory (existing, or a path ending in /): the file is then ``train_<particle>_eta_<min>_<max>_<range>.h5``.
+Inverse: showers = voxels * e_kin, and e_kin = :func:`label_to_ekin` (label, ekin_min, ekin_max, scheme).
+
+Exit codes: 0 done (one summary line on stdout), 2 bad input (one line on stderr naming file and reason,
+nothing written), 1 internal error. Outputs are written to temporary files and renamed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+
+import numpy as np
+
+from HighLevelFeatures import (PARTICLES, GeometryError, UserError, atomic_output, condition_label, ensure_dir,
+                               energy_range, in_energy_range, iter_calo_chunks, kinetic_energy, list_slices,
+                               open_calo_file, read_geometry, run_cli)
+
+# ----------------------------------------------------------------------------------------------
+# configuration (defaults of the command line)
+
+DEFAULT_JOBS = 2                 # hits files voxelised in parallel
+DEFAULT_CHUNK_HITS = 2 ** 21     # hits read from a file at a time (~100 MB of columns)
+KERNEL_BLOCK = 2 ** 15           # hits mapped per vectorised block (temporaries stay in the L2 cache)
+DEFAULT_ETA_TOLERANCE = 0.01     # |eta| an event may lie outside its file's slice
+LUT_MAX_CELLS = 2 ** 22          # above this the r look-up table falls back to Layer.bin_index
+MAX_EXP = 22                     # V1 label: E_kin / 2^22
+SLICE_WIDTH = 5                  # FastCaloGAN |eta| slices are 0.05 wide (x100 units)
+
+HIT_FIELDS = ("event", "layer", "eta", "phi", "energy")   # hit columns the mapping uses (r, z are optional)
+EXTRAP_FIELDS = ("extrap_eta", "extrap_phi", "extrap_r", "extrap_z")
+LAYER_ABSENT, LAYER_DROPPED = -2, -1   # layer codes of the look-up table besides voxelised positions 0..L-1
+
+TWO_PI = 2.0 * math.pi
+INV_TWO_PI = 1.0 / TWO_PI
+
+
+# ----------------------------------------------------------------------------------------------
+# toy: seeded hits files
+
+
+def slice_of(eta, width=SLICE_WIDTH):
+    """The 0.05-wide |eta| slice (x100 units) containing |eta|: 0.22 -> (20, 25).
+
+    >>> slice_of(0.20), slice_of(-0.249)
+    ((20, 25), (20, 25))
+    """
+    x = round(abs(float(eta)) * 100.0, 6)
+    lo = int(math.floor(x / width)) * width
+    return lo, lo + width
+
+
+def run_toy(args):
+    """``toy``: one hits file per energy in ``args.out``; returns the summary line."""
+    import toyshower
+    from tqdm import tqdm
+
+    if args.particle not in toyshower.TOY_PARTICLES:
+        raise UserError(f"--particle {args.particle}: the toy source makes {' and '.join(toyshower.TOY_PARTICLES)}")
+    energies = args.energies or toyshower.DEFAULT_ENERGIES
+    if any(not (e > 0 and math.isfinite(e)) for e in energies):
+        raise UserError(f"--energies must be positive MeV values, got {energies}")
+    if args.events_per_energy < 1:
+        raise UserError(f"--events-per-energy must be >= 1, got {args.events_per_energy}")
+    if not (args.hits_low > 0 and args.hits_high > 0):
+        raise UserError("--hits-low and --hits-high must be positive")
+    eta_min, eta_max = slice_of(args.eta)
+    if eta_max > 100:
+        raise UserError(f"--eta {args.eta}: the toy geometry is the barrel, |eta| < 1.0")
+    ensure_dir(args.out)
+    pid = PARTICLES[args.particle][0]
+    n_hits = 0
+    for energy in tqdm(energies, desc=f"toy {args.particle}", unit="file", file=sys.stderr, disable=None):
+        data = toyshower.generate(args.particle, float(energy), args.events_per_energy, (eta_min / 100, eta_max / 100),
+                                  args.seed, args.hits_low, args.hits_high)
+        n_hits += data["hits"]["energy"].size
+        attrs = {"particle": args.particle, "pid": pid, "energy": float(energy), "eta_min": float(eta_min),
+                 "eta_max": float(eta_max), "seed": int(args.seed), "generator": toyshower.GENERATOR}
+        path = os.path.join(args.out, toyshower.hits_filename(args.particle, energy, eta_min, eta_max))
+        with atomic_output(path) as tmp:
+            toyshower.write_hits(tmp, data, attrs)
+    return (f"toy: wrote {len(energies)} hits files to {args.out} ({args.particle}, |eta| {eta_min / 100:.2f}-"
+            f"{eta_max / 100:.2f}, {args.events_per_energy} events per energy, {n_hits} hits, seed {args.seed}; "
+            f"{toyshower.GENERATOR})")
+
+
+# ----------------------------------------------------------------------------------------------
+# voxelise: the vectorised hit -> voxel kernel
+
+
+def eta_to_mm(eta, r, z):
+    """|2 e^-eta / (1 + e^-2 eta)| sqrt(r^2 + z^2): mm per unit of eta at (eta, r, z) (SPEC 3).
+
+    >>> round(float(eta_to_mm(0.0, 1500.0, 0.0)), 6)
+    1500.0
+    """
+    e = np.exp(-np.asarray(eta, dtype=np.float64))
+    return np.abs(2.0 * e / (1.0 + e * e)) * np.sqrt(np.square(r) + np.square(z))
+
+
+def wrap_phi(dphi):
+    """Wrap angles into (-pi, pi]: pi stays pi, -pi becomes pi.
+
+    >>> wrap_phi(np.array([np.pi, -np.pi, 3 * np.pi / 2])).round(4).tolist()
+    [3.1416, 3.1416, -1.5708]
+    """
+    dphi = np.asarray(dphi, dtype=np.float64)
+    return dphi - TWO_PI * np.ceil((dphi - math.pi) * INV_TWO_PI)
+
+
+class VoxelMapper:
+    """Vectorised SPEC-3 mapping of hits to flat voxel indices for one :class:`Geometry` slice.
+
+    Layer ids map through ``code`` to the position k of the layer among the voxelised layers
+    (``LAYER_DROPPED`` for layers the XML lists without voxels, ``LAYER_ABSENT`` for ids it does not list).
+    The r bin comes from a look-up table over uniform cells no wider than the narrowest r bin of the slice
+    (so a cell holds at most one edge), corrected by one exact comparison with the bin's lower and upper
+    edges (not needed when every edge is a multiple of the power-of-two cell width, as in the CaloChallenge
+    dataset-1 XMLs); alpha bins and the r bin then index one (r bin, alpha bin) -> voxel table. The result
+    is identical to ``Layer.bin_index`` (tested) without a binary search per hit: a few ns per hit.
+    """
+
+    def __init__(self, geom):
+        self.geom = geom
+        self.layers = [lay for lay in geom.layers if lay.n_voxels]
+        if not self.layers:
+            raise UserError(f"{geom.filename}: the slice has no voxelised layer")
+        self.n_layers = len(self.layers)
+        self.n_voxels = geom.n_voxels
+        self.layer_ids = np.array([lay.id for lay in self.layers], dtype=np.int64)
+        self.code = np.full(max(lay.id for lay in geom.layers) + 1, LAYER_ABSENT, dtype=np.int64)
+        for lay in geom.layers:
+            self.code[lay.id] = LAYER_DROPPED
+        for k, lay in enumerate(self.layers):
+            self.code[lay.id] = k
+        self.symmetrise = bool(geom.symmetrise_alpha)
+        self.alpha_lo = 0.0 if self.symmetrise else -math.pi
+        span = math.pi - self.alpha_lo
+        self.alpha_scale = np.array([lay.n_alpha / span if lay.n_alpha > 1 else 0.0 for lay in self.layers])
+        self.any_alpha = bool((self.alpha_scale > 0).any())
+        # global r bins g (all layers concatenated): lower/upper edge, and the voxel of (g, alpha bin j) in
+        # ``vox_of`` (row length n_alpha_max + 1 so that alpha == pi, which bins to n_alpha, maps to the last bin)
+        lower, upper, vox_of = [], [], []
+        self.alpha_row = max(lay.n_alpha for lay in self.layers) + 1
+        for lay in self.layers:
+            e = lay.r_edges
+            lower.append(np.concatenate([[-np.inf], e[1:-1]]))
+            upper.append(np.concatenate([e[1:-1], [np.nan]]))   # NaN: r >= upper is False even for r = inf
+            j = np.minimum(np.arange(self.alpha_row), lay.n_alpha - 1)
+            vox_of.append(geom.offsets[lay.id][0] + np.arange(lay.n_r)[:, None] + j[None, :] * lay.n_r)
+        self.lower, self.upper = np.concatenate(lower), np.concatenate(upper)
+        self.vox_of = np.concatenate(vox_of).ravel().astype(np.int64)
+        self.vox_base = self.vox_of[::self.alpha_row].copy()
+        # r look-up table over uniform cells of width w <= the narrowest r bin (at most one edge per cell);
+        # when every edge is a multiple of a power-of-two w, rr / w is exact and no edge lies inside a cell:
+        # the table alone is exact. Otherwise one comparison with the bin's edges each way corrects it.
+        spacing = min(float(np.diff(lay.r_edges).min()) for lay in self.layers)
+        all_edges = np.concatenate([lay.r_edges for lay in self.layers])
+        width, self.exact_cells = spacing, False
+        w = 2.0 ** math.floor(math.log2(spacing))
+        while w >= spacing / 64:
+            if np.all(np.mod(all_edges, w) == 0):
+                width, self.exact_cells = w, True
+                break
+            w /= 2
+        r_max = float(all_edges.max())
+        n_cells = int(math.ceil(r_max / width)) + 2
+        self.table = None
+        if n_cells * self.n_layers <= LUT_MAX_CELLS:
+            self.cell_inv = 1.0 / width
+            self.n_cells = n_cells
+            first = np.cumsum([0] + [lay.n_r for lay in self.layers])[:-1]
+            lows = np.arange(n_cells) * width
+            rows = [first[k] + np.clip(np.searchsorted(lay.r_edges, lows, side="right") - 1, 0, lay.n_r - 1)
+                    for k, lay in enumerate(self.layers)]
+            self.table = np.concatenate(rows).astype(np.int64)   # cell (k, c) -> r bin of the cell's lower end
+
+    # -- per-event geometry --------------------------------------------------------------------
+
+    def event_tables(self, ex_eta, ex_phi, ex_r, ex_z):
+        """Per (event, voxelised layer) constants of the mapping from (n_events, n_columns) extrapolations.
+
+        Returns flat arrays over ``event * n_layers + k``: eta_x, phi_x, mm per unit eta, r_x, and a bool
+        array marking (event, layer) pairs whose extrapolation is not finite (their constants are set to 0),
+        or None when every pair is finite.
+        """
+        cols = self.layer_ids
+        eta = np.asarray(ex_eta, dtype=np.float64)[:, cols]
+        phi = np.asarray(ex_phi, dtype=np.float64)[:, cols]
+        r = np.asarray(ex_r, dtype=np.float64)[:, cols]
+        z = np.asarray(ex_z, dtype=np.float64)[:, cols]
+        with np.errstate(invalid="ignore", over="ignore"):
+            feta = eta_to_mm(eta, r, z)
+        bad = ~(np.isfinite(eta) & np.isfinite(phi) & np.isfinite(r) & np.isfinite(feta))
+        out = [np.where(bad, 0.0, a).ravel() for a in (eta, phi, feta, r)]
+        return (*out, bad.ravel() if bad.any() else None)
+
+    # -- the hot path --------------------------------------------------------------------------
+
+    def r_bins(self, k, rr):
+        """Global r bin (layer k's bins, concatenated over layers) of distances ``rr`` (mm)."""
+        if self.table is None:   # very fine binning: per-layer searchsorted through Layer.bin_index
+            g = np.empty(rr.size, dtype=np.int64)
+            first = np.cumsum([0] + [lay.n_r for lay in self.layers])
+            for j, lay in enumerate(self.layers):
+                m = k == j
+                g[m] = first[j] + lay.bin_index(rr[m], np.zeros(int(m.sum()))) % lay.n_r
+            return g
+        cell = np.minimum(rr * self.cell_inv, self.n_cells - 1).astype(np.int64)
+        cell += k * self.n_cells
+        g = np.take(self.table, cell)
+        if not self.exact_cells:
+            g += rr >= np.take(self.upper, g)
+            g -= rr < np.take(self.lower, g)
+        return g
+
+    def voxels(self, tables, ev, k, eta, phi):
+        """Flat voxel index of hits (event ids local to ``tables``, voxelised-layer positions k, eta, phi)."""
+        t_eta, t_phi, t_feta, t_r = tables[:4]
+        c = ev * self.n_layers + k
+        x = eta - np.take(t_eta, c)
+        x *= np.take(t_feta, c)                             # deta in mm
+        d = phi - np.take(t_phi, c)
+        d -= TWO_PI * np.ceil((d - math.pi) * INV_TWO_PI)   # wrap_phi, in place: (-pi, pi]
+        d *= np.take(t_r, c)                                # dphi in mm
+        g = self.r_bins(k, np.sqrt(x * x + d * d))
+        if not self.any_alpha:
+            return np.take(self.vox_base, g)
+        alpha = np.arctan2(np.abs(d) if self.symmetrise else d, x)
+        alpha -= self.alpha_lo
+        alpha *= np.take(self.alpha_scale, k)               # 0 for layers with one alpha bin
+        g *= self.alpha_row
+        g += alpha.astype(np.int64)
+        return np.take(self.vox_of, g)
+
+
+class Accumulator:
+    """Dense float64 (events, voxels) sums of hit energies of one file, plus the run counters."""
+
+    def __init__(self, mapper, n_events):
+        self.mapper = mapper
+        self.n_events = n_events
+        self.showers = np.zeros((n_events, mapper.n_voxels))
+        self.hits = 0
+        self.dropped_hits = 0
+        self.dropped_energy = 0.0
+        self.energy = 0.0
+
+    def add(self, tables, ev, layer, eta, phi, energy, where="", first_row=0):
+        """Validate and accumulate a chunk of hits (equal-length arrays; event ids of this file).
+
+        Works in blocks of ``KERNEL_BLOCK`` hits so that every temporary stays in cache.
+        """
+        for a in range(0, energy.size, KERNEL_BLOCK):
+            b = a + KERNEL_BLOCK
+            self._add_block(tables, ev[a:b], layer[a:b], eta[a:b], phi[a:b], energy[a:b], where, first_row + a)
+
+    def _add_block(self, tables, ev, layer, eta, phi, energy, where, first_row):
+        m = self.mapper
+        n = energy.size
+        if n == 0:
+            return
+        k = _check_hits(where, first_row, ev, layer, eta, phi, energy, self.n_events, m.code)
+        if k.min() < 0:   # hits in layers listed without voxels: counted, then dropped
+            keep = k >= 0
+            self.dropped_hits += int(n - np.count_nonzero(keep))
+            self.dropped_energy += float(energy[~keep].sum())
+            ev, k, eta, phi, energy = ev[keep], k[keep], eta[keep], phi[keep], energy[keep]
+            if energy.size == 0:
+                self.hits += n
+                return
+        if tables[4] is not None:
+            bad = np.take(tables[4], ev * m.n_layers + k)
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise UserError(f"{where}: a hit of event {int(ev[i])} in layer {int(m.layer_ids[k[i]])} has no "
+                                f"finite extrapolated position (extrap_eta/phi/r/z)")
+        self.hits += n
+        self.energy += float(energy.sum())
+        V = m.n_voxels
+        vox = m.voxels(tables, ev, k, eta, phi)
+        lo, hi = int(ev.min()), int(ev.max()) + 1
+        if (hi - lo) * V <= 4 * ev.size + 2 ** 16:   # hits ordered by event (the usual case): one dense block
+            vox += (ev - lo) * V
+            sums = np.bincount(vox, weights=energy, minlength=(hi - lo) * V)
+            self.showers[lo:hi] += sums.reshape(hi - lo, V)
+        else:                                        # scattered events: sum over the events present only
+            rows, compact = np.unique(ev, return_inverse=True)
+            vox += compact * V
+            sums = np.bincount(vox, weights=energy, minlength=rows.size * V)
+            self.showers[rows] += sums.reshape(rows.size, V)
+
+
+def _first_bad(mask):
+    return int(np.argmax(mask))
+
+
+def _check_hits(where, first_row, ev, layer, eta, phi, energy, n_events, code):
+    """Validate a block of hits; return the layer codes. UserError names the file and the first bad hit row."""
+    for name, a in (("energy", energy), ("eta", eta), ("phi", phi)):
+        if not math.isfinite(float(a.sum())):   # one cheap reduction; the scan for the row only on failure
+            bad = ~np.isfinite(a)
+            if bad.any():                       # (a finite sum can only overflow on absurd values)
+                row = first_row + _first_bad(bad)
+                raise UserError(f"{where}: '{name}' has NaN/inf values (first at hit row {row})")
+    if energy.min() < 0:
+        row = first_row + _first_bad(energy < 0)
+        raise UserError(f"{where}: 'energy' has negative values (first at hit row {row})")
+    if ev.min() < 0 or ev.max() >= n_events:
+        i = _first_bad((ev < 0) | (ev >= n_events))
+        raise UserError(f"{where}: 'event' id {int(ev[i])} at hit row {first_row + i} is out of range "
+                        f"(the file has {n_events} events: ids 0..{n_events - 1})")
+    k = None
+    if layer.min() >= 0 and layer.max() < code.size:
+        k = np.take(code, layer)
+    if k is None or k.min() == LAYER_ABSENT:
+        absent = [int(i) for i in np.unique(layer) if i < 0 or i >= code.size or code[i] == LAYER_ABSENT]
+        raise UserError(f"{where}: hits in layer id(s) {absent} that the binning XML does not list")
+    return k
+
+
+def voxelise_arrays(geom, hits, extrap, n_events, mapper=None):
+    """Voxelise in-memory hits: ``hits`` dict (event, layer, eta, phi, [r, z,] energy), ``extrap`` dict of
+    (n_events, n_columns) arrays (extrap_eta/phi/r/z). Returns (float64 showers (n_events, V), Accumulator)."""
+    mapper = mapper or VoxelMapper(geom)
+    tables = mapper.event_tables(*(extrap[k] for k in EXTRAP_FIELDS))
+    acc = Accumulator(mapper, n_events)
+    acc.add(tables, np.asarray(hits["event"], dtype=np.int64), np.asarray(hits["layer"], dtype=np.int64),
+            np.asarray(hits["eta"], dtype=np.float64), np.asarray(hits["phi"], dtype=np.float64),
+            np.asarray(hits["energy"], dtype=np.float64), where="hits")
+    return acc.showers, acc
+
+
+def voxelise_python_loop(geom, hits, extrap, n_events):
+    """Reference implementation: SPEC 3 written hit by hit with the math module (slow; for tests and bench).
+
+    Independent of :class:`VoxelMapper`: bisect on the edges, math.remainder for the phi wrap.
+    """
+    import bisect
+
+    out = np.zeros((n_events, geom.n_voxels))
+    by_id = {lay.id: lay for lay in geom.layers}
+    edges = {lay.id: lay.r_edges.tolist() for lay in geom.layers}
+    sym = bool(geom.symmetrise_alpha)
+    lo = 0.0 if sym else -math.pi
+    cols = [np.asarray(hits[k]).tolist() for k in ("event", "layer", "eta", "phi", "energy")]
+    ex = [np.asarray(extrap[k], dtype=np.float64).tolist() for k in EXTRAP_FIELDS]
+    for ev, lid, eta, phi, e in zip(*cols):
+        lay = by_id[lid]
+        if lay.n_voxels == 0:
+            continue
+        eta0, phi0, r0, z0 = ex[0][ev][lid], ex[1][ev][lid], ex[2][ev][lid], ex[3][ev][lid]
+        dphi = math.remainder(phi - phi0, 2.0 * math.pi)
+        if dphi <= -math.pi:
+            dphi += 2.0 * math.pi
+        scale = abs(2.0 * math.exp(-eta0) / (1.0 + math.exp(-2.0 * eta0))) * math.sqrt(r0 * r0 + z0 * z0)
+        x = (eta - eta0) * scale
+        y = dphi * r0
+        r = math.sqrt(x * x + y * y)
+        ir = min(bisect.bisect_right(edges[lid], r) - 1, lay.n_r - 1)
+        ia = 0
+        if lay.n_alpha > 1:
+            alpha = math.atan2(abs(y) if sym else y, x)
+            ia = min(int((alpha - lo) * lay.n_alpha / (math.pi - lo)), lay.n_alpha - 1)
+        out[ev, geom.offsets[lid][0] + ia * lay.n_r + ir] += e
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# voxelise: files
+
+
+class HitsFile:
+    """What the pre-pass learns about one hits file (small per-event arrays only)."""
+
+    def __init__(self, path, n_events, n_hits, truth_p, event_eta):
+        self.path = path
+        self.n_events = n_events
+        self.n_hits = n_hits
+        self.truth_p = truth_p
+        self.event_eta = event_eta
+
+
+def _open_h5(path):
+    import h5py
+
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: file not found")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise UserError(f"{path}: not a readable HDF5 file ({err})") from None
+
+
+def inspect_hits_file(path, particle):
+    """Validate the structure of a hits file and read its per-event arrays; UserError names file and field."""
+    import h5py
+
+    with _open_h5(path) as f:
+        for name in HIT_FIELDS + ("truth_p",) + EXTRAP_FIELDS:
+            if name not in f or not isinstance(f[name], h5py.Dataset):
+                raise UserError(f"{path}: missing dataset '{name}' (hits files have {', '.join(HIT_FIELDS)}, "
+                                f"truth_p and {', '.join(EXTRAP_FIELDS)})")
+        n_hits = f["energy"].shape[0] if f["energy"].ndim == 1 else -1
+        for name in HIT_FIELDS + tuple(k for k in ("r", "z") if k in f):
+            if f[name].shape != (n_hits,):
+                raise UserError(f"{path}: '{name}' has shape {f[name].shape}, expected ({max(n_hits, 0)},) "
+                                f"like 'energy'")
+        n_events = f["truth_p"].shape[0] if f["truth_p"].ndim == 1 else -1
+        if n_events < 0:
+            raise UserError(f"{path}: 'truth_p' has shape {f['truth_p'].shape}, expected (events,)")
+        if n_events == 0:
+            raise UserError(f"{path}: empty input (no events in 'truth_p')")
+        if n_hits == 0:
+            raise UserError(f"{path}: empty input (no hits)")
+        shape = f["extrap_eta"].shape
+        for name in EXTRAP_FIELDS:
+            if f[name].ndim != 2 or f[name].shape[0] != n_events or f[name].shape != shape:
+                raise UserError(f"{path}: '{name}' has shape {f[name].shape}, expected ({n_events}, layers)")
+        want = PARTICLES[particle][0]
+        attr = f.attrs.get("particle")
+        if attr is not None:
+            attr = attr.decode() if isinstance(attr, bytes) else str(attr)
+            if attr != particle:
+                raise UserError(f"{path}: the file holds {attr} hits (attribute 'particle') but --particle is "
+                                f"{particle}")
+        if "truth_pdg" in f:
+            pdg = np.abs(np.asarray(f["truth_pdg"][:]).reshape(-1))
+            if pdg.size and (pdg != want).any():
+                got = int(pdg[np.argmax(pdg != want)])
+                raise UserError(f"{path}: 'truth_pdg' has PDG id {got} but --particle {particle} is {want}")
+        truth_p = np.asarray(f["truth_p"][:], dtype=np.float64)
+        bad = ~np.isfinite(truth_p) | (truth_p <= 0)
+        if bad.any():
+            raise UserError(f"{path}: 'truth_p' has NaN/inf or non-positive values (first at event {_first_bad(bad)})")
+        event_eta = np.empty(n_events)
+        ds = f["extrap_eta"]
+        for a in range(0, n_events, 2 ** 16):
+            block = np.abs(np.asarray(ds[a:a + 2 ** 16], dtype=np.float64))
+            block[~np.isfinite(block)] = np.nan
+            empty = np.isnan(block).all(axis=1)
+            if empty.any():
+                raise UserError(f"{path}: event {a + _first_bad(empty)} has no finite 'extrap_eta' in any layer")
+            event_eta[a:a + block.shape[0]] = np.nanmedian(block, axis=1)
+    return HitsFile(path, n_events, n_hits, truth_p, event_eta)
+
+
+def choose_slice(binning, particle, files, tolerance):
+    """The XML slice (a Geometry) holding the hits files; every event must lie in it within ``tolerance``."""
+    list_slices(binning, particle)   # XML errors first, naming the XML
+    geom = None
+    for hf in files:
+        eta = float(np.median(hf.event_eta))
+        try:
+            g = read_geometry(binning, particle, eta)
+        except GeometryError as err:
+            raise UserError(f"{hf.path}: |eta| {eta:.4f} of the hits is outside the XML's slices ({err})") from None
+        lo, hi = g.eta_min / 100.0, g.eta_max / 100.0
+        out = (hf.event_eta < lo - tolerance) | (hf.event_eta > hi + tolerance)
+        if out.any():
+            i = _first_bad(out)
+            raise UserError(f"{hf.path}: {int(out.sum())} events lie outside the |eta| slice {lo:.2f}-{hi:.2f} of "
+                            f"{binning} (first: event {i} at |eta| {hf.event_eta[i]:.4f}); "
+                            f"voxelise one slice at a time")
+        if geom is None:
+            geom = g
+        elif (g.eta_min, g.eta_max) != (geom.eta_min, geom.eta_max):
+            raise UserError(f"{hf.path}: its hits are in the |eta| slice {lo:.2f}-{hi:.2f} but {files[0].path} is in "
+                            f"{geom.eta_min / 100:.2f}-{geom.eta_max / 100:.2f}; voxelise one slice at a time")
+    return geom
+
+
+def voxelise_file(task):
+    """Worker: voxelise one hits file in chunks; returns (path, float32 showers, counters dict)."""
+    path, geom, n_events, chunk = task
+    mapper = VoxelMapper(geom)
+    with _open_h5(path) as f:
+        n_cols = f["extrap_eta"].shape[1]
+        if int(mapper.layer_ids.max()) >= n_cols:
+            raise UserError(f"{path}: extrapolation arrays have {n_cols} layer columns but the XML voxelises layer "
+                            f"{int(mapper.layer_ids.max())}")
+        tables = mapper.event_tables(*(f[k][:] for k in EXTRAP_FIELDS))
+        acc = Accumulator(mapper, n_events)
+        n = f["energy"].shape[0]
+        for a in range(0, n, chunk):
+            b = min(a + chunk, n)
+            try:
+                cols = {k: f[k][a:b] for k in HIT_FIELDS}
+            except OSError as err:
+                raise UserError(f"{path}: cannot read hits {a}..{b} (truncated or corrupt file: {err})") from None
+            acc.add(tables, cols["event"].astype(np.int64, copy=False), cols["layer"].astype(np.int64),
+                    cols["eta"].astype(np.float64, copy=False), cols["phi"].astype(np.float64, copy=False),
+                    cols["energy"].astype(np.float64, copy=False), where=path, first_row=a)
+    stats = {"hits": acc.hits, "dropped_hits": acc.dropped_hits, "dropped_energy": acc.dropped_energy,
+             "energy": acc.energy, "voxel_energy": float(acc.showers.sum())}
+    return path, acc.showers.astype(np.float32), stats
+
+
+def _map_tasks(tasks, jobs):
+    """Yield voxelise_file results in task order, with ``jobs`` worker processes when there is more than one file."""
+    if jobs <= 1 or len(tasks) <= 1:
+        for t in tasks:
+            yield voxelise_file(t)
+        return
+    import multiprocessing as mp
+
+    # spawn, not fork: safe even when the caller has threads (e.g. TensorFlow loaded in the same process)
+    pool = mp.get_context("spawn").Pool(min(jobs, len(tasks)))
+    try:
+        yield from pool.imap(voxelise_file, tasks)
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def csv_name(pid, energy, geom):
+    """``pid<pid>_E<MeV>_eta_<min>_<max>.csv``."""
+    return f"pid{pid}_E{int(round(energy))}_{geom.slice_name()}.csv"
+
+
+def write_csv(path, names, rows_iter):
+    """Header row of voxel names, then float32 rows with 9 significant digits (exact round trip)."""
+    with open(path, "w") as fh:
+        fh.write(",".join(names) + "\n")
+        for block in rows_iter:
+            np.savetxt(fh, block, fmt="%.9g", delimiter=",")
+
+
+def run_voxelise(args):
+    """``voxelise``: hits files -> CaloChallenge HDF5 (+ CSVs); returns the summary line."""
+    import h5py
+    from tqdm import tqdm
+
+    if args.jobs < 1 or args.chunk < 1:
+        raise UserError("--jobs and --chunk must be >= 1")
+    particle = _particle(args.particle)
+    if os.path.abspath(args.out) in {os.path.abspath(p) for p in args.hits}:
+        raise UserError(f"{args.out}: --out would overwrite an input file")
+    files = [inspect_hits_file(p, particle) for p in args.hits]
+    geom = choose_slice(args.binning, particle, files, args.eta_tolerance)
+    VoxelMapper(geom)   # geometry errors before any work
+    if args.csv:        # checked now, created only once the voxels are done (nothing is left behind on errors)
+        parent = args.csv if os.path.isdir(args.csv) else os.path.dirname(os.path.abspath(args.csv))
+        if not os.access(parent, os.W_OK):
+            raise UserError(f"{args.csv}: CSV directory (or its parent) is not writable")
+    n_total = sum(hf.n_events for hf in files)
+    V = geom.n_voxels
+    tasks = [(hf.path, geom, hf.n_events, args.chunk) for hf in files]
+    totals = {"hits": 0, "dropped_hits": 0, "dropped_energy": 0.0, "energy": 0.0, "voxel_energy": 0.0}
+    csv_paths = []
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_output(args.out))
+        out = stack.enter_context(h5py.File(tmp, "w"))
+        d_e = out.create_dataset("incident_energies", shape=(n_total, 1), dtype=np.float64)
+        d_s = out.create_dataset("showers", shape=(n_total, V), dtype=np.float32,
+                                 chunks=(max(1, min(n_total, 2 ** 20 // max(V, 1))), V))
+        out.attrs.update({"particle": geom.particle, "pid": geom.pid, "eta_min": float(geom.eta_min),
+                          "eta_max": float(geom.eta_max), "binning": args.binning, "n_hits_files": len(files),
+                          "creator": "calokit preprocess.py voxelise"})
+        bar = tqdm(total=sum(hf.n_hits for hf in files), desc=f"voxelise {geom.slice_name()}", unit="hit",
+                   unit_scale=True, file=sys.stderr, disable=None)
+        start = 0
+        results = stack.enter_context(contextlib.closing(_map_tasks(tasks, args.jobs)))   # pool ends with the block
+        for hf, (_, showers, stats) in zip(files, results):
+            d_e[start:start + hf.n_events, 0] = hf.truth_p
+            d_s[start:start + hf.n_events] = showers
+            start += hf.n_events
+            for key in totals:
+                totals[key] += stats[key]
+            bar.update(hf.n_hits)
+        bar.close()
+        if args.csv:
+            ensure_dir(args.csv)
+            names = geom.voxel_names()
+            p_all = d_e[:, 0]
+            energies = np.rint(p_all)
+            for energy in np.unique(energies):
+                idx = np.flatnonzero(energies == energy)
+                path = os.path.join(args.csv, csv_name(geom.pid, energy, geom))
+                tmp_csv = stack.enter_context(atomic_output(path))
+                step = max(1, 2 ** 22 // max(V, 1))
+                blocks = (idx[i:i + step] for i in range(0, idx.size, step))
+                write_csv(tmp_csv, names, (d_s[b[0]:b[-1] + 1] if b[-1] - b[0] + 1 == b.size else d_s[b]
+                                           for b in blocks))
+                csv_paths.append(path)
+        out.close()
+    msg = (f"voxelise: wrote {args.out} ({n_total} events x {V} voxels, {geom.particle}, |eta| "
+           f"{geom.eta_min / 100:.2f}-{geom.eta_max / 100:.2f} of {args.binning}) from {len(files)} hits files: "
+           f"{totals['hits']} hits, {totals['dropped_hits']} dropped in non-voxelised layers "
+           f"({totals['dropped_energy']:.6g} MeV), {totals['voxel_energy']:.6g} MeV voxelised")
+    if args.csv:
+        msg += f"; {len(csv_paths)} CSV files in {args.csv}"
+    return msg
+
+
+# ----------------------------------------------------------------------------------------------
+# prepare: the training file of one GAN
+
+
+def label_to_ekin(label, ekin_min, ekin_max, scheme="V2", max_exp=MAX_EXP):
+    """Inverse of HighLevelFeatures.condition_label: E_kin (MeV) from labels.
+
+    >>> float(label_to_ekin(0.5, 256.0, 65536.0))
+    4096.0
+    """
+    label = np.asarray(label, dtype=np.float64)
+    if scheme == "V2":
+        return ekin_min * np.power(ekin_max / ekin_min, label)
+    if scheme == "V1":
+        return label * 2.0 ** max_exp
+    raise UserError(f"unknown label scheme '{scheme}' (V1 or V2)")
+
+
+def train_filename(geom, range_name):
+    """``train_<particle>_eta_<min>_<max>_<range>.h5``."""
+    return f"train_{geom.particle}_{geom.slice_name()}_{range_name}.h5"
+
+
+def run_prepare(args):
+    """``prepare``: CaloChallenge HDF5 -> the training file (CONTRACTS.md); returns the summary line."""
+    import h5py
+
+    particle = _particle(args.particle)
+    if args.label not in ("V1", "V2"):
+        raise UserError(f"--label {args.label}: choose V2 or V1")
+    p_min, p_max, _ = energy_range(particle, args.range)
+    eta = args.eta
+    if eta is None:   # a voxelise output says its slice; a CaloChallenge file does not (then the XML must have one)
+        with _open_h5(args.voxels[0]) as f:
+            if "eta_min" in f.attrs and "eta_max" in f.attrs:
+                eta = 0.5 * (float(f.attrs["eta_min"]) + float(f.attrs["eta_max"])) / 100.0
+    try:
+        geom = read_geometry(args.binning, particle, eta)
+    except GeometryError as err:
+        raise UserError(f"{err}{' (pass --eta)' if eta is None else ''}") from None
+    V = geom.n_voxels
+    # pass 1: validate every input and select the events of the range (incident energies only)
+    masks = []
+    for path in args.voxels:
+        f, n, _ = open_calo_file(path, V)
+        with f:
+            attr = f.attrs.get("particle")
+            if attr is not None:
+                attr = attr.decode() if isinstance(attr, bytes) else str(attr)
+                if attr != particle:
+                    raise UserError(f"{path}: the file holds {attr} showers (attribute 'particle') but "
+                                    f"--particle is {particle}")
+            p = np.asarray(f["incident_energies"][:], dtype=np.float64).reshape(-1)
+        if not np.isfinite(p).all() or (p <= 0).any():
+            raise UserError(f"{path}: 'incident_energies' has NaN/inf or non-positive values")
+        masks.append(in_energy_range(p, particle, args.range))
+    n_sel = int(sum(int(m.sum()) for m in masks))
+    if n_sel == 0:
+        raise UserError(f"{', '.join(args.voxels)}: no events with p in the '{args.range}' range of {particle} "
+                        f"({p_min:g}-{p_max:g} MeV)")
+    out_path = args.out
+    if os.path.isdir(out_path) or out_path.endswith(os.sep):
+        ensure_dir(out_path)
+        out_path = os.path.join(out_path, train_filename(geom, args.range))
+    if os.path.abspath(out_path) in {os.path.abspath(p) for p in args.voxels}:
+        raise UserError(f"{out_path}: --out would overwrite an input file")
+    ekin_min, ekin_max = float(kinetic_energy(p_min, particle)), float(kinetic_energy(p_max, particle))
+    attrs = {"particle": particle, "pid": int(geom.pid), "eta_min": float(geom.eta_min),
+             "eta_max": float(geom.eta_max), "range": args.range, "binning": args.binning,
+             "label_scheme": args.label, "max_exp": MAX_EXP, "p_min": float(p_min), "p_max": float(p_max),
+             "ekin_min": ekin_min, "ekin_max": ekin_max, "latent_dim": int(geom.latent_dim or 50),
+             "n_voxels": int(V), "source": ",".join(args.voxels)}
+    # pass 2: stream, normalise, write
+    with atomic_output(out_path) as tmp, h5py.File(tmp, "w") as out:
+        d_v = out.create_dataset("voxels", shape=(n_sel, V), dtype=np.float32,
+                                 chunks=(max(1, min(n_sel, 2 ** 20 // max(V, 1))), V))
+        d_l = out.create_dataset("label", shape=(n_sel,), dtype=np.float32)
+        d_p = out.create_dataset("incident_energies", shape=(n_sel, 1), dtype=np.float64)
+        d_k = out.create_dataset("e_kin", shape=(n_sel,), dtype=np.float64)
+        out.attrs.update(attrs)
+        row = 0
+        for path, mask in zip(args.voxels, masks):
+            for start, p, showers in iter_calo_chunks(path, V):
+                sel = mask[start:start + p.size]
+                if not sel.any():
+                    continue
+                p, showers = p[sel], showers[sel]
+                ekin = kinetic_energy(p, particle)
+                m = p.size
+                d_v[row:row + m] = (showers / ekin[:, None]).astype(np.float32)
+                d_l[row:row + m] = condition_label(ekin, ekin_min, ekin_max, args.label, MAX_EXP).astype(np.float32)
+                d_p[row:row + m, 0] = p
+                d_k[row:row + m] = ekin
+                row += m
+    return (f"prepare: wrote {out_path} ({n_sel} events x {V} voxels, {particle} |eta| {geom.eta_min / 100:.2f}-"
+            f"{geom.eta_max / 100:.2f}, range {args.range} p {p_min:g}-{p_max:g} MeV, label {args.label}, "
+            f"voxels / E_kin)")
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def _particle(name):
+    """Accept a particle name or its PDG id; return the name."""
+    for pname, (pid, _) in PARTICLES.items():
+        if name == pname or name == str(pid):
+            return pname
+    raise UserError(f"unknown particle '{name}' (choose from {', '.join(PARTICLES)})")
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(prog="preprocess.py", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("toy", help="write toy hits files (seeded; not Geant4)")
+    t.add_argument("--particle", default="photon", help="photon or pion (default photon)")
+    t.add_argument("--eta", type=float, default=0.20, help="|eta| inside the 0.05-wide slice to fill (default 0.20)")
+    t.add_argument("--events-per-energy", type=int, default=1000, help="events per energy (default 1000)")
+    t.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    t.add_argument("--energies", type=float, nargs="+", default=None, help="momenta in MeV (default 2^8..2^22)")
+    t.add_argument("--hits-low", type=float, default=50.0, help="mean hits per event at 2^8 MeV (default 50)")
+    t.add_argument("--hits-high", type=float, default=2000.0, help="mean hits per event at 2^22 MeV (default 2000)")
+    t.add_argument("--out", required=True, help="output directory")
+
+    v = sub.add_parser("voxelise", help="hits HDF5 -> CaloChallenge HDF5 (+ CSV per energy)")
+    v.add_argument("--binning", required=True, help="binning XML")
+    v.add_argument("--particle", required=True, help="particle name or PDG id")
+    v.add_argument("--out", required=True, help="output CaloChallenge HDF5")
+    v.add_argument("--csv", default=None, help="also write one CSV per energy into this directory")
+    v.add_argument("--jobs", type=int, default=DEFAULT_JOBS, help=f"files in parallel (default {DEFAULT_JOBS})")
+    v.add_argument("--chunk", type=int, default=DEFAULT_CHUNK_HITS, help="hits read at a time")
+    v.add_argument("--eta-tolerance", type=float, default=DEFAULT_ETA_TOLERANCE,
+                   help=f"|eta| an event may lie outside its slice (default {DEFAULT_ETA_TOLERANCE})")
+    v.add_argument("hits", nargs="+", help="hits HDF5 files of one |eta| slice")
+
+    p = sub.add_parser("prepare", help="CaloChallenge HDF5 -> training file of one GAN")
+    p.add_argument("--binning", required=True, help="binning XML")
+    p.add_argument("--particle", required=True, help="particle name or PDG id")
+    p.add_argument("--range", default="all", help="energy range: low, high (photons/electrons) or all (default)")
+    p.add_argument("--label", default="V2", help="label scheme V2 (default) or V1")
+    p.add_argument("--eta", type=float, default=None,
+                   help="|eta| of the slice in a multi-slice XML (default: from the voxel file's attributes)")
+    p.add_argument("--out", required=True,
+                   help="training file, or a directory for train_<particle>_eta_<min>_<max>_<range>.h5")
+    p.add_argument("voxels", nargs="+", help="CaloChallenge HDF5 file(s)")
+    return ap
+
+
+def _main(argv):
+    args = build_parser().parse_args(argv)
+    run = {"toy": run_toy, "voxelise": run_voxelise, "prepare": run_prepare}[args.command]
+    print(run(args))
+    return 0
+
+
+def main(argv=None):
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
