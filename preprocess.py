@@ -1,12 +1,13 @@
 """preprocess.py -- hits -> voxels -> training file, driven by the binning XML (and the toy hit source).
 
-Three sub-commands, one stage each (SPEC sections 2, 3, 4, 10)::
+Three sub-commands, one stage each (SPEC sections 2, 3, 4, 10), plus ``fetch`` for the CaloChallenge files::
 
     python preprocess.py toy      --particle photon --eta 0.20 --events-per-energy 1000 --seed 1 --out hits/
     python preprocess.py voxelise --binning binning/binning_dataset_1_photons.xml --particle photon \\
                                   --out voxels.h5 [--csv csv/] hits/hits_photon_E*_eta_020_025.h5
     python preprocess.py prepare  --binning binning/binning_dataset_1_photons.xml --particle photon \\
                                   --range high --out train/ voxels.h5
+    python preprocess.py fetch    --dataset 1-photons --dir data/   # Zenodo download, MD5-verified
 
 ``toy`` writes one hits file per energy (default the 15 energies 2^8..2^22 MeV) from the seeded toy shower
 source in toyshower.py -- a physics-shaped toy, NOT Geant4 (its parametrisation is in that module's
@@ -739,6 +740,63 @@ def run_prepare(args):
 
 
 # ----------------------------------------------------------------------------------------------
+# fetch: the CaloChallenge files (the kit's only network access, and only when asked)
+
+ZENODO = {  # dataset -> (record id, files: the first trains, the second is the held-out reference)
+    "1-photons": ("8099322", ["dataset_1_photons_1.hdf5", "dataset_1_photons_2.hdf5"]),
+    "1-pions": ("8099322", ["dataset_1_pions_1.hdf5", "dataset_1_pions_2.hdf5"]),
+    "2": ("6366270", ["dataset_2_1.hdf5", "dataset_2_2.hdf5"]),
+    "3": ("6366323", ["dataset_3_1.hdf5", "dataset_3_2.hdf5"]),
+}
+
+
+def _record_md5(record, timeout):
+    """{file name: md5} from the Zenodo record's metadata."""
+    import json
+    import urllib.request
+    with urllib.request.urlopen(f"https://zenodo.org/api/records/{record}", timeout=timeout) as r:
+        meta = json.load(r)
+    sums = {}
+    for f in meta.get("files", []):
+        algo, _, value = str(f.get("checksum", "")).partition(":")
+        if algo == "md5":
+            sums[f.get("key")] = value
+    return sums
+
+
+def run_fetch(args):
+    """Download the dataset's files into --dir, each verified against the record's MD5; never a toy stand-in."""
+    import hashlib
+    import urllib.error
+    import urllib.request
+
+    record, names = ZENODO[args.dataset]
+    page = f"https://zenodo.org/records/{record}"
+    ensure_dir(args.dir)
+    missing = [n for n in names if not os.path.isfile(os.path.join(args.dir, n))]
+    if not missing:
+        return f"fetch: {', '.join(names)} already in {args.dir}"
+    try:
+        sums = _record_md5(record, args.timeout)
+        for name in missing:
+            if name not in sums:
+                raise UserError(f"{page}: the record lists no MD5 for {name}; fetch it by hand into {args.dir}/")
+            dest = os.path.join(args.dir, name)
+            md5 = hashlib.md5()
+            with atomic_output(dest) as tmp, open(tmp, "wb") as f, \
+                    urllib.request.urlopen(f"{page}/files/{name}?download=1", timeout=args.timeout) as r:
+                for block in iter(lambda: r.read(1 << 22), b""):
+                    md5.update(block)
+                    f.write(block)
+                if md5.hexdigest() != sums[name]:
+                    raise UserError(f"{dest}: MD5 {md5.hexdigest()} differs from the record's {sums[name]}; not kept")
+    except (urllib.error.URLError, OSError, TimeoutError) as err:
+        raise UserError(f"cannot download {', '.join(missing)} ({getattr(err, 'reason', err)}): fetch them by hand "
+                        f"from {page} into {args.dir}/") from None
+    return f"fetch: wrote {', '.join(missing)} to {args.dir} (MD5 verified against {page})"
+
+
+# ----------------------------------------------------------------------------------------------
 # command line
 
 
@@ -786,12 +844,17 @@ def build_parser():
     p.add_argument("--out", required=True,
                    help="training file, or a directory for train_<particle>_eta_<min>_<max>_<range>.h5")
     p.add_argument("voxels", nargs="+", help="CaloChallenge HDF5 file(s)")
+
+    f = sub.add_parser("fetch", help="download CaloChallenge files with MD5 check (the only network access)")
+    f.add_argument("--dataset", required=True, choices=sorted(ZENODO), help="CaloChallenge dataset")
+    f.add_argument("--dir", default="data", help="download directory (default data/)")
+    f.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds (default 30)")
     return ap
 
 
 def _main(argv):
     args = build_parser().parse_args(argv)
-    run = {"toy": run_toy, "voxelise": run_voxelise, "prepare": run_prepare}[args.command]
+    run = {"toy": run_toy, "voxelise": run_voxelise, "prepare": run_prepare, "fetch": run_fetch}[args.command]
     print(run(args))
     return 0
 
