@@ -76,7 +76,12 @@ BINNING_1-photons := binning/binning_dataset_1_photons.xml
 BINNING_1-pions := binning/binning_dataset_1_pions.xml
 BINNING_2 := binning/binning_dataset_2.xml
 BINNING_3 := binning/binning_dataset_3.xml
-binning = $(BINNING_$(call evalds,$(1)))
+# the demo voxelises with the FastCaloGAN multi-slice XML (same layer binning as dataset 1, per-slice names)
+ifeq ($(DATASET),demo)
+  binning = binning/binning_fastcalogan.xml
+else
+  binning = $(BINNING_$(call evalds,$(1)))
+endif
 
 .PHONY: all venv test bench data voxels train select export evaluate condor slurm clean clean-venv help
 .DELETE_ON_ERROR:
