@@ -1,0 +1,92 @@
+"""bench_evaluate.py -- wall time and peak RSS of evaluate.py on synthetic CaloChallenge files.
+
+Prints one JSON object on stdout:
+    {"ds1_photons": {"hist_s", "cls_high_s", "peak_rss_mb"}, "ds2": {"hist_s", "peak_rss_mb"}}
+peak_rss_mb is the largest resident set of the evaluate.py processes of that dataset (os.wait4 of each child).
+
+Full mode: two 100k-event dataset-1 photon files and two 20k-event dataset-2 files (the issue's sizes).
+--quick: 10k and 2k events. Every measurement is a fresh ``python evaluate.py`` subprocess with a fresh output
+directory (no reference cache), so the times include reading, features, histograms and all PNG plots.
+cls-high runs with a reduced classifier (--cls_n_hidden 256, --cls_n_epochs 5; quick: 64 and 2) because the default
+2048-unit, 50-epoch MLP takes hours on a 2-core CPU; the flags are part of the command, see CLS_FLAGS.
+
+    python bench/bench_evaluate.py --quick
+    python bench/bench_evaluate.py --keep /tmp/evalbench      # keep the synthetic files for reuse
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+CLS_FLAGS = {"full": ["--cls_n_hidden", "256", "--cls_n_epochs", "5"],
+             "quick": ["--cls_n_hidden", "64", "--cls_n_epochs", "2"]}
+
+
+def run_measured(cmd):
+    """Run ``cmd``; return (wall seconds, peak RSS in MB of that process)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONHASHSEED="0")
+    with tempfile.TemporaryFile() as errfile:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errfile, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            errfile.seek(0)
+            err = errfile.read().decode(errors="replace").strip()[-500:]
+            print(f"bench_evaluate: {' '.join(cmd)} failed ({proc.returncode}): {err}", file=sys.stderr)
+            sys.exit(1)
+    return wall, usage.ru_maxrss / 1024.0
+
+
+def evaluate_cmd(gen, ref, mode, dataset, out, extra=()):
+    return [sys.executable, os.path.join(ROOT, "evaluate.py"), "-i", gen, "-r", ref, "-m", mode, "-d", dataset,
+            "--output_dir", out, *extra]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small files (< 60 s)")
+    ap.add_argument("--keep", default=None, help="folder for the synthetic files (reused when present)")
+    args = ap.parse_args(argv)
+    import evalutils
+
+    size = "quick" if args.quick else "full"
+    n1, n2 = (10000, 2000) if args.quick else (100000, 20000)
+    work = args.keep or tempfile.mkdtemp(prefix="bench_evaluate_")
+    os.makedirs(work, exist_ok=True)
+    try:
+        files = {}
+        for tag, dataset, n in (("ds1_photons", "1-photons", n1), ("ds2", "2", n2)):
+            gen = evalutils.ensure_file(os.path.join(work, f"{tag}_{n}_gen.h5"), dataset, n, 1, scale=1.02)
+            ref = evalutils.ensure_file(os.path.join(work, f"{tag}_{n}_ref.h5"), dataset, n, 2)
+            files[tag] = (dataset, gen, ref)
+        result = {}
+        for tag, (dataset, gen, ref) in files.items():
+            out = tempfile.mkdtemp(prefix=f"out_{tag}_", dir=work)
+            hist_s, rss = run_measured(evaluate_cmd(gen, ref, "hist", dataset, os.path.join(out, "hist")))
+            result[tag] = {"hist_s": round(hist_s, 2)}
+            if tag == "ds1_photons":
+                cls_s, rss_cls = run_measured(evaluate_cmd(gen, ref, "cls-high", dataset, os.path.join(out, "cls"),
+                                                           CLS_FLAGS[size]))
+                result[tag]["cls_high_s"] = round(cls_s, 2)
+                rss = max(rss, rss_cls)
+            result[tag]["peak_rss_mb"] = round(rss, 1)
+            shutil.rmtree(out, ignore_errors=True)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

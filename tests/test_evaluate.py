@@ -1,0 +1,388 @@
+"""evaluate.py: metrics against analytic answers, CaloChallenge-compatible outputs, reproducibility, bad inputs."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+import evaluate as ev
+from HighLevelFeatures import dataset_geometry, write_calo_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import evalutils  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_CLS = ["--cls_n_layer", "1", "--cls_n_hidden", "16", "--cls_n_epochs", "2", "--cls_batch_size", "200"]
+SMALL_FPD = ["--fpd_min_samples", "300", "--fpd_max_samples", "1000", "--fpd_num_batches", "3",
+             "--fpd_num_points", "3", "--kpd_batch_size", "300", "--kpd_num_batches", "3"]
+DS1_PHOTON_NAMES = (["Etot / Einc"] + [f"E layer {i}" for i in (0, 1, 2, 3, 12)]
+                    + [f"{k} layer {i}" for k in ("EC Eta", "EC Phi", "Width Eta", "Width Phi") for i in (1, 2)]
+                    + [f"Etot / Einc at E = {2.0 ** k}" for k in range(8, 23)] + ["Voxel distribution"])
+
+
+@pytest.fixture(scope="module")
+def ds1(tmp_path_factory):
+    """Two 600-event dataset-1 photon files from the same toy distribution (< 1000 events on purpose)."""
+    d = tmp_path_factory.mktemp("ds1")
+    gen = evalutils.write_synthetic(str(d / "gen.h5"), "1-photons", 600, 1)
+    ref = evalutils.write_synthetic(str(d / "ref.h5"), "1-photons", 600, 2)
+    return d, gen, ref
+
+
+def _run(capsys, *args):
+    rc = ev.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+def test_separation_power_zero_for_identical_one_for_disjoint():
+    h = ev.bin_fractions([0.1, 0.2, 0.2, 0.7], np.linspace(0, 1, 6))
+    assert ev.separation_power(h, h) == 0.0
+    a = ev.bin_fractions([0.1, 0.15, 0.3], np.linspace(0, 1, 11))
+    b = ev.bin_fractions([0.55, 0.95], np.linspace(0, 1, 11))
+    assert ev.separation_power(a, b) == pytest.approx(1.0, abs=1e-12)
+    # fractions of entries inside the binning; empty histograms give finite numbers, never NaN
+    empty = ev.bin_fractions([5.0, 7.0], np.linspace(0, 1, 11))
+    assert not empty.any()
+    assert ev.separation_power(empty, empty) == 0.0
+    assert ev.separation_power(empty, a) == pytest.approx(0.5)
+
+
+def test_separation_power_matches_density_definition():
+    """The reference multiplies density histograms by the bin widths; same number."""
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=500), rng.normal(0.3, 1.2, size=700)
+    bins = np.logspace(-1, 0.5, 13) - 1.0
+    dx = np.histogram(x, bins, density=True)[0] * np.diff(bins)
+    dy = np.histogram(y, bins, density=True)[0] * np.diff(bins)
+    expected = 0.5 * np.sum((dx - dy) ** 2 / (dx + dy + 1e-16))
+    assert ev.separation_power(ev.bin_fractions(x, bins), ev.bin_fractions(y, bins)) == pytest.approx(expected,
+                                                                                                      rel=1e-12)
+
+
+def test_frechet_distance_of_gaussians_is_analytic():
+    mu1, mu2 = np.array([0.0, 1.0, -1.0]), np.array([1.0, 1.5, -1.0])
+    s1, s2 = np.diag([1.0, 4.0, 0.25]), np.diag([2.0, 1.0, 0.25])
+    expected = 1.25 + sum(a + b - 2 * np.sqrt(a * b) for a, b in ((1, 2), (4, 1), (0.25, 0.25)))
+    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+
+
+def test_fpd_of_shifted_gaussians_matches_analytic_frechet_distance():
+    rng = np.random.default_rng(11)
+    n, shift, scale = 40000, np.array([1.0, 0.5, 0.0]), np.array([1.0, 2.0, 1.0])
+    x = rng.normal(size=(n, 3))
+    y = rng.normal(size=(n, 3)) * scale + shift
+    analytic = float(shift @ shift + np.sum(1 + scale ** 2 - 2 * scale))      # 1.25 + 1 = 2.25
+    val, err = ev.fpd(x, y, min_samples=2000, max_samples=20000, num_batches=5, num_points=5, seed=1,
+                      normalise=False)
+    assert val == pytest.approx(analytic, rel=0.05)
+    assert 0 < err < 0.1 * analytic
+
+
+def test_fpd_and_kpd_of_a_sample_with_itself_are_zero():
+    x = np.random.default_rng(5).normal(size=(4000, 6))
+    fv, fe = ev.fpd(x, x.copy(), min_samples=500, max_samples=2000, num_batches=5, num_points=4, seed=2)
+    kv, ke = ev.kpd(x, x.copy(), num_batches=5, batch_size=500, seed=2)
+    assert 0.0 <= fv < 2e-3 and fe < 2e-3
+    assert abs(kv) < 1e-3 and ke < 1e-3
+    # and a shifted sample is far from zero on both
+    y = x + np.array([0.5, 0, 0, 0, 0, 0])
+    assert ev.fpd(x, y, min_samples=500, max_samples=2000, num_batches=5, num_points=4, seed=2)[0] > 20 * fv + 1e-3
+    assert ev.kpd(x, y, num_batches=5, batch_size=500, seed=2)[0] > 10 * abs(kv) + 1e-3
+
+
+def test_blocked_mmd_equals_direct_formula():
+    rng = np.random.default_rng(8)
+    x, y = rng.normal(size=(300, 4)), rng.normal(0.2, 1.0, size=(250, 4))
+
+    def k(a, b):
+        return (a @ b.T / a.shape[1] + 1.0) ** 4
+
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    direct = ((kxx.sum() - np.trace(kxx)) / (300 * 299) + (kyy.sum() - np.trace(kyy)) / (250 * 249)
+              - 2 * kxy.mean())
+    assert ev.mmd2_poly_unbiased(x, y) == pytest.approx(direct, rel=1e-9)
+    assert ev._kernel_sum(x, x, 4, True, block=7) == pytest.approx(kxx.sum() - np.trace(kxx), rel=1e-12)
+
+
+def test_classifier_auc_half_for_one_distribution_and_near_one_for_different():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(3000, 5)), rng.normal(size=(3000, 5))
+    c = rng.normal(size=(3000, 5)) + np.array([4.0, 0, 0, 0, 0])
+    kw = dict(n_layer=1, n_hidden=32, batch_size=200, n_epochs=6, lr=1e-3, seed=1)
+    same = ev.train_classifier(a, b, (2000, 500, 500), **kw)
+    diff = ev.train_classifier(a, c, (2000, 500, 500), **kw)
+    assert 0.45 <= same["auc"] <= 0.55
+    assert diff["auc"] > 0.95 and diff["jsd"] > 0.5
+    assert (same["n_train"], same["n_test"], same["n_val"]) == (2000, 500, 500)
+
+
+def test_split_sizes_follow_the_reference_and_scale_down():
+    assert ev.split_sizes(121000, "1-photons") == (80000, 20000, 21000)
+    assert ev.split_sizes(500000, "2") == (60000, 20000, 20000)
+    assert ev.split_sizes(1210, "1-photons") == (800, 200, 210)
+    assert ev.split_sizes(1000, "3") == (600, 200, 200)
+    with pytest.raises(ev.UserError):
+        ev.split_sizes(3, "2")
+
+
+def test_high_level_inputs_columns_follow_the_reference_order():
+    geom = dataset_geometry("1-photons")
+    rng = np.random.default_rng(1)
+    einc = 2.0 ** rng.integers(8, 23, 50)
+    sh = evalutils.showers(geom, einc, rng)
+    from HighLevelFeatures import compute_features
+    f = compute_features(geom, sh)
+    x = ev.high_level_inputs(f, einc, geom)
+    # log10 Einc, 5 E_layer, 4 x 2 EC/width (eta, phi), log10 Etot, 5 sparsity, 5 EC_r, 5 width_r
+    assert x.shape == (50, 1 + 5 + 8 + 1 + 5 + 5 + 5)
+    np.testing.assert_allclose(x[:, 0], np.log10(einc))
+    np.testing.assert_allclose(x[:, 1], np.log10(f["E_layer"][0] + 1e-8))
+    np.testing.assert_allclose(x[:, 6], f["EC_eta"][1] / 100)
+    np.testing.assert_allclose(x[:, 14], np.log10(f["Etot"] + 1e-8))
+    np.testing.assert_allclose(x[:, -1], f["width_r"][12] / 100)
+
+
+def test_import_and_help_stay_light():
+    code = ("import sys, evaluate; print(any(m in sys.modules for m in ('tensorflow', 'keras', 'matplotlib', "
+            "'sklearn')))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.stdout.strip() == "False"
+    res = subprocess.run([sys.executable, "evaluate.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0 and "--cls_n_hidden" in res.stdout and "prdc" in res.stdout
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+def test_threshold_is_applied_to_both_files(tmp_path, capsys, ds1):
+    """Voxels below 1 MeV (dataset 1) are zeroed first: adding 0.9 MeV to empty voxels changes nothing."""
+    _, _, ref = ds1
+    with h5py.File(ref, "r") as f:
+        einc, sh = f["incident_energies"][:], f["showers"][:]
+    noisy = sh.copy()
+    noisy[noisy < 1.0] = 0.9                   # everything below threshold becomes 0.9 MeV: still below
+    gen = str(tmp_path / "noisy.h5")
+    write_calo_file(gen, einc, noisy)
+    rc, _, err = _run(capsys, "-i", gen, "-r", ref, "-m", "hist-chi", "-d", "1-photons",
+                      "--output_dir", tmp_path / "out")
+    assert rc == 0, err
+    seps = json.load(open(tmp_path / "out" / "metrics.json"))["separation_power"]
+    assert all(v == 0.0 for v in seps.values()), {k: v for k, v in seps.items() if v}
+    assert "Sparsity layer 1" in seps and "EC R layer 2" in seps and "Width R layer 12" in seps
+
+
+def test_chi2_file_has_reference_names_and_is_overwritten(tmp_path, capsys, ds1):
+    _, gen, ref = ds1
+    out = tmp_path / "out"
+    for _ in range(2):
+        rc, stdout, err = _run(capsys, "-i", gen, "-r", ref, "-m", "hist-chi", "-d", "1-photons", "--output_dir",
+                               out)
+        assert rc == 0, err
+    text = (out / "histogram_chi2_1-photons.txt").read_text()
+    assert text.startswith(ev.CHI2_HEADER) and text.count("List of chi2") == 1
+    body = text[len(ev.CHI2_HEADER):]
+    blocks = re.findall(r"(.+): \n(.+)\n\n", body)
+    assert "".join(f"{n}: \n{v}\n\n" for n, v in blocks) == body        # nothing else in the file
+    assert [n for n, _ in blocks] == DS1_PHOTON_NAMES
+    parsed = ev.read_chi2_file(str(out / "histogram_chi2_1-photons.txt"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name, value in parsed.items():
+        assert metrics["separation_power"][name] == value and 0.0 <= value <= 1.0
+    assert "Sparsity layer 0" not in parsed and "Sparsity layer 0" in metrics["separation_power"]
+    assert not list(out.glob("*.png"))                                   # hist-chi: numbers only
+    assert "reference cache used" in stdout                               # second run
+
+
+def test_reference_cache_is_keyed_by_content_and_kept_out_of_the_input_folder(tmp_path, capsys, ds1):
+    d, gen, _ = ds1
+    ref = str(tmp_path / "ref.h5")
+    evalutils.write_synthetic(ref, "1-photons", 600, 2)
+    before = sorted(os.listdir(tmp_path))
+    cache = tmp_path / "cache"
+    args = ["-i", gen, "-r", ref, "-m", "hist-chi", "-d", "1-photons", "--cache_dir", cache]
+    rc, out1, _ = _run(capsys, *args, "--output_dir", tmp_path / "o1")
+    rc2, out2, _ = _run(capsys, *args, "--output_dir", tmp_path / "o2")
+    assert rc == rc2 == 0 and "cache written" in out1 and "cache used" in out2
+    assert len(list(cache.glob("*.npz"))) == 1
+    assert (tmp_path / "o1" / "metrics.json").read_bytes() == (tmp_path / "o2" / "metrics.json").read_bytes()
+    # same path, new content: the old entry is not used
+    evalutils.write_synthetic(ref, "1-photons", 600, 3, scale=1.1)
+    rc3, out3, _ = _run(capsys, *args, "--output_dir", tmp_path / "o3")
+    assert rc3 == 0 and "cache written" in out3 and len(list(cache.glob("*.npz"))) == 2
+    s1 = json.loads((tmp_path / "o1" / "metrics.json").read_text())["separation_power"]
+    s3 = json.loads((tmp_path / "o3" / "metrics.json").read_text())["separation_power"]
+    assert s3["Etot / Einc"] > s1["Etot / Einc"] + 0.1
+    # nothing written beside the reference file, nothing beside the shared inputs
+    assert sorted(os.listdir(tmp_path)) == sorted(before + ["cache", "o1", "o2", "o3"])
+    assert sorted(os.listdir(d)) == ["gen.h5", "ref.h5"]
+
+
+def test_all_mode_small_file_then_same_seed_rerun_is_identical(tmp_path, capsys, ds1):
+    _, gen, ref = ds1
+    out = tmp_path / "out"
+    args = ["-i", gen, "-r", ref, "-m", "all", "-d", "1-photons", "--output_dir", out, "--dpi", "40",
+            *SMALL_CLS, *SMALL_FPD]
+    rc, stdout, err = _run(capsys, *args)
+    assert rc == 0, err
+    first = (out / "metrics.json").read_bytes()
+    m = json.loads(first)
+    assert m["n_events"] == 600
+    assert set(m["classifier"]) == {"cls-low", "cls-high"}
+    for res in m["classifier"].values():
+        assert 0.0 <= res["auc"] <= 1.0 and (res["n_train"], res["n_test"], res["n_val"]) == (396, 99, 104)
+    assert np.isfinite([m["fpd_x1e3"], m["fpd_err_x1e3"], m["kpd_x1e3"], m["kpd_err_x1e3"]]).all()
+    names = set(os.listdir(out))
+    for expected in ("histogram_chi2_1-photons.txt", "classifier_cls-low_1-photons.txt",
+                     "classifier_cls-high_1-photons.txt", "classifier_all_1-photons.txt", "fpd_kpd_1-photons.txt",
+                     "Etot_Einc_dataset_1-photons.png", "Etot_Einc_dataset_1-photons_E_i.png",
+                     "E_layer_12_dataset_1-photons.png", "ECEta_layer_1_dataset_1-photons.png",
+                     "WidthPhi_layer_2_dataset_1-photons.png", "voxel_energy_dataset_1-photons.png",
+                     "Average_Layer_0_dataset_1-photons.png", "average_shower_dataset_1-photons.png",
+                     "reference_average_shower_dataset_1-photons.png",
+                     "average_shower_dataset_1-photons_E_256.0.png",
+                     "reference_average_shower_dataset_1-photons_E_4194304.0.png",
+                     "separation_power_dataset_1-photons.png"):
+        assert expected in names, expected
+    assert not [n for n in names if n.startswith(".tmp-")]
+    cls = (out / "classifier_cls-high_1-photons.txt").read_text()
+    assert re.fullmatch(r"Final result of classifier test \(AUC / JSD\):\n\d\.\d{4} / -?\d\.\d{4}\n\n", cls)
+    assert re.fullmatch(r"FPD \(x10\^3\): -?\d+\.\d{4} \u00b1 \d+\.\d{4}\nKPD \(x10\^3\): -?\d+\.\d{4} \u00b1 "
+                        r"\d+\.\d{4}", (out / "fpd_kpd_1-photons.txt").read_text())
+    # same inputs + same seed (now through the reference cache, into the same folder): same bytes, not appended
+    rc, stdout, err = _run(capsys, *args)
+    assert rc == 0 and "cache used" in stdout
+    assert (out / "metrics.json").read_bytes() == first
+    assert (out / "classifier_cls-high_1-photons.txt").read_text() == cls
+
+
+def test_other_seed_changes_the_classifier(tmp_path, capsys, ds1):
+    _, gen, ref = ds1
+    res = []
+    for seed in (1, 2):
+        rc, _, err = _run(capsys, "-i", gen, "-r", ref, "-m", "cls-high", "-d", "1-photons", "--seed", seed,
+                          "--output_dir", tmp_path / f"s{seed}", *SMALL_CLS)
+        assert rc == 0, err
+        res.append(json.loads((tmp_path / f"s{seed}" / "metrics.json").read_text())["classifier"]["cls-high"])
+    assert res[0]["auc"] != res[1]["auc"]
+
+
+def test_dataset2_binnings(tmp_path, capsys):
+    gen = evalutils.write_synthetic(str(tmp_path / "g.h5"), "2", 120, 1)
+    ref = evalutils.write_synthetic(str(tmp_path / "r.h5"), "2", 120, 2)
+    rc, _, err = _run(capsys, "-i", gen, "-r", ref, "-m", "hist-chi", "-d", "2", "--output_dir", tmp_path / "o")
+    assert rc == 0, err
+    names = list(ev.read_chi2_file(str(tmp_path / "o" / "histogram_chi2_2.txt")))
+    assert names[0] == "Etot / Einc" and names[-1] == "Voxel distribution"
+    assert len(names) == 2 + 45 * 5 and not any("at E =" in n for n in names)
+    specs = {s[0]: s[3] for s in ev.histogram_specs("2", dataset_geometry("2"), {"E_layer": {i: np.ones(3) for i in
+                                                                                          range(45)}}, 0.1)}
+    assert specs["EC Eta layer 7"][[0, -1]].tolist() == [-30.0, 30.0] and len(specs["EC Eta layer 7"]) == 101
+    assert specs["Width Phi layer 0"][[0, -1]].tolist() == [0.0, 30.0]
+    assert specs["EC R layer 3"][[0, -1]].tolist() == [0.0, 42.0]
+
+
+def test_dataset1_pion_binnings():
+    geom = dataset_geometry("1-pions")
+    specs = {s[0]: s[3] for s in ev.histogram_specs("1-pions", geom, {"E_layer": {i: np.array([5.0e3]) for i in
+                                                                                  geom.relevant_layers}}, 1.0)}
+    assert specs["EC Eta layer 12"][[0, -1]].tolist() == [-500.0, 500.0]
+    assert specs["EC Phi layer 1"][[0, -1]].tolist() == [-100.0, 100.0]
+    assert specs["Width Eta layer 13"][[0, -1]].tolist() == [0.0, 400.0]
+    assert specs["EC R layer 14"][[0, -1]].tolist() == [0.0, 1500.0]
+    assert specs["Width R layer 3"][[0, -1]].tolist() == [0.0, 500.0]
+    np.testing.assert_allclose(specs["E layer 2"], np.logspace(0.0, np.log10(5.0e3), 40))
+    assert ev.per_energy_bins("1-photons", 4)[[0, -1]].tolist() == [0.9, 1.1]
+    assert ev.per_energy_bins("1-pions", 4)[[0, -1]].tolist() == [0.4, 1.4]
+    assert ev.per_energy_bins("1-photons", 3)[[0, -1]].tolist() == [0.4, 1.4]
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def _bad_files(tmp, ds1):
+    _, gen, ref = ds1
+    geom = dataset_geometry("1-photons")
+    rng = np.random.default_rng(0)
+    einc = 2.0 ** rng.integers(8, 23, 20)
+    wrong_vox = str(tmp / "wrong_voxels.h5")
+    write_calo_file(wrong_vox, einc, np.ones((20, 300), np.float32))
+    inconsistent = str(tmp / "inconsistent.h5")
+    with h5py.File(inconsistent, "w") as f:
+        f.create_dataset("incident_energies", data=einc.reshape(-1, 1))
+        f.create_dataset("showers", data=np.ones((22, geom.n_voxels), np.float32))
+    fewer = str(tmp / "fewer.h5")
+    evalutils.write_synthetic(fewer, "1-photons", 500, 4)
+    nan = str(tmp / "nan.h5")
+    with h5py.File(ref, "r") as f:
+        sh = f["showers"][:]
+        e = f["incident_energies"][:]
+    sh[450, 17] = np.nan
+    write_calo_file(nan, e, sh)
+    return {
+        "missing": (["-i", str(tmp / "nope.h5"), "-r", ref, "-m", "hist", "-d", "1-photons"],
+                    "nope.h5: file not found"),
+        "voxels": (["-i", wrong_vox, "-r", ref, "-m", "hist", "-d", "1-photons"], "300 voxels per event"),
+        "dataset": (["-i", gen, "-r", ref, "-m", "hist", "-d", "2"], "dataset 2"),
+        "inside": (["-i", inconsistent, "-r", ref, "-m", "hist", "-d", "1-photons"],
+                   "has 20 events but 'showers' has 22"),
+        "between": (["-i", fewer, "-r", ref, "-m", "hist", "-d", "1-photons"], "500 events, but the reference"),
+        "nan": (["-i", nan, "-r", ref, "-m", "hist", "-d", "1-photons"], "NaN/inf values (first at event 450)"),
+        "nan_ref": (["-i", gen, "-r", nan, "-m", "cls-high", "-d", "1-photons"], "NaN/inf"),
+        "mode": (["-i", gen, "-r", ref, "-m", "histo", "-d", "1-photons"], "unknown mode 'histo'"),
+        "prdc": (["-i", gen, "-r", ref, "-m", "prdc", "-d", "1-photons"], "not implemented yet"),
+        "resnet": (["-i", gen, "-r", ref, "-m", "cls-resnet", "-d", "2"], "not implemented yet"),
+        "flag": (["-i", gen, "-r", ref, "-m", "hist", "-d", "1-photons", "--cls_n_hidden", "x"], "invalid int"),
+    }
+
+
+def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, ds1):
+    cases = _bad_files(tmp_path, ds1)
+    for name, (args, message) in cases.items():
+        out = tmp_path / f"out_{name}"
+        rc, stdout, err = _run(capsys, *args, "--output_dir", out)
+        assert rc == 2, (name, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (name, err)
+        assert "Traceback" not in err and not out.exists(), name
+
+
+def test_parallel_histogram_plots_equal_serial_ones(tmp_path):
+    rng = np.random.default_rng(2)
+    jobs = {}
+    for mode, workers in (("serial", 1), ("parallel", 2)):
+        (tmp_path / mode).mkdir()
+        jobs[mode] = [(str(tmp_path / mode / f"h{i}.png"), np.logspace(0, 3, 21), ev.fractions(rng.random(20) + 0.1),
+                       ev.fractions(np.ones(20)), f"E layer {i}", "E (MeV)", 0.01 * i, True) for i in range(40)]
+        rng = np.random.default_rng(2)
+        assert len(ev.draw_histograms(jobs[mode], 40, workers)) == 40
+    for i in range(40):
+        assert (tmp_path / "serial" / f"h{i}.png").read_bytes() == (tmp_path / "parallel" / f"h{i}.png").read_bytes()
+
+
+def test_low_level_inputs_follow_the_reference(tmp_path, capsys, ds1):
+    geom = dataset_geometry("1-photons")
+    rng = np.random.default_rng(4)
+    einc = 2.0 ** rng.integers(8, 23, 30)
+    sh = evalutils.showers(geom, einc, rng)
+    from HighLevelFeatures import compute_features
+    e_layer = compute_features(geom, sh)["E_layer"]
+    low = ev.low_level_inputs(geom, einc, sh, None, "cls-low")
+    assert low.shape == (30, 1 + 368) and low.dtype == np.float32
+    np.testing.assert_allclose(low[:, 1:], sh / einc[:, None], rtol=1e-6)
+    normed = ev.low_level_inputs(geom, einc, sh, e_layer, "cls-low-normed")
+    assert normed.shape == (30, 1 + 368 + 5)
+    for k, lid in enumerate(geom.relevant_layers):
+        a, b = geom.offsets[lid]
+        np.testing.assert_allclose(normed[:, 1 + a:1 + b].sum(axis=1), 1.0, rtol=1e-5)
+        np.testing.assert_allclose(normed[:, 1 + 368 + k], np.log10(e_layer[lid] + 1e-8), rtol=1e-6)
+    _, gen, ref = ds1
+    rc, _, err = _run(capsys, "-i", gen, "-r", ref, "-m", "cls-low-normed", "-d", "1-photons", "--output_dir",
+                      tmp_path / "o", *SMALL_CLS)
+    assert rc == 0, err
+    assert (tmp_path / "o" / "classifier_cls-low-normed_1-photons.txt").read_text().startswith(ev.CLS_HEADER)
