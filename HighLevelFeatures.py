@@ -679,8 +679,24 @@ def features_mean(data, chunk=None):
     return acc / max(n, 1)
 
 
-def draw_shower(geom, shower, filename=None, title=None, vmin=1e-2):
-    """Polar plot of one shower vector (log colour scale, log radius), Agg backend, no LaTeX."""
+def draw_layer(ax, lay, values, norm):
+    """One layer's voxel energies on polar axes (radius log(1 + r/mm)); alpha bins are subdivided so that
+    layers with a single alpha bin still draw as full rings."""
+    img = np.asarray(values, dtype=np.float64).reshape(lay.n_alpha, lay.n_r)
+    splits = max(1, 64 // lay.n_alpha)
+    img = np.repeat(img, splits, axis=0)
+    edges = lay.alpha_edges if lay.n_alpha > 1 else np.array([-math.pi, math.pi])
+    theta = np.linspace(edges[0], edges[-1], lay.n_alpha * splits + 1)
+    tt, rr = np.meshgrid(theta, np.log1p(lay.r_edges))
+    pcm = ax.pcolormesh(tt, rr, img.T + 1e-16, norm=norm, shading="flat")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    return pcm
+
+
+def draw_shower(geom, shower, filename=None, title=None, vmin=1e-2, dpi=100):
+    """Polar plot of one shower vector, a panel per voxelised layer (log colour scale), Agg backend, no LaTeX."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -690,34 +706,24 @@ def draw_shower(geom, shower, filename=None, title=None, vmin=1e-2):
     rel = [lay for lay in geom.layers if lay.n_voxels]
     ncol = min(len(rel), 9)
     nrow = int(math.ceil(len(rel) / ncol))
-    fig = plt.figure(figsize=(2.2 * ncol, 2.4 * nrow + 0.6), dpi=100)
-    vmax = max(float(shower.max()), vmin * 10)
-    norm = LogNorm(vmin=vmin, vmax=vmax)
-    rmax = max(float(lay.r_edges[-1]) for lay in rel)
+    fig = plt.figure(figsize=(2.2 * ncol, 2.4 * nrow + 0.8), dpi=dpi)
+    norm = LogNorm(vmin=vmin, vmax=max(float(shower.max()), vmin * 10))
     pcm = None
     for k, lay in enumerate(rel):
         a, b = geom.offsets[lay.id]
-        img = shower[a:b].reshape(lay.n_alpha, lay.n_r)
         ax = fig.add_subplot(nrow, ncol, k + 1, polar=True)
-        theta = lay.alpha_edges if lay.n_alpha > 1 or geom.symmetrise_alpha else np.array([-math.pi, math.pi])
-        radii = np.log1p(lay.r_edges)
-        tt, rr = np.meshgrid(theta, radii)
-        pcm = ax.pcolormesh(tt, rr, img.T + 1e-16, norm=norm, shading="flat")
-        ax.set_rmax(np.log1p(rmax))
-        ax.grid(False)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        pcm = draw_layer(ax, lay, shower[a:b], norm)
         ax.set_title(f"Layer {lay.id}", fontsize=9)
-    fig.subplots_adjust(bottom=0.22 if nrow == 1 else 0.1)
-    cax = fig.add_axes([0.2, 0.06, 0.6, 0.04])
-    cbar = fig.colorbar(pcm, cax=cax, orientation="horizontal")
-    cbar.set_label("Energy (MeV)  [radius: log(1 + r/mm)]", fontsize=9)
+    fig.subplots_adjust(bottom=0.36 if nrow == 1 else 0.12, top=0.85 if nrow == 1 else 0.93)
+    cax = fig.add_axes([0.2, 0.2 if nrow == 1 else 0.05, 0.6, 0.04 if nrow == 1 else 0.015])
+    fig.colorbar(pcm, cax=cax, orientation="horizontal", label="Energy (MeV)  [radius: log(1 + r/mm)]")
     if title:
         fig.suptitle(title)
     if filename is not None:
         with atomic_output(filename) as tmp:
-            fig.savefig(tmp, facecolor="white")
+            fig.savefig(tmp, format="png", dpi=dpi, facecolor="white", pil_kwargs={"compress_level": 1})
     plt.close(fig)
+    return filename
 
 
 # ----------------------------------------------------------------------------------------------

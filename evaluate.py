@@ -66,6 +66,8 @@ from HighLevelFeatures import (
     chunk_events,
     compute_features,
     dataset_geometry,
+    draw_layer,
+    draw_shower,
     ensure_dir,
     iter_calo_chunks,
     open_calo_file,
@@ -790,21 +792,6 @@ def draw_histograms(jobs, dpi, n_workers=1):
         return [path for part in pool.map(_draw_histogram_batch, [dpi] * n_workers, batches) for path in part]
 
 
-def _draw_layer(ax, lay, values, norm):
-    """One layer of a shower on polar axes (radius log(1 + r/mm))."""
-    img = np.asarray(values, dtype=np.float64).reshape(lay.n_alpha, lay.n_r)
-    splits = max(1, 64 // lay.n_alpha)                 # sub-divide alpha bins: round rings, also for 1 bin
-    img = np.repeat(img, splits, axis=0)
-    edges = lay.alpha_edges if lay.n_alpha > 1 else np.array([-math.pi, math.pi])
-    theta = np.linspace(edges[0], edges[-1], lay.n_alpha * splits + 1)
-    tt, rr = np.meshgrid(theta, np.log1p(lay.r_edges))
-    pcm = ax.pcolormesh(tt, rr, img.T + 1e-16, norm=norm, shading="flat")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.grid(False)
-    return pcm
-
-
 def plot_layer_comparison(geom, mean_gen, mean_ref, out_dir, dataset, dpi):
     """Average_Layer_<L>_dataset_<d>.png: reference and generated mean shower of each layer, same colour scale."""
     plt = _plt()
@@ -818,10 +805,10 @@ def plot_layer_comparison(geom, mean_gen, mean_ref, out_dir, dataset, dpi):
         a, b = geom.offsets[lid]
         fig = plt.figure(figsize=(8, 4))
         ax1 = fig.add_subplot(1, 2, 1, polar=True)
-        _draw_layer(ax1, lay, mean_ref[a:b], norm)
+        draw_layer(ax1, lay, mean_ref[a:b], norm)
         ax1.set_title(f"Reference layer {lid}")
         ax2 = fig.add_subplot(1, 2, 2, polar=True)
-        pcm = _draw_layer(ax2, lay, mean_gen[a:b], norm)
+        pcm = draw_layer(ax2, lay, mean_gen[a:b], norm)
         ax2.set_title(f"Generated layer {lid}")
         fig.colorbar(pcm, ax=[ax1, ax2], label="mean energy (MeV)", shrink=0.8)
         written.append(_savefig(fig, os.path.join(out_dir, f"Average_Layer_{lid}_dataset_{dataset}.png"), dpi))
@@ -830,28 +817,8 @@ def plot_layer_comparison(geom, mean_gen, mean_ref, out_dir, dataset, dpi):
 
 
 def plot_average_shower(geom, mean, path, title, dpi):
-    """All layers of a mean shower (HighLevelFeatures.draw_shower's layout), at the given resolution."""
-    plt = _plt()
-    from matplotlib.colors import LogNorm
-
-    rel = [geom.layer(lid) for lid in geom.relevant_layers]
-    ncol = min(len(rel), 9)
-    nrow = int(math.ceil(len(rel) / ncol))
-    fig = plt.figure(figsize=(2.2 * ncol, 2.4 * nrow + 0.8))
-    norm = LogNorm(vmin=1e-2, vmax=max(float(np.max(mean)), 1e-1))
-    pcm = None
-    for k, lay in enumerate(rel):
-        a, b = geom.offsets[lay.id]
-        ax = fig.add_subplot(nrow, ncol, k + 1, polar=True)
-        pcm = _draw_layer(ax, lay, mean[a:b], norm)
-        ax.set_title(f"Layer {lay.id}", fontsize=9)
-    fig.subplots_adjust(bottom=0.36 if nrow == 1 else 0.12, top=0.85 if nrow == 1 else 0.93)
-    cax = fig.add_axes([0.2, 0.2 if nrow == 1 else 0.05, 0.6, 0.04 if nrow == 1 else 0.015])
-    fig.colorbar(pcm, cax=cax, orientation="horizontal", label="mean energy (MeV)")
-    fig.suptitle(title)
-    _savefig(fig, path, dpi)
-    plt.close(fig)
-    return path
+    """All layers of a mean shower, drawn by HighLevelFeatures.draw_shower."""
+    return draw_shower(geom, mean, path, title, dpi=dpi)
 
 
 def plot_etot_einc_grid(energies, fracs, bins_list, seps, path, dpi):
