@@ -1,0 +1,104 @@
+"""bench_train.py -- training iterations/s and generation showers/s of train.py (dataset-1 photon sizes).
+
+Training: one iteration = 5 critic updates + 1 generator update at batch 128 with the FastCaloGAN V2
+photon networks (368 voxels, latent 50, swish + batch-norm generator), on whatever backend KERAS_BACKEND
+selects; compile time is excluded. Generation: ``train.generate`` at batch 1, 100 and 10,000 (noise drawn,
+forward pass, numpy result), showers per second. Prints one JSON object on stdout:
+
+    {"backend": ..., "device": ..., "train_iterations_per_s": ...,
+     "generate_showers_per_s": {"1": ..., "100": ..., "10000": ...}}
+
+Usage:
+    python bench/bench_train.py [--quick]            # --quick: under a minute on a 2-core CPU
+    KERAS_BACKEND=jax python bench/bench_train.py    # on a GPU
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train  # noqa: E402
+
+N_VOXELS, LATENT = 368, 50
+
+
+def device_name(backend):
+    if backend == "jax":
+        import jax
+        d = jax.devices()[0]
+        if d.platform != "cpu":
+            return f"{d.platform}: {getattr(d, 'device_kind', d)}"
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"cpu: {cpu} ({os.cpu_count()} cores)"
+
+
+def bench_training(iterations, seed=1):
+    cfg = {"n_voxels": N_VOXELS, "latent_dim": LATENT, "batch_size": 128, "n_critic": 5, "lambda_gp": 10.0,
+           "lr": 1e-4, "beta1": 0.55, "beta2": 0.999, "noise": {"mean": 0.5, "std": 0.5},
+           "generator": {"hidden": [50, 100, 200], "activation": "swish", "batchnorm": True,
+                         "output_activation": "relu"},
+           "critic": {"hidden": [N_VOXELS] * 3, "activation": "relu"}}
+    rng = np.random.default_rng(seed)
+    n = 20000
+    voxels = (rng.random((n, N_VOXELS), dtype=np.float32) * (rng.random((n, N_VOXELS)) < 0.4)) * 0.01
+    label = rng.random(n).astype(np.float32)
+    train._keras().utils.set_random_seed(seed)
+    if train._backend() == "tensorflow":            # as train.py runs by default
+        import tensorflow as tf
+        tf.config.experimental.enable_op_determinism()
+    gen, critic = train.networks_from_config(cfg)
+    step = train.make_train_step(gen, critic, train.make_optimizer(cfg), train.make_optimizer(cfg), cfg,
+                                 voxels, train.condition_vector(label), jit=True)
+    for _ in range(3):                                  # compile + warm-up
+        np.asarray(step(*train.draw_batches(rng, n, cfg)))
+    t0 = time.perf_counter()
+    out = [step(*train.draw_batches(rng, n, cfg)) for _ in range(iterations)]
+    np.asarray(out[-1])
+    return iterations / (time.perf_counter() - t0)
+
+
+def bench_generation(batch, seconds, seed=2):
+    train._keras().utils.set_random_seed(seed)
+    g = train.build_generator(N_VOXELS, LATENT, 2, (50, 100, 200), "swish", True, "relu")
+    rng = np.random.default_rng(seed)
+    labels = rng.random(batch).astype(np.float32)
+    for _ in range(3):
+        train.generate(g, labels, rng, batch_size=batch)
+    n, t0 = 0, time.perf_counter()
+    while True:
+        train.generate(g, labels, rng, batch_size=batch)
+        n += 1
+        dt = time.perf_counter() - t0
+        if dt > seconds and n >= 5:
+            return n * batch / dt
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="short measurement (under a minute on 2 CPU cores)")
+    args = p.parse_args(argv)
+    iterations = 150 if args.quick else 1000
+    seconds = 2.0 if args.quick else 8.0
+    backend = train._backend()
+    result = {"backend": backend, "device": device_name(backend),
+              "train_iterations_per_s": round(bench_training(iterations), 2),
+              "generate_showers_per_s": {str(b): round(bench_generation(b, seconds), 1) for b in (1, 100, 10000)}}
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""train.py: networks and generate(), bad inputs, determinism, kill + resume, --exclude-energy, training helps.
+
+Training files are built here exactly as CONTRACTS.md describes them (the format preprocess.py prepare
+writes), from synthetic dataset-1-photon showers with real structure: the visible energy fraction, the
+resolution and the longitudinal (layer) split depend on log E, hits are binned into voxels (sparse showers).
+"""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+from scipy.stats import wasserstein_distance
+
+import select_epoch
+import train
+from HighLevelFeatures import condition_label, condition_vector, dataset_geometry, energy_range, kinetic_energy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENERGIES = (2.0**8, 2.0**11, 2.0**14, 2.0**17)
+
+
+# ----------------------------------------------------------------------------------------------
+# synthetic data (shared with test_select_epoch.py)
+
+def synthetic_showers(energies, n_per_energy, seed=0):
+    """(E_inc (N,), showers (N, 368) MeV) shaped like dataset-1 photons.
+
+    E_tot / E_inc grows with log E (0.55 -> 0.9) with a stochastic + constant resolution; the shower
+    maximum moves from the strips to the back layer with log E; within a layer hits follow an exponential
+    radial profile, uniform in alpha, and are binned (multinomial), so low energies are sparse.
+    """
+    geom = dataset_geometry("1-photons")
+    rng = np.random.default_rng(seed)
+    einc = np.repeat(np.asarray(energies, dtype=np.float64), n_per_energy)
+    n = einc.size
+    x = np.log2(einc / 256.0) / 14.0
+    resp = 0.55 + 0.35 * x
+    sigma = 0.12 / np.sqrt(einc / 1000.0) + 0.02
+    etot = einc * resp * np.clip(1.0 + sigma * rng.standard_normal(n), 0.05, None)
+    depth = 1.0 + 1.2 * x
+    layers = (0, 1, 2, 3, 12)
+    pos = np.arange(len(layers), dtype=np.float64)
+    w = np.exp(-0.5 * ((pos[None] - depth[:, None] - 0.3 * rng.standard_normal((n, 1))) / 0.8) ** 2)
+    w *= rng.gamma(20.0, 1 / 20.0, size=w.shape)
+    frac = w / w.sum(axis=1, keepdims=True)
+    n_hits = np.clip((20 + 40 * np.log2(einc / 128.0)).astype(int), 20, 600)
+    showers = np.zeros((n, geom.n_voxels), np.float32)
+    for k, lid in enumerate(layers):
+        lay = geom.layer(lid)
+        a, b = geom.offsets[lid]
+        scale = {0: 40.0, 1: 8.0, 2: 20.0, 3: 80.0, 12: 300.0}[lid]
+        r = lay.r_centres
+        prof = np.tile(np.exp(-r / scale) * (1 + r / scale) * np.diff(lay.r_edges), lay.n_alpha)
+        prof /= prof.sum()
+        for nh in np.unique(n_hits):
+            sel = n_hits == nh
+            counts = rng.multinomial(nh, prof, size=int(sel.sum()))
+            showers[sel, a:b] = (etot[sel] * frac[sel, k])[:, None] * counts / nh
+    return einc, showers
+
+
+def write_training_file(path, energies=ENERGIES, n_per_energy=500, seed=0, particle="photon", rng_name="all"):
+    """A training file exactly as CONTRACTS.md specifies (voxels = showers / E_kin, V2 labels, attrs)."""
+    geom = dataset_geometry("1-photons")
+    einc, showers = synthetic_showers(energies, n_per_energy, seed)
+    p_min, p_max, _ = energy_range(particle, rng_name)
+    ekin_min, ekin_max = float(kinetic_energy(p_min, particle)), float(kinetic_energy(p_max, particle))
+    ekin = kinetic_energy(einc, particle)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("voxels", data=(showers / ekin[:, None]).astype(np.float32))
+        f.create_dataset("label", data=condition_label(ekin, ekin_min, ekin_max).astype(np.float32))
+        f.create_dataset("incident_energies", data=einc.reshape(-1, 1))
+        f.create_dataset("e_kin", data=ekin)
+        f.attrs.update({"particle": particle, "pid": 22, "eta_min": 20.0, "eta_max": 25.0, "range": rng_name,
+                        "binning": "binning/binning_dataset_1_photons.xml", "label_scheme": "V2", "max_exp": 22,
+                        "p_min": p_min, "p_max": p_max, "ekin_min": ekin_min, "ekin_max": ekin_max,
+                        "latent_dim": 50, "n_voxels": geom.n_voxels, "source": "synthetic (tests)"})
+    return path
+
+
+def write_voxel_file(path, energies=ENERGIES, n_per_energy=500, seed=1):
+    """A CaloChallenge voxel file (reference) of the same synthetic showers."""
+    einc, showers = synthetic_showers(energies, n_per_energy, seed)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("incident_energies", data=einc.reshape(-1, 1))
+        f.create_dataset("showers", data=showers)
+    return path
+
+
+def read_losses(run):
+    with open(os.path.join(run, "losses.csv"), newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == list(train.LOSS_COLUMNS)
+    return np.array([[float(v) for v in r] for r in rows[1:]])
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    return write_training_file(str(tmp_path_factory.mktemp("data") / "train_photon_eta_20_25_all.h5"))
+
+
+def _train(data, out, iterations, every, seed=3, *extra):
+    return train.main(["--data", data, "--out", out, "--iterations", str(iterations),
+                       "--checkpoint-every", str(every), "--seed", str(seed), *extra])
+
+
+# ----------------------------------------------------------------------------------------------
+# bad inputs: exit code 2, one line, nothing written
+
+def test_bad_inputs_exit_2(tmp_path, train_file, capsys):
+    out = str(tmp_path / "run")
+    assert _train(str(tmp_path / "missing.h5"), out, 2, 1) == 2
+    assert "missing.h5: training file not found" in capsys.readouterr().err
+    bad = tmp_path / "wrong.h5"
+    with h5py.File(bad, "w") as f:                       # a CaloChallenge voxel file is not a training file
+        f["incident_energies"] = np.ones((4, 1))
+        f["showers"] = np.ones((4, 368), np.float32)
+    assert _train(str(bad), out, 2, 1) == 2
+    err = capsys.readouterr().err
+    assert "wrong.h5: missing dataset 'voxels'" in err and err.count("\n") == 1
+    with h5py.File(bad, "w") as f:
+        f["voxels"] = np.ones((4, 368), np.float32)
+        f["label"] = np.ones(3, np.float32)
+        f["incident_energies"] = np.ones((4, 1))
+        f.attrs["particle"] = "photon"
+    assert _train(str(bad), out, 2, 1) == 2
+    assert "'label' has shape (3,)" in capsys.readouterr().err
+    with h5py.File(bad, "w") as f:
+        f["voxels"] = -np.ones((4, 368), np.float32)
+        f["label"] = np.ones(4, np.float32)
+        f["incident_energies"] = np.ones((4, 1))
+        f.attrs["particle"] = "photon"
+    assert _train(str(bad), out, 2, 1) == 2
+    assert "'voxels' has negative values" in capsys.readouterr().err
+    assert _train(train_file, out, 2, 1, 3, "--exclude-energy", "1234") == 2
+    assert "no events with incident energy 1234 MeV" in capsys.readouterr().err
+    assert _train(train_file, out, 0, 1) == 2
+    assert not os.path.exists(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# networks and generate()
+
+def test_generator_contract_and_generate(monkeypatch):
+    keras = train._keras()
+    keras.utils.set_random_seed(0)
+    g = train.build_generator(368, 50, 2, (50, 100, 200), "swish", True, "relu")
+    assert [t.name.split(":")[0] for t in g.inputs] == ["noise", "condition"]
+    assert tuple(g.inputs[0].shape) == (None, 50) and tuple(g.outputs[0].shape) == (None, 368)
+    kinds = [type(layer).__name__ for layer in g.layers]
+    assert kinds.count("Dense") == 4 and kinds.count("BatchNormalization") == 3
+    # give the batch-norm layers non-trivial statistics so that folding them is really tested
+    for layer in g.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(np.linspace(-0.2, 0.3, n))
+            layer.moving_variance.assign(np.linspace(0.5, 2.0, n))
+            layer.gamma.assign(np.linspace(0.8, 1.2, n))
+            layer.beta.assign(np.linspace(-0.1, 0.1, n))
+    labels = np.linspace(0, 1, 700).astype(np.float32)
+    u = np.random.default_rng(7).random((700, 50), dtype=np.float32)
+    ref = np.asarray(g([train.noise_from_uniform(u), condition_vector(labels)], training=False))
+    results = {}
+    for path, small in (("compiled", 0), ("numpy", 10**9)):
+        monkeypatch.setattr(train, "SMALL_BATCH", {"tensorflow": small, "jax": small})
+        x = train.generate(g, labels, 7, batch_size=300)        # chunks of 300, the last one padded
+        assert x.shape == (700, 368) and x.dtype == np.float32 and x.flags.writeable
+        assert (x >= 0).all() and (x > 0).any()
+        # the same showers as the Keras model fed the same noise, whatever the chunking
+        np.testing.assert_allclose(x, ref, rtol=1e-4, atol=1e-5 * ref.max())
+        np.testing.assert_allclose(train.generate(g, labels, 7, batch_size=1000), x, rtol=1e-4, atol=1e-6)
+        np.testing.assert_array_equal(train.generate(g, labels, 7, batch_size=300), x)   # reproducible
+        results[path] = x
+    monkeypatch.undo()
+    # default: batch 1 and 100 (numpy path) agree with the compiled path on the same noise
+    one = np.concatenate([train.generate(g, labels[i:i + 1], np.random.default_rng(i)) for i in range(3)])
+    many = np.concatenate([train.generate(g, np.repeat(labels[i:i + 1], 400), np.random.default_rng(i))[:1]
+                           for i in range(3)])
+    np.testing.assert_allclose(one, many, rtol=1e-4, atol=1e-6)
+    # noise: N(0.5, 0.5) from the numpy Generator
+    zz = train.noise_from_uniform(np.random.default_rng(1).random((20000, 50), dtype=np.float32))
+    assert abs(zz.mean() - 0.5) < 0.01 and abs(zz.std() - 0.5) < 0.01 and np.isfinite(zz).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# determinism, checkpoints, kill + resume
+
+RUN_ARGS = ("--batch-size", "32")
+N_IT, EVERY = 160, 40
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, train_file):
+    """An uninterrupted run: the yardstick for determinism and for kill + resume."""
+    out = str(tmp_path_factory.mktemp("runs") / "ref")
+    assert _train(train_file, out, N_IT, EVERY, 3, *RUN_ARGS) == 0
+    return out
+
+
+def test_same_seed_same_losses(tmp_path, train_file, reference_run):
+    out = str(tmp_path / "again")
+    assert _train(train_file, out, 20, 10, 3, *RUN_ARGS) == 0
+    a, b = read_losses(reference_run)[:20], read_losses(out)
+    np.testing.assert_array_equal(a, b)
+    assert np.isfinite(a).all() and np.ptp(a[:, 1]) > 0
+    other = str(tmp_path / "other_seed")
+    assert _train(train_file, other, 3, 3, 4, *RUN_ARGS, "--no-jit") == 0
+    assert not np.allclose(read_losses(other)[:3, 1:], a[:3, 1:])
+
+
+def test_run_directory_layout(reference_run):
+    cfg = train.read_config(reference_run)
+    for key in ("particle", "pid", "eta_min", "eta_max", "range", "binning", "label_scheme", "p_min", "p_max",
+                "ekin_min", "ekin_max", "latent_dim", "n_voxels", "source", "train_data", "seed", "iterations",
+                "checkpoint_every", "batch_size", "n_critic", "lambda_gp", "lr", "beta1", "beta2", "generator",
+                "critic", "excluded_energies", "noise", "normalisation", "backend"):
+        assert key in cfg, key
+    assert (cfg["n_critic"], cfg["lambda_gp"], cfg["lr"], cfg["beta1"], cfg["batch_size"]) == (5, 10.0, 1e-4, 0.55, 32)
+    assert cfg["generator"] == {"hidden": [50, 100, 200], "activation": "swish", "batchnorm": True,
+                                "output_activation": "relu"}
+    assert cfg["critic"] == {"hidden": [368] * 3, "activation": "relu"}
+    assert cfg["noise"] == {"mean": 0.5, "std": 0.5} and cfg["excluded_energies"] == []
+    ckpts = train.list_checkpoints(reference_run)
+    assert [it for it, _ in ckpts] == list(range(EVERY, N_IT + 1, EVERY))
+    for it, path in ckpts:
+        with open(os.path.join(path, "state.json")) as f:
+            assert json.load(f)["iteration"] == it
+    # resume state only in the newest checkpoint (--keep-resume 1), generator.keras everywhere
+    assert [os.path.isdir(os.path.join(p, "resume")) for _, p in ckpts] == [False] * (len(ckpts) - 1) + [True]
+    assert read_losses(reference_run)[:, 0].tolist() == list(range(1, N_IT + 1))
+    g = train.load_generator(reference_run)
+    assert [t.name.split(":")[0] for t in g.inputs] == ["noise", "condition"]
+    x = train.generate(g, np.full(3, 0.5), 1)
+    assert x.shape == (3, 368) and (x >= 0).all()
+
+
+def test_kill_and_resume(tmp_path, train_file, reference_run):
+    out = str(tmp_path / "killed")
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data", train_file, "--out", out, "--iterations",
+           str(N_IT), "--checkpoint-every", str(EVERY), "--seed", "3", *RUN_ARGS]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not os.path.isdir(os.path.join(out, f"ckpt_{EVERY}")):
+            assert proc.poll() is None and time.time() < deadline, "training stopped before its first checkpoint"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    done = train.list_checkpoints(out)
+    assert done and done[-1][0] < N_IT, "the run finished before it could be killed"
+    # debris of a kill: a half-written checkpoint under its temporary name, and an incomplete ckpt dir
+    stray = os.path.join(out, f".tmp-ckpt_{N_IT * 10}-x1y2")
+    os.makedirs(stray)
+    with open(os.path.join(stray, "generator.keras"), "wb") as f:
+        f.write(b"PK\x03\x04 truncated")
+    os.makedirs(os.path.join(out, f"ckpt_{N_IT * 20}"))
+    assert [it for it, _ in train.list_checkpoints(out)] == [it for it, _ in done]
+    last = done[-1][0]
+
+    assert train.main(["--data", train_file, "--out", out, "--iterations", str(N_IT), "--checkpoint-every",
+                       str(EVERY), "--seed", "3", "--resume", *RUN_ARGS]) == 0
+    ckpts = train.list_checkpoints(out)
+    assert ckpts[-1][0] == N_IT
+    with open(os.path.join(ckpts[-1][1], "state.json")) as f:
+        assert json.load(f)["iteration"] == N_IT
+    losses = read_losses(out)
+    assert losses[:, 0].tolist() == list(range(1, N_IT + 1))     # exactly one row per iteration
+    # the resumed run continued exactly: same losses as the uninterrupted one (optimiser + RNG state restored)
+    np.testing.assert_allclose(losses, read_losses(reference_run), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(losses[:last], read_losses(reference_run)[:last])
+    x = train.generate(train.load_generator(out), np.full(4, 0.3), 2)
+    np.testing.assert_allclose(x, train.generate(train.load_generator(reference_run), np.full(4, 0.3), 2),
+                               rtol=1e-4, atol=1e-6)
+    # a finished run resumed again does nothing; a new run into a used directory needs --resume
+    assert train.main(["--data", train_file, "--out", out, "--iterations", str(N_IT), "--checkpoint-every",
+                       str(EVERY), "--seed", "3", "--resume", *RUN_ARGS]) == 0
+    assert read_losses(out).shape[0] == N_IT
+    assert _train(train_file, out, N_IT, EVERY, 3, *RUN_ARGS) == 2
+
+
+def test_exclude_energy_recorded(tmp_path, train_file):
+    out = str(tmp_path / "excl")
+    assert _train(train_file, out, 4, 4, 5, "--exclude-energy", str(2.0**14 * (1 + 1e-5)), "--batch-size", "16",
+                  "--no-jit") == 0
+    cfg = train.read_config(out)
+    assert cfg["excluded_energies"] == [pytest.approx(2.0**14 * (1 + 1e-5))]
+    assert cfg["n_events"] == 2000 and cfg["n_events_used"] == 1500
+    assert list(cfg["excluded_events"].values()) == [500]
+
+
+# ----------------------------------------------------------------------------------------------
+# a short training run learns: E_tot chi2/ndf far better than the untrained generator
+
+def test_short_training_beats_untrained(tmp_path, train_file):
+    ref = write_voxel_file(str(tmp_path / "ref.h5"), n_per_energy=1000, seed=11)
+    out = str(tmp_path / "short")
+    assert _train(train_file, out, 300, 50, 3) == 0        # photon defaults: swish + batch-norm, batch 128
+    sel = str(tmp_path / "select")
+    assert select_epoch.main(["--run", out, "--reference", ref, "--events", "1000", "--out", sel,
+                              "--no-generated"]) == 0
+    with open(os.path.join(sel, "best.json")) as f:
+        best = json.load(f)
+    trained = train.load_generator(out, best["best_iteration"])
+    cfg = train.read_config(out)
+    keras = train._keras()
+    keras.utils.set_random_seed(3)                        # the run's initial weights: iteration 0
+    untrained, _ = train.networks_from_config(cfg)
+    with h5py.File(ref) as f:
+        einc = f["incident_energies"][:, 0]
+        etot = f["showers"][...].sum(axis=1, dtype=np.float64)
+    for e in ENERGIES:
+        r = etot[einc == e]
+        label = condition_label(kinetic_energy(e, "photon"), cfg["ekin_min"], cfg["ekin_max"])
+        g0 = train.generate(untrained, np.full(1000, label), 1).sum(axis=1) * e
+        g1 = train.generate(trained, np.full(1000, label), 1).sum(axis=1) * e
+        c0, n0 = select_epoch.etot_chi2(r, g0, "photon")
+        c1, n1 = select_epoch.etot_chi2(r, g1, "photon")
+        # untrained: every shower far outside the reference's +-3 RMS window (E_tot > 5x the reference)
+        assert c0 == np.inf and g0.mean() > 5 * r.mean()
+        # trained: finite, modest chi2/ndf and mean E_tot within a factor 2.5 of the reference
+        assert c1 / n1 < 30, (e, c1 / n1)
+        assert 0.4 < g1.mean() / r.mean() < 2.5, (e, g1.mean() / r.mean())
+        # and a continuous distance that is finite for both: E_tot earth-mover distance shrinks >= 5x
+        d0, d1 = wasserstein_distance(r, g0), wasserstein_distance(r, g1)
+        assert d1 < 0.2 * d0, (e, d1 / r.mean(), d0 / r.mean())
+    assert best["chi2_ndf"] < 20

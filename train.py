@@ -1,0 +1,984 @@
+"""train.py -- one conditional Wasserstein GAN with gradient penalty per training file (FastCaloGAN V2).
+
+Reads a training file written by ``preprocess.py prepare`` (voxels = showers / E_kin, condition label per
+event) and trains the FastCaloGAN V2 network pair with Keras 3 on whatever backend ``KERAS_BACKEND`` names
+(TensorFlow by default, on CPU; ``KERAS_BACKEND=jax`` on a GPU):
+
+* generator: input [noise (latent_dim values drawn from N(0.5, 0.5)), condition [label, 0]] concatenated,
+  hidden Dense 50, 100, 200 (each Dense -> [BatchNormalization] -> activation; swish + batch-norm for
+  photons/electrons, ReLU without batch-norm for pions/protons by default), output Dense(N_vox) -> ReLU so
+  showers are never negative;
+* critic: input [voxels, condition] concatenated, three hidden Dense(N_vox) with ReLU, linear output;
+* WGAN-GP: 5 critic steps per generator step, lambda 10, Adam (lr 1e-4, beta1 0.55), batch 128.
+
+One training iteration (5 critic updates and 1 generator update) is one compiled function: the batches for
+all 5 critic steps are drawn at once (numpy ``Generator``, seeded, its state saved in every checkpoint), the
+critic sees real and fake events in one forward pass, and with TensorFlow the whole iteration is XLA-compiled.
+
+Outputs in RUN_DIR (the layout select_epoch.py and export_lwtnn.py read):
+  config.json            everything needed to rebuild and interpret the networks
+  ckpt_<iteration>/      generator.keras (inputs "noise", "condition"; output normalised voxels), state.json,
+                         resume/ (generator + critic weights, optimiser state; kept for the newest checkpoints)
+  losses.csv             one row per iteration: critic loss, generator loss, gradient penalty, Wasserstein
+                         estimate (critic numbers are the mean over the critic steps of that iteration)
+A checkpoint directory appears only when complete (written under a temporary name, then renamed); losses
+are appended at each checkpoint, and ``--resume`` trims rows newer than the checkpoint it restarts from, so
+a killed and resumed run has exactly one row per iteration and ends at the same iteration count.
+
+Usage:
+    python train.py --data train_photon_eta_20_25_high.h5 --out runs/photon_20_25_high \
+        --iterations 1000000 --checkpoint-every 1000 --seed 1 [--resume] [--exclude-energy 65536]
+
+Python use (select_epoch.py, export_lwtnn.py):
+    >>> import train                                                  # doctest: +SKIP
+    >>> g = train.load_generator("runs/photon_20_25_high")          # last complete checkpoint
+    >>> x = train.generate(g, np.full(1000, 0.5), 1)               # (1000, N_vox) voxels / E_kin, seed 1
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import sys
+import time
+import weakref
+
+import numpy as np
+
+from HighLevelFeatures import (PARTICLES, UserError, atomic_directory, atomic_output, condition_vector,
+                               ensure_dir, run_cli)
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+
+#: FastCaloGAN V2 defaults (per particle where they differ)
+PARTICLE_DEFAULTS = {
+    "photon": {"activation": "swish", "batchnorm": True},
+    "electron": {"activation": "swish", "batchnorm": True},
+    "pion": {"activation": "relu", "batchnorm": False},
+    "proton": {"activation": "relu", "batchnorm": False},
+}
+GENERATOR_HIDDEN = (50, 100, 200)
+NOISE_MEAN, NOISE_STD = 0.5, 0.5
+DEFAULT_ITERATIONS = 1_000_000           # FastCaloGAN trained up to 1M generator iterations
+TRAINING_ATTRS = ("particle", "pid", "eta_min", "eta_max", "range", "binning", "label_scheme", "max_exp",
+                  "p_min", "p_max", "ekin_min", "ekin_max", "latent_dim", "n_voxels", "source")
+LOSS_COLUMNS = ("iteration", "critic_loss", "generator_loss", "gradient_penalty", "wasserstein")
+CKPT_RE = re.compile(r"^ckpt_(\d+)$")
+EXCLUDE_RTOL = 1e-3                      # relative tolerance when matching --exclude-energy to E_inc
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="train.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", required=True, help="training file of preprocess.py prepare (train_*.h5)")
+    p.add_argument("--out", required=True, help="run directory (config.json, ckpt_<iteration>/, losses.csv)")
+    p.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS, help="generator iterations in total")
+    p.add_argument("--checkpoint-every", type=int, default=1000, help="iterations between checkpoints")
+    p.add_argument("--seed", type=int, default=1, help="seed of weights, batches and noise")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the last complete checkpoint of --out (starts afresh if there is none)")
+    p.add_argument("--exclude-energy", type=float, nargs="+", action="extend", default=[], metavar="E",
+                   help="leave out events with this incident energy in MeV (relative tolerance 1e-3)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--n-critic", type=int, default=5, help="critic updates per generator update")
+    p.add_argument("--lambda-gp", type=float, default=10.0, help="gradient-penalty weight")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (both networks)")
+    p.add_argument("--beta1", type=float, default=0.55)
+    p.add_argument("--beta2", type=float, default=0.999)
+    p.add_argument("--activation", default=None,
+                   help="generator hidden activation (default: swish for photon/electron, relu for pion/proton)")
+    p.add_argument("--batchnorm", default=None, action=argparse.BooleanOptionalAction,
+                   help="batch-norm in the generator (default: on for photon/electron, off for pion/proton)")
+    p.add_argument("--keep-resume", type=int, default=1,
+                   help="newest checkpoints that keep their resume state (critic, optimisers); older ones keep "
+                        "generator.keras and state.json only")
+    p.add_argument("--jit", default=True, action=argparse.BooleanOptionalAction,
+                   help="XLA-compile the training iteration (TensorFlow backend)")
+    p.add_argument("--deterministic", default=True, action=argparse.BooleanOptionalAction,
+                   help="TensorFlow op determinism (same seed -> same losses)")
+    args = p.parse_args(argv)
+    for name in ("iterations", "checkpoint_every", "batch_size", "n_critic", "keep_resume"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    if not (args.lr > 0 and args.lambda_gp >= 0 and 0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
+        raise UserError("--lr must be > 0, --lambda-gp >= 0 and --beta1/--beta2 in [0, 1)")
+    return args
+
+
+def _keras():
+    """Import Keras lazily (keeps ``--help`` fast) with TensorFlow's start-up chatter silenced."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    return keras
+
+
+def _backend():
+    return _keras().backend.backend()
+
+
+def _jsonable(value):
+    """h5py attribute values (numpy scalars, bytes, arrays) -> JSON-friendly Python values."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.ndarray):
+        return [_jsonable(v) for v in value.tolist()] if value.ndim else _jsonable(value.item())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# training data
+
+def load_training_file(path):
+    """Read and validate a training file; returns dict(voxels (N,V) float32, label (N,), einc (N,), attrs).
+
+    Any problem is a :class:`UserError` naming the file and the field.
+    """
+    import h5py
+
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: training file not found")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise UserError(f"{path}: not a readable HDF5 file ({err})") from None
+    with f:
+        for name in ("voxels", "label", "incident_energies"):
+            if name not in f or not isinstance(f[name], h5py.Dataset):
+                raise UserError(f"{path}: missing dataset '{name}' (training files of preprocess.py prepare "
+                                f"have 'voxels', 'label', 'incident_energies', 'e_kin')")
+        vox, lab, einc = f["voxels"], f["label"], f["incident_energies"]
+        if vox.ndim != 2 or vox.shape[0] == 0 or vox.shape[1] == 0:
+            raise UserError(f"{path}: 'voxels' has shape {vox.shape}, expected (events > 0, voxels > 0)")
+        n = vox.shape[0]
+        if lab.shape not in ((n,), (n, 1)):
+            raise UserError(f"{path}: 'label' has shape {lab.shape}, expected ({n},)")
+        if einc.shape not in ((n,), (n, 1)):
+            raise UserError(f"{path}: 'incident_energies' has shape {einc.shape}, expected ({n}, 1)")
+        attrs = {k: _jsonable(v) for k, v in f.attrs.items()}
+        try:
+            voxels = np.asarray(vox[...], dtype=np.float32)
+            label = np.asarray(lab[...], dtype=np.float32).reshape(-1)
+            energies = np.asarray(einc[...], dtype=np.float64).reshape(-1)
+        except (OSError, ValueError, TypeError) as err:
+            raise UserError(f"{path}: cannot read the datasets ({err})") from None
+    for name, arr in (("voxels", voxels), ("label", label), ("incident_energies", energies)):
+        if not np.all(np.isfinite(arr)):
+            raise UserError(f"{path}: '{name}' has NaN/inf values")
+    if (voxels < 0).any():
+        raise UserError(f"{path}: 'voxels' has negative values")
+    if "particle" not in attrs:
+        raise UserError(f"{path}: missing attribute 'particle'")
+    if attrs["particle"] not in PARTICLES:
+        raise UserError(f"{path}: attribute particle={attrs['particle']!r} is not one of {', '.join(PARTICLES)}")
+    if "n_voxels" in attrs and int(attrs["n_voxels"]) != voxels.shape[1]:
+        raise UserError(f"{path}: attribute n_voxels={attrs['n_voxels']} but 'voxels' has {voxels.shape[1]} columns")
+    attrs.setdefault("n_voxels", voxels.shape[1])
+    attrs.setdefault("latent_dim", 50)
+    if int(attrs["latent_dim"]) < 1:
+        raise UserError(f"{path}: attribute latent_dim={attrs['latent_dim']} must be >= 1")
+    return {"voxels": voxels, "label": label, "einc": energies, "attrs": attrs}
+
+
+def energy_mask(einc, energies, rtol=EXCLUDE_RTOL):
+    """Boolean mask of events whose incident energy matches one of ``energies`` (relative tolerance)."""
+    einc = np.asarray(einc, dtype=np.float64)
+    mask = np.zeros(einc.shape, dtype=bool)
+    for e in energies:
+        mask |= np.abs(einc - e) <= rtol * abs(e)
+    return mask
+
+
+def select_training_events(data, exclude, path="training file"):
+    """Drop the events of the excluded energies; returns (voxels, label, n_dropped per energy)."""
+    dropped = {}
+    keep = np.ones(data["einc"].shape, dtype=bool)
+    for e in exclude:
+        if not (e > 0 and math.isfinite(e)):
+            raise UserError(f"--exclude-energy {e}: must be a positive energy in MeV")
+        m = energy_mask(data["einc"], [e])
+        if not m.any():
+            have = ", ".join(f"{x:g}" for x in np.unique(data["einc"])[:20])
+            raise UserError(f"{path}: no events with incident energy {e:g} MeV to exclude (energies: {have})")
+        dropped[e] = int(m.sum())
+        keep &= ~m
+    if not keep.any():
+        raise UserError(f"{path}: --exclude-energy leaves no events to train on")
+    return data["voxels"][keep], data["label"][keep], dropped
+
+
+# ----------------------------------------------------------------------------------------------
+# networks
+
+def build_generator(n_voxels, latent_dim=50, cond_dim=2, hidden=GENERATOR_HIDDEN, activation="swish",
+                    batchnorm=False, output_activation="relu"):
+    """FastCaloGAN generator: [noise, condition] -> (Dense -> [BatchNorm] -> activation) x hidden -> Dense -> out.
+
+    Inputs are named ``noise`` (latent_dim) and ``condition`` (cond_dim); the output is the normalised shower.
+    """
+    keras = _keras()
+    layers = keras.layers
+    noise = keras.Input(shape=(int(latent_dim),), name="noise")
+    cond = keras.Input(shape=(int(cond_dim),), name="condition")
+    h = layers.Concatenate(name="concat")([noise, cond])
+    for i, n in enumerate(hidden):
+        h = layers.Dense(int(n), name=f"dense_{i}")(h)
+        if batchnorm:
+            h = layers.BatchNormalization(name=f"batchnorm_{i}")(h)
+        h = layers.Activation(activation, name=f"activation_{i}")(h)
+    h = layers.Dense(int(n_voxels), name="dense_out")(h)
+    out = layers.Activation(output_activation, name="voxels")(h)
+    return keras.Model([noise, cond], out, name="generator")
+
+
+def build_critic(n_voxels, cond_dim=2, hidden=None, activation="relu"):
+    """FastCaloGAN critic: [voxels, condition] -> Dense(N_vox) x 3 (ReLU) -> linear score."""
+    keras = _keras()
+    layers = keras.layers
+    hidden = (n_voxels,) * 3 if hidden is None else hidden
+    x = keras.Input(shape=(int(n_voxels),), name="voxels")
+    cond = keras.Input(shape=(int(cond_dim),), name="condition")
+    h = layers.Concatenate(name="concat")([x, cond])
+    for i, n in enumerate(hidden):
+        h = layers.Dense(int(n), activation=activation, name=f"dense_{i}")(h)
+    out = layers.Dense(1, name="score")(h)
+    return keras.Model([x, cond], out, name="critic")
+
+
+def networks_from_config(cfg):
+    """(generator, critic) built from a run's config.json dict."""
+    g, c = cfg["generator"], cfg["critic"]
+    gen = build_generator(cfg["n_voxels"], cfg["latent_dim"], 2, g["hidden"], g["activation"], g["batchnorm"],
+                          g["output_activation"])
+    critic = build_critic(cfg["n_voxels"], 2, c["hidden"], c["activation"])
+    return gen, critic
+
+
+def make_optimizer(cfg):
+    keras = _keras()
+    return keras.optimizers.Adam(learning_rate=cfg["lr"], beta_1=cfg["beta1"], beta_2=cfg["beta2"])
+
+
+# ----------------------------------------------------------------------------------------------
+# the training iteration (one compiled function per backend)
+
+def draw_batches(rng, n_events, cfg):
+    """Random inputs of one iteration from the numpy Generator: event indices, noise, interpolation weights.
+
+    Returns idx (n_critic, B) int32, noise (n_critic + 1, B, latent) float32 (the last slice feeds the
+    generator step), eps (n_critic, B, 1) float32 and the generator step's condition indices gidx (B,).
+    """
+    b, k, latent = cfg["batch_size"], cfg["n_critic"], cfg["latent_dim"]
+    idx = rng.integers(0, n_events, size=(k, b), dtype=np.int64).astype(np.int32)
+    noise = rng.standard_normal((k + 1, b, latent), dtype=np.float32)
+    noise *= cfg["noise"]["std"]
+    noise += cfg["noise"]["mean"]
+    eps = rng.random((k, b, 1), dtype=np.float32)
+    gidx = rng.integers(0, n_events, size=b, dtype=np.int64).astype(np.int32)
+    return idx, noise, eps, gidx
+
+
+class _TensorFlowStep:
+    """The iteration as one ``tf.function`` (XLA with ``jit``): GradientTape for the losses and the penalty."""
+
+    def __init__(self, gen, critic, opt_g, opt_d, cfg, voxels, cond, jit=True):
+        import tensorflow as tf
+
+        self.gen, self.critic, self.opt_g, self.opt_d = gen, critic, opt_g, opt_d
+        self.x_all = tf.constant(voxels)
+        self.c_all = tf.constant(cond)
+        b, k, lam = cfg["batch_size"], cfg["n_critic"], float(cfg["lambda_gp"])
+
+        def critic_update(x, c, z, eps):
+            fake = gen([z, c], training=True)
+            interp = eps * x + (1.0 - eps) * fake
+            with tf.GradientTape() as tape:
+                with tf.GradientTape() as gp_tape:
+                    gp_tape.watch(interp)
+                    d_interp = critic([interp, c], training=True)
+                grad = gp_tape.gradient(d_interp, interp)
+                norm = tf.sqrt(tf.reduce_sum(tf.square(grad), axis=1) + 1e-12)
+                gp = tf.reduce_mean(tf.square(norm - 1.0))
+                d = critic([tf.concat([x, fake], 0), tf.concat([c, c], 0)], training=True)
+                w = tf.reduce_mean(d[:b]) - tf.reduce_mean(d[b:])
+                loss = lam * gp - w
+            grads = tape.gradient(loss, critic.trainable_variables)
+            opt_d.apply(grads, critic.trainable_variables)
+            return tf.stack([loss, gp, w])
+
+        def iteration(x_all, c_all, idx, noise, eps, gidx):
+            parts = []
+            for i in range(k):   # unrolled: the k critic updates are one compiled graph
+                parts.append(critic_update(tf.gather(x_all, idx[i]), tf.gather(c_all, idx[i]), noise[i], eps[i]))
+            c = tf.gather(c_all, gidx)
+            with tf.GradientTape() as tape:
+                fake = gen([noise[k], c], training=True)
+                g_loss = -tf.reduce_mean(critic([fake, c], training=True))
+            grads = tape.gradient(g_loss, gen.trainable_variables)
+            opt_g.apply(grads, gen.trainable_variables)
+            m = tf.reduce_mean(tf.stack(parts), axis=0)
+            return tf.stack([m[0], g_loss, m[1], m[2]])
+
+        self._fn = tf.function(iteration, jit_compile=bool(jit), autograph=False)
+
+    def __call__(self, idx, noise, eps, gidx):
+        return self._fn(self.x_all, self.c_all, idx, noise, eps, gidx)
+
+    def sync(self):
+        """Keras variables already hold the state (TensorFlow updates them in place)."""
+
+
+class _JaxStep:
+    """The iteration as one ``jax.jit`` function over explicit state (``stateless_call``/``stateless_apply``)."""
+
+    def __init__(self, gen, critic, opt_g, opt_d, cfg, voxels, cond, jit=True):
+        import jax
+        import jax.numpy as jnp
+
+        self.gen, self.critic, self.opt_g, self.opt_d = gen, critic, opt_g, opt_d
+        self.x_all = jnp.asarray(voxels)
+        self.c_all = jnp.asarray(cond)
+        b, k, lam = cfg["batch_size"], cfg["n_critic"], float(cfg["lambda_gp"])
+
+        def score(d_tv, d_ntv, x, c):
+            out, _ = critic.stateless_call(d_tv, d_ntv, [x, c], training=True)
+            return out[:, 0]
+
+        def critic_loss(d_tv, d_ntv, x, c, fake, eps):
+            interp = eps * x + (1.0 - eps) * fake
+            grad = jax.grad(lambda xi: jnp.sum(score(d_tv, d_ntv, xi, c)))(interp)
+            gp = jnp.mean(jnp.square(jnp.sqrt(jnp.sum(jnp.square(grad), axis=1) + 1e-12) - 1.0))
+            d = score(d_tv, d_ntv, jnp.concatenate([x, fake], 0), jnp.concatenate([c, c], 0))
+            w = jnp.mean(d[:b]) - jnp.mean(d[b:])
+            return lam * gp - w, (gp, w)
+
+        def gen_loss(g_tv, g_ntv, d_tv, d_ntv, z, c):
+            fake, g_ntv = gen.stateless_call(g_tv, g_ntv, [z, c], training=True)
+            return -jnp.mean(score(d_tv, d_ntv, fake, c)), g_ntv
+
+        def iteration(state, x_all, c_all, idx, noise, eps, gidx):
+            g_tv, g_ntv, d_tv, d_ntv, og, od = state
+            parts = []
+            for i in range(k):
+                x, c = x_all[idx[i]], c_all[idx[i]]
+                fake, g_ntv = gen.stateless_call(g_tv, g_ntv, [noise[i], c], training=True)
+                (loss, (gp, w)), grads = jax.value_and_grad(critic_loss, has_aux=True)(
+                    d_tv, d_ntv, x, c, jax.lax.stop_gradient(fake), eps[i])
+                d_tv, od = opt_d.stateless_apply(od, grads, d_tv)
+                parts.append(jnp.stack([loss, gp, w]))
+            c = c_all[gidx]
+            (g_loss, g_ntv), grads = jax.value_and_grad(gen_loss, has_aux=True)(g_tv, g_ntv, d_tv, d_ntv, noise[k], c)
+            g_tv, og = opt_g.stateless_apply(og, grads, g_tv)
+            m = jnp.mean(jnp.stack(parts), axis=0)
+            return (g_tv, g_ntv, d_tv, d_ntv, og, od), jnp.stack([m[0], g_loss, m[1], m[2]])
+
+        self._fn = jax.jit(iteration, donate_argnums=0) if jit else iteration
+        self.state = self._read_state()
+
+    def _read_state(self):
+        v = lambda seq: [x.value for x in seq]  # noqa: E731
+        return (v(self.gen.trainable_variables), v(self.gen.non_trainable_variables),
+                v(self.critic.trainable_variables), v(self.critic.non_trainable_variables),
+                v(self.opt_g.variables), v(self.opt_d.variables))
+
+    def __call__(self, idx, noise, eps, gidx):
+        self.state, losses = self._fn(self.state, self.x_all, self.c_all, idx, noise, eps, gidx)
+        return losses
+
+    def sync(self):
+        """Write the functional state back into the Keras variables (before saving a checkpoint)."""
+        targets = (self.gen.trainable_variables, self.gen.non_trainable_variables,
+                   self.critic.trainable_variables, self.critic.non_trainable_variables,
+                   self.opt_g.variables, self.opt_d.variables)
+        for variables, values in zip(targets, self.state):
+            for var, val in zip(variables, values):
+                var.assign(val)
+
+
+def make_train_step(gen, critic, opt_g, opt_d, cfg, voxels, cond, jit=True):
+    """The backend's compiled training iteration: ``step(idx, noise, eps, gidx) -> losses (4,)``.
+
+    Loss vector: [critic loss, generator loss, gradient penalty, Wasserstein estimate], critic values
+    averaged over the iteration's critic updates.
+    """
+    opt_g.build(gen.trainable_variables)
+    opt_d.build(critic.trainable_variables)
+    backend = _backend()
+    if backend == "tensorflow":
+        return _TensorFlowStep(gen, critic, opt_g, opt_d, cfg, voxels, cond, jit)
+    if backend == "jax":
+        return _JaxStep(gen, critic, opt_g, opt_d, cfg, voxels, cond, jit)
+    raise UserError(f"KERAS_BACKEND={backend} is not supported by train.py (use tensorflow or jax)")
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+def list_checkpoints(run):
+    """[(iteration, path)] of the complete checkpoints ``ckpt_<N>/`` of a run, sorted by iteration.
+
+    Complete = renamed into place with ``generator.keras`` and ``state.json`` inside; temporary
+    directories of a checkpoint being written (or abandoned by a kill) never match.
+    """
+    if not os.path.isdir(run):
+        raise UserError(f"{run}: run directory not found")
+    found = []
+    for name in os.listdir(run):
+        m = CKPT_RE.match(name)
+        path = os.path.join(run, name)
+        if m and os.path.isfile(os.path.join(path, "generator.keras")) \
+                and os.path.isfile(os.path.join(path, "state.json")):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def _resumable(path):
+    res = os.path.join(path, "resume")
+    return all(os.path.isfile(os.path.join(res, f))
+               for f in ("generator.weights.h5", "critic.weights.h5", "optimizers.npz"))
+
+
+def load_generator(run, iteration=None):
+    """The generator of checkpoint ``iteration`` of ``run`` (None = the last complete one) as a Keras model."""
+    ckpts = list_checkpoints(run)
+    if not ckpts:
+        raise UserError(f"{run}: no complete checkpoint (ckpt_<iteration>/generator.keras)")
+    if iteration is None:
+        path = ckpts[-1][1]
+    else:
+        hits = [p for it, p in ckpts if it == int(iteration)]
+        if not hits:
+            raise UserError(f"{run}: no complete checkpoint for iteration {iteration} "
+                            f"(have {', '.join(str(it) for it, _ in ckpts[-10:])})")
+        path = hits[0]
+    return load_generator_file(os.path.join(path, "generator.keras"))
+
+
+def load_generator_file(path):
+    """Load a ``generator.keras`` for inference; a :class:`UserError` if it cannot be read."""
+    keras = _keras()
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as err:  # corrupt zip, foreign model: the user's file
+        msg = (str(err).strip().splitlines() or [""])[0]
+        raise UserError(f"{path}: cannot load the Keras model ({type(err).__name__}: {msg[:300]})") from None
+
+
+def save_checkpoint(run, iteration, gen, critic, opt_g, opt_d, rng, extra):
+    """Write ``ckpt_<iteration>/`` atomically: generator.keras, state.json, resume/ (weights + optimisers)."""
+    final = os.path.join(run, f"ckpt_{iteration}")
+    with atomic_directory(final) as tmp:
+        gen.save(os.path.join(tmp, "generator.keras"))
+        res = os.path.join(tmp, "resume")
+        os.mkdir(res)
+        gen.save_weights(os.path.join(res, "generator.weights.h5"))
+        critic.save_weights(os.path.join(res, "critic.weights.h5"))
+        arrays = {f"g{i:04d}": np.asarray(v.value) for i, v in enumerate(opt_g.variables)}
+        arrays.update({f"d{i:04d}": np.asarray(v.value) for i, v in enumerate(opt_d.variables)})
+        np.savez(os.path.join(res, "optimizers.npz"), **arrays)
+        state = {"iteration": int(iteration), "rng": rng.bit_generator.state, **extra}
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(state, f, indent=1)
+    return final
+
+
+def restore_checkpoint(path, gen, critic, opt_g, opt_d):
+    """Load weights and optimiser state of a checkpoint into built networks/optimisers; returns state.json."""
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    res = os.path.join(path, "resume")
+    gen.load_weights(os.path.join(res, "generator.weights.h5"))
+    critic.load_weights(os.path.join(res, "critic.weights.h5"))
+    opt_g.build(gen.trainable_variables)
+    opt_d.build(critic.trainable_variables)
+    with np.load(os.path.join(res, "optimizers.npz")) as z:
+        for prefix, opt in (("g", opt_g), ("d", opt_d)):
+            for i, var in enumerate(opt.variables):
+                key = f"{prefix}{i:04d}"
+                if key not in z or tuple(z[key].shape) != tuple(var.shape):
+                    raise UserError(f"{res}/optimizers.npz: optimiser state '{key}' missing or of the wrong shape")
+                var.assign(z[key])
+    return state
+
+
+def prune_resume_state(run, keep):
+    """Drop the resume/ folder of all but the newest ``keep`` checkpoints (generator.keras stays)."""
+    import shutil
+
+    ckpts = [p for _, p in list_checkpoints(run) if os.path.isdir(os.path.join(p, "resume"))]
+    for path in ckpts[:-keep]:
+        trash = os.path.join(path, ".resume-deleting")
+        os.replace(os.path.join(path, "resume"), trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# losses.csv: appended at each checkpoint, trimmed to the checkpoint on resume
+
+def init_losses(path):
+    with atomic_output(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerow(LOSS_COLUMNS)
+
+
+def trim_losses(path, last_iteration):
+    """Keep the header and the rows with iteration <= last_iteration (atomic rewrite)."""
+    if not os.path.isfile(path):
+        init_losses(path)
+        return 0
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= last_iteration]
+    with atomic_output(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(LOSS_COLUMNS)
+            w.writerows(kept)
+    return len(kept)
+
+
+def append_losses(path, first_iteration, losses):
+    """Append rows (iteration, 4 loss values) and fsync, so they are on disk before the checkpoint is."""
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        for i, row in enumerate(losses):
+            w.writerow([first_iteration + i] + [f"{v:.7g}" for v in row])
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------------------------
+# generation: fast for batch 1 and batch 10k
+
+def noise_from_uniform(u, mean=NOISE_MEAN, std=NOISE_STD):
+    """Map uniforms u = k / 2^24 (numpy ``Generator.random(dtype=float32)``) to N(mean, std) by the inverse CDF.
+
+    t = 2u - (1 - 2^-24) is an odd multiple of 2^-24 in (-1, 1), exact in float32, and
+    z = sqrt(2) erfinv(t) is standard normal (truncated beyond 5.5 sigma). numpy version; the compiled
+    path computes the same expression with keras.ops.
+    """
+    from scipy.special import erfinv
+
+    t = np.asarray(u, dtype=np.float32) * np.float32(2.0) - np.float32(1.0 - 2.0**-24)
+    return (np.float32(mean) + np.float32(std * math.sqrt(2.0)) * erfinv(t)).astype(np.float32, copy=False)
+
+
+_ACTIVATIONS = ("linear", "relu", "silu", "sigmoid", "tanh", "elu", "softplus")
+
+
+def _activation_name(fn):
+    keras = _keras()
+    try:
+        name = keras.activations.serialize(fn)
+    except (TypeError, ValueError):
+        return None
+    if isinstance(name, dict):
+        name = name.get("config", name.get("class_name"))
+    name = {"swish": "silu"}.get(name, name)
+    return name if name in _ACTIVATIONS else None
+
+
+def _np_activation(name, x):
+    from scipy.special import expit
+
+    if name == "relu":
+        return np.maximum(x, 0, out=x)
+    if name == "silu":
+        return np.multiply(x, expit(x), out=x)
+    if name == "sigmoid":
+        return expit(x, out=x)
+    if name == "tanh":
+        return np.tanh(x, out=x)
+    if name == "elu":
+        return np.where(x > 0, x, np.expm1(np.minimum(x, 0))).astype(np.float32)
+    if name == "softplus":
+        return np.logaddexp(x, 0).astype(np.float32)
+    return x
+
+
+def _ops_activation(name, x):
+    ops = _keras().ops
+    if name == "linear":
+        return x
+    return {"relu": ops.relu, "silu": ops.silu, "sigmoid": ops.sigmoid, "tanh": ops.tanh, "elu": ops.elu,
+            "softplus": ops.softplus}[name](x)
+
+
+def generator_plan(model):
+    """The generator as a chain of (W, b, activation) in float32 with batch-norm folded into the Dense before it.
+
+    Works for models of :func:`build_generator` (and any [noise, condition] -> Concatenate -> Dense/BatchNorm/
+    Activation chain); returns None for anything else (generation then calls the Keras model itself).
+    """
+    L = _keras().layers
+    if len(model.inputs) != 2:
+        return None
+    n_in = sum(int(t.shape[-1]) for t in model.inputs)
+    chain, seen_concat = [], False
+    for layer in model.layers:
+        if isinstance(layer, L.InputLayer):
+            continue
+        if isinstance(layer, L.Concatenate) and not seen_concat and not chain:
+            seen_concat = True
+            continue
+        if isinstance(layer, L.Dense):
+            w = layer.get_weights()
+            kernel = np.asarray(w[0], np.float64)
+            bias = np.asarray(w[1], np.float64) if layer.use_bias else np.zeros(kernel.shape[1])
+            act = _activation_name(layer.activation)
+            if act is None:
+                return None
+            chain.append([kernel, bias, act])
+        elif isinstance(layer, L.BatchNormalization):
+            if not chain or chain[-1][2] != "linear" or layer.axis not in (-1, 1, [-1], [1]):
+                return None
+            gamma, beta, mean, var = [np.asarray(a, np.float64) for a in _bn_weights(layer)]
+            scale = gamma / np.sqrt(var + layer.epsilon)
+            chain[-1][0] = chain[-1][0] * scale
+            chain[-1][1] = (chain[-1][1] - mean) * scale + beta
+        elif isinstance(layer, L.Activation):
+            act = _activation_name(layer.activation)
+            if act is None or not chain or chain[-1][2] != "linear":
+                return None
+            chain[-1][2] = act
+        else:
+            return None
+    if not seen_concat or not chain or chain[0][0].shape[0] != n_in:
+        return None
+    return [(k.astype(np.float32), b.astype(np.float32), a) for k, b, a in chain]
+
+
+def _bn_weights(layer):
+    """gamma, beta, moving mean, moving variance of a BatchNormalization layer (center/scale may be off)."""
+    n = layer.moving_mean.shape[-1]
+    gamma = np.asarray(layer.gamma.value) if layer.scale else np.ones(n)
+    beta = np.asarray(layer.beta.value) if layer.center else np.zeros(n)
+    return gamma, beta, np.asarray(layer.moving_mean.value), np.asarray(layer.moving_variance.value)
+
+
+_COMPILED = {}                                  # (backend, activations, kind) -> compiled forward function
+_PREDICTORS = weakref.WeakKeyDictionary()       # model -> _Predictor (weights snapshot)
+#: up to this many rows generate() runs a numpy forward pass (no framework dispatch; faster below the threshold)
+SMALL_BATCH = {"tensorflow": 256, "jax": 64}
+
+
+def _compiled_forward(acts):
+    """Backend-compiled ``f(u, label, weights) -> voxels`` for a chain of activations.
+
+    The weights are arguments, so every checkpoint of a run shares one compilation. The first layer is
+    folded with the noise transform: z = mean + std sqrt(2) erfinv(t) and the condition [label, 0] enter as
+    erfinv(t) @ K0 + label * r0 + b0 (see :meth:`_Predictor.folded_weights`).
+    """
+    backend = _backend()
+    key = (backend, tuple(acts))
+    if key in _COMPILED:
+        return _COMPILED[key]
+    ops = _keras().ops
+
+    def forward(u, label, first, rest):
+        k0, r0, b0 = first
+        e = ops.erfinv(u * 2.0 - (1.0 - 2.0**-24))
+        h = _ops_activation(acts[0], ops.matmul(e, k0) + ops.expand_dims(label, 1) * r0 + b0)
+        for (kernel, bias), act in zip(rest, acts[1:]):
+            h = _ops_activation(act, ops.matmul(h, kernel) + bias)
+        return h
+
+    if backend == "tensorflow":
+        import tensorflow as tf
+        fn = tf.function(forward, jit_compile=True, autograph=False)
+    elif backend == "jax":
+        import jax
+        fn = jax.jit(forward)
+    else:
+        fn = forward
+    _COMPILED[key] = fn
+    return fn
+
+
+class _Predictor:
+    """Weights snapshot of a generator plus the fastest way to run it for a given batch size."""
+
+    def __init__(self, model):
+        self.model = weakref.ref(model)
+        self.latent = int(model.inputs[0].shape[-1])
+        self.cond_dim = int(model.inputs[1].shape[-1])
+        self.plan = generator_plan(model) if self.cond_dim == 2 else None
+        if self.plan is not None and not self._plan_matches(model):
+            self.plan = None
+        if self.plan is not None:
+            self.acts = tuple(a for _, _, a in self.plan)
+        self._folded = {}
+        self._keras_fn = None
+
+    def folded_weights(self, mean, std):
+        """Backend tensors of the chain with the noise affine and the condition folded into layer 1."""
+        key = (float(mean), float(std))
+        if key not in self._folded:
+            ops = _keras().ops
+            k, b, _ = self.plan[0]
+            kz = k[:self.latent].astype(np.float64)
+            k0 = (kz * (std * math.sqrt(2.0))).astype(np.float32)
+            b0 = (b + mean * kz.sum(axis=0)).astype(np.float32)
+            first = tuple(ops.convert_to_tensor(a) for a in (k0, k[self.latent].astype(np.float32), b0))
+            rest = tuple((ops.convert_to_tensor(kk), ops.convert_to_tensor(bb)) for kk, bb, _ in self.plan[1:])
+            self._folded[key] = (first, rest)
+        return self._folded[key]
+
+    def _plan_matches(self, model, n=16):
+        rng = np.random.default_rng(12345)
+        z = rng.normal(0.5, 0.5, (n, self.latent)).astype(np.float32)
+        lab = rng.random(n).astype(np.float32)
+        ref = np.asarray(model([z, condition_vector(lab)], training=False))
+        mine = self._numpy_forward_z(z, lab)
+        return np.allclose(mine, ref, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(ref).max())))
+
+    def _numpy_forward_z(self, z, label):
+        h = np.concatenate([z, condition_vector(label)], axis=1)
+        for kernel, bias, act in self.plan:
+            h = h @ kernel
+            h += bias
+            h = _np_activation(act, h)
+        return h
+
+    def _keras_forward(self, z, label):
+        model = self.model()
+        if self._keras_fn is None:
+            backend = _backend()
+            if backend == "tensorflow":
+                import tensorflow as tf
+                self._keras_fn = tf.function(lambda a, b: model([a, b], training=False), autograph=False)
+            elif backend == "jax":
+                import jax
+                tv = [v.value for v in model.trainable_variables]
+                ntv = [v.value for v in model.non_trainable_variables]
+                f = jax.jit(lambda t, n, a, b: model.stateless_call(t, n, [a, b], training=False)[0])
+                self._keras_fn = lambda a, b: f(tv, ntv, a, b)
+            else:
+                self._keras_fn = lambda a, b: model([a, b], training=False)
+        return _to_numpy(self._keras_fn(z, condition_vector(label)))
+
+    def __call__(self, u, label, mean, std):
+        """Showers for uniforms u (n, latent) and labels (n,)."""
+        if self.plan is None:
+            return self._keras_forward(noise_from_uniform(u, mean, std), label)
+        if u.shape[0] <= SMALL_BATCH.get(_backend(), 64):
+            return self._numpy_forward_z(noise_from_uniform(u, mean, std), label)
+        first, rest = self.folded_weights(mean, std)
+        return _to_numpy(_compiled_forward(self.acts)(u, label, first, rest))
+
+
+def _to_numpy(t):
+    """A writable float32 numpy copy of a backend tensor."""
+    arr = t.numpy() if hasattr(t, "numpy") else np.array(t)
+    return arr if arr.dtype == np.float32 and arr.flags.writeable else np.array(arr, dtype=np.float32)
+
+
+def _predictor(model, refresh=False):
+    pred = None if refresh else _PREDICTORS.get(model)
+    if pred is None:
+        pred = _Predictor(model)
+        _PREDICTORS[model] = pred
+    return pred
+
+
+def generate(generator, label, rng_or_seed=None, batch_size=10000, noise_mean=NOISE_MEAN, noise_std=NOISE_STD,
+             refresh=False):
+    """Normalised showers (N, V) float32 of ``generator`` for condition labels (N,) (condition [label, 0]).
+
+    Noise: ``latent_dim`` values per shower, N(noise_mean, noise_std), from the numpy ``Generator``
+    ``rng_or_seed`` (or ``np.random.default_rng(seed)``) as uniforms mapped by the inverse normal CDF
+    (:func:`noise_from_uniform`); the result does not depend on ``batch_size``. Up to ``SMALL_BATCH``
+    showers per call (256 with TensorFlow) run as a numpy forward pass (no framework dispatch: fast for
+    batch 1); more run through one
+    backend-compiled function (XLA with TensorFlow, jax.jit with JAX) in chunks of ``batch_size``.
+    The weights are read once per model object; pass ``refresh=True`` after changing them in place.
+    """
+    label = np.asarray(label, dtype=np.float32).reshape(-1)
+    rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(rng_or_seed)
+    pred = _predictor(generator, refresh)
+    n = label.shape[0]
+    bs = max(1, int(batch_size))
+    if n <= bs:
+        u = rng.random((n, pred.latent), dtype=np.float32)
+        return pred(u, label, noise_mean, noise_std)
+    out = np.empty((n, int(generator.outputs[0].shape[-1])), dtype=np.float32)
+    u = np.empty((bs, pred.latent), dtype=np.float32)
+    lab = np.zeros(bs, dtype=np.float32)
+    for i in range(0, n, bs):
+        m = min(bs, n - i)
+        rng.random(out=u[:m], dtype=np.float32)
+        if m < bs:               # pad the last chunk: one compiled shape for the whole call
+            u[m:] = 0.5
+        lab[:m] = label[i:i + m]
+        out[i:i + m] = pred(u, lab, noise_mean, noise_std)[:m]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the command
+
+def read_config(run):
+    path = os.path.join(run, "config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: run configuration not found") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: unreadable run configuration ({err})") from None
+
+
+def make_config(args, data, dropped):
+    """config.json content of a fresh run."""
+    attrs = data["attrs"]
+    particle = attrs["particle"]
+    defaults = PARTICLE_DEFAULTS[particle]
+    activation = args.activation or defaults["activation"]
+    batchnorm = defaults["batchnorm"] if args.batchnorm is None else bool(args.batchnorm)
+    try:
+        _keras().activations.get(activation)
+    except (ValueError, TypeError):
+        raise UserError(f"--activation {activation!r}: not a Keras activation") from None
+    n_vox = int(attrs["n_voxels"])
+    cfg = {k: attrs[k] for k in TRAINING_ATTRS if k in attrs}
+    cfg.update({k: v for k, v in attrs.items() if k not in cfg})
+    cfg.update({
+        "n_voxels": n_vox, "latent_dim": int(attrs["latent_dim"]),
+        "train_data": os.path.abspath(args.data), "seed": int(args.seed), "iterations": int(args.iterations),
+        "checkpoint_every": int(args.checkpoint_every), "batch_size": int(args.batch_size),
+        "n_critic": int(args.n_critic), "lambda_gp": float(args.lambda_gp), "lr": float(args.lr),
+        "beta1": float(args.beta1), "beta2": float(args.beta2),
+        "generator": {"hidden": list(GENERATOR_HIDDEN), "activation": activation, "batchnorm": batchnorm,
+                      "output_activation": "relu"},
+        "critic": {"hidden": [n_vox] * 3, "activation": "relu"},
+        "excluded_energies": sorted(float(e) for e in dropped),
+        "excluded_events": {f"{e:g}": n for e, n in sorted(dropped.items())},
+        "exclude_rtol": EXCLUDE_RTOL,
+        "n_events": int(data["voxels"].shape[0]), "n_events_used": int(data["voxels"].shape[0] - sum(dropped.values())),
+        "noise": {"mean": NOISE_MEAN, "std": NOISE_STD},
+        "condition": "[label, 0]",
+        "normalisation": "voxels / E_kin",
+        "backend": _backend(),
+        "jit": bool(args.jit),
+        "keep_resume": int(args.keep_resume),
+    })
+    return cfg
+
+
+def write_json(path, obj):
+    with atomic_output(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=False)
+            f.write("\n")
+
+
+def _resume_config(args, run):
+    cfg = read_config(run)
+    if os.path.abspath(args.data) != cfg.get("train_data"):
+        raise UserError(f"--data {args.data}: the run in {run} was trained on {cfg.get('train_data')}")
+    if int(args.seed) != int(cfg.get("seed", args.seed)):
+        raise UserError(f"--seed {args.seed}: the run in {run} uses seed {cfg.get('seed')}")
+    if sorted(args.exclude_energy) and sorted(float(e) for e in args.exclude_energy) != cfg.get("excluded_energies"):
+        raise UserError(f"--exclude-energy {args.exclude_energy}: the run in {run} excludes "
+                        f"{cfg.get('excluded_energies')}")
+    cfg["iterations"] = int(args.iterations)
+    cfg["checkpoint_every"] = int(args.checkpoint_every)
+    return cfg
+
+
+def _main(argv):
+    args = parse_args(argv)
+    data = load_training_file(args.data)
+    run = args.out
+    ckpts = list_checkpoints(run) if os.path.isdir(run) else []
+    resumable = [(it, p) for it, p in ckpts if _resumable(p)]
+    if ckpts and not args.resume:
+        raise UserError(f"{run}: already holds checkpoints (last ckpt_{ckpts[-1][0]}); pass --resume to continue "
+                        f"or choose another --out")
+    if args.resume and ckpts and not resumable:
+        raise UserError(f"{run}: no checkpoint with resume state (ckpt_<N>/resume/) to continue from")
+    resuming = bool(args.resume and resumable)
+    if resuming:
+        cfg = _resume_config(args, run)
+        excluded = cfg.get("excluded_energies", [])
+    else:
+        excluded = args.exclude_energy
+    voxels, label, dropped = select_training_events(data, excluded, args.data)
+    if not resuming:
+        cfg = make_config(args, data, dropped)
+    ensure_dir(run)
+    if voxels.shape[1] != cfg["n_voxels"]:
+        raise UserError(f"{args.data}: 'voxels' has {voxels.shape[1]} columns, the run expects {cfg['n_voxels']}")
+    cfg["backend"] = _backend()
+    write_json(os.path.join(run, "config.json"), cfg)
+
+    keras = _keras()
+    keras.utils.set_random_seed(cfg["seed"])
+    if args.deterministic and cfg["backend"] == "tensorflow":
+        import tensorflow as tf
+        tf.config.experimental.enable_op_determinism()
+    gen, critic = networks_from_config(cfg)
+    opt_g, opt_d = make_optimizer(cfg), make_optimizer(cfg)
+    losses_path = os.path.join(run, "losses.csv")
+    rng = np.random.default_rng(cfg["seed"])
+    start = 0
+    if resuming:
+        _, path = resumable[-1]
+        state = restore_checkpoint(path, gen, critic, opt_g, opt_d)
+        rng.bit_generator.state = state["rng"]
+        start = int(state["iteration"])
+        trim_losses(losses_path, start)
+    else:
+        init_losses(losses_path)
+
+    target = cfg["iterations"]
+    if start >= target:
+        print(f"train.py: {run} is already at iteration {start} (target {target}); nothing to do")
+        return 0
+    cond = condition_vector(label)
+    step = make_train_step(gen, critic, opt_g, opt_d, cfg, voxels, cond, jit=cfg.get("jit", True))
+    every = cfg["checkpoint_every"]
+    n_events = voxels.shape[0]
+
+    from tqdm import tqdm
+    t0 = time.perf_counter()
+    pending, first = [], start + 1
+    written = []
+    tty = sys.stderr.isatty()
+    with tqdm(total=target, initial=start, file=sys.stderr, desc="train", unit="it", dynamic_ncols=tty,
+              mininterval=1.0 if tty else 60.0) as bar:       # a line a minute into log files
+        for it in range(start + 1, target + 1):
+            pending.append(step(*draw_batches(rng, n_events, cfg)))
+            bar.update(1)
+            if it % every == 0 or it == target:
+                rows = np.asarray([np.asarray(p) for p in pending], dtype=np.float64)
+                if not np.all(np.isfinite(rows)):
+                    bad = first + int(np.argwhere(~np.isfinite(rows))[0][0])
+                    raise RuntimeError(f"training diverged: non-finite loss at iteration {bad}")
+                append_losses(losses_path, first, rows)
+                step.sync()
+                written.append(save_checkpoint(run, it, gen, critic, opt_g, opt_d, rng,
+                                               {"seed": cfg["seed"], "backend": cfg["backend"],
+                                                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+                prune_resume_state(run, cfg.get("keep_resume", 1))
+                bar.set_postfix(critic=f"{rows[-1, 0]:.3g}", gen=f"{rows[-1, 1]:.3g}", refresh=False)
+                pending, first = [], it + 1
+    dt = time.perf_counter() - t0
+    rate = (target - start) / dt if dt > 0 else float("nan")
+    print(f"train.py: {run}: iterations {start + 1}..{target} ({rate:.1f} it/s, {cfg['backend']}), "
+          f"{len(written)} checkpoints written, last {os.path.basename(written[-1])}")
+    return 0
+
+
+def main(argv=None):
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
