@@ -5,6 +5,7 @@
 #   make test                      the test suite (creates .venv from requirements.txt first)
 #   make -j2 all ETAS="0.20 0.25"  several |eta| slices, trained in parallel
 #   make condor / make slurm       the same per-slice chain as an HTCondor DAG / a Slurm job array
+#   make baseline                  evaluate an untrained (1-iteration) generator the same way, for comparison
 #
 # Variables (override on the command line, e.g. `make all ITERATIONS=20000`):
 #   DATASET     demo | 1-photons | 1-pions | 2 | 3                                   (demo)
@@ -12,14 +13,17 @@
 #   ETAS        lower |eta| edges of the slices to run (0.05 wide)                    (0.20)
 #   EVENTS      toy events per energy point (demo), for training and for held-out     (1000)
 #   ITERATIONS  generator iterations per GAN (FastCaloGAN trained up to 1,000,000)    (3000)
-#   CKPT_EVERY  checkpoint interval in iterations (FastCaloGAN: 1000)                 (500)
+#   CKPT_EVERY  checkpoint interval in iterations (FastCaloGAN: 1000)                 (100)
 #   RANGE       energy range per GAN: all | low | high (e/gamma), all (pions)         (all)
 #   SELECT_EVENTS showers generated per checkpoint and energy in select_epoch.py      (2000)
 #   CLS_EPOCHS  epochs of the evaluate.py classifiers (reference: 50)                 (10)
+#   TRAIN_ARGS  extra train.py flags; the demo trains photons without batch-norm because swish+BN+ReLU-output
+#               collapses on the toy after ~500 iterations (measured; see README)   (--no-batchnorm)
 #   SEED        seed of every step                                                    (1)
 #   DATA_DIR    where CaloChallenge files are looked for / downloaded to              (data)
 #   WORK, RESULTS  intermediate and final output folders          (work/$(DATASET), results/$(DATASET))
 #   PYTHON, VENV, REQS, PYTEST_ARGS   interpreter, venv folder, requirements file, extra pytest args
+#   PY_EXE      use this python instead of the venv (no install step)
 PYTHON ?= python3
 VENV ?= .venv
 REQS ?= requirements.txt
@@ -29,17 +33,24 @@ PARTICLES ?= photon
 ETAS ?= 0.20
 EVENTS ?= 1000
 ITERATIONS ?= 3000
-CKPT_EVERY ?= 500
+CKPT_EVERY ?= 100
 RANGE ?= all
 SELECT_EVENTS ?= 2000
 CLS_EPOCHS ?= 10
+TRAIN_ARGS ?= --no-batchnorm
 SEED ?= 1
 DATA_DIR ?= data
 WORK ?= work/$(DATASET)
 RESULTS ?= results/$(DATASET)
 
-PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(notdir $(REQS))
+# PY_EXE=/path/to/python runs the chain with an existing interpreter and skips the venv step (tests, clusters)
+ifdef PY_EXE
+  PY := $(PY_EXE)
+  STAMP :=
+else
+  PY := $(VENV)/bin/python
+  STAMP := $(VENV)/.installed-$(notdir $(REQS))
+endif
 export MPLBACKEND := Agg
 export TF_CPP_MIN_LOG_LEVEL := 2
 
@@ -83,7 +94,7 @@ else
   binning = $(BINNING_$(call evalds,$(1)))
 endif
 
-.PHONY: all venv test bench data voxels train select export evaluate condor slurm clean clean-venv help
+.PHONY: all baseline venv test bench data voxels train select export evaluate condor slurm clean clean-venv help
 .DELETE_ON_ERROR:
 .SECONDARY:
 
@@ -91,16 +102,18 @@ all: $(foreach s,$(SLICES),$(RESULTS)/$(s)/eval/metrics.json $(RESULTS)/$(s)/lwt
 	@echo "calokit: results in $(RESULTS)/ for slices: $(SLICES)"
 
 help:
-	@sed -n '1,29p' Makefile
+	@sed -n '1,34p' Makefile
 
 # --- environment ----------------------------------------------------------------------------------
 # The venv is (re)built only when the requirements file changes.
 venv: $(STAMP)
+ifneq ($(STAMP),)
 $(STAMP): $(REQS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r $(REQS)
 	touch $@
+endif
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -142,12 +155,13 @@ $(WORK)/%/train.h5: $(WORK)/%/voxels.h5 preprocess.py
 	$(PY) preprocess.py prepare --binning $(call binning,$*) --particle $(call part,$*) --range $(RANGE) --out $@ $<
 
 $(WORK)/%/run/.done: $(WORK)/%/train.h5 train.py
-	$(PY) train.py --data $< --out $(@D) --iterations $(ITERATIONS) --checkpoint-every $(CKPT_EVERY) --seed $(SEED) --resume
+	$(PY) train.py --data $< --out $(@D) --iterations $(ITERATIONS) --checkpoint-every $(CKPT_EVERY) --seed $(SEED) --resume $(TRAIN_ARGS)
 	touch $@
 
-# the epoch is chosen on the training sample; the held-out sample is kept for evaluate.py
-$(RESULTS)/%/select/best.json: $(WORK)/%/run/.done select_epoch.py
-	$(PY) select_epoch.py --run $(WORK)/$*/run --reference $(WORK)/$*/voxels.h5 --events $(SELECT_EVENTS) --out $(@D)
+# the epoch is chosen on the training sample; generated.h5 mirrors the held-out sample for evaluate.py
+$(RESULTS)/%/select/best.json: $(WORK)/%/run/.done $(WORK)/%/voxels_heldout.h5 select_epoch.py
+	$(PY) select_epoch.py --run $(WORK)/$*/run --reference $(WORK)/$*/voxels.h5 --events $(SELECT_EVENTS) \
+	    --generate-like $(WORK)/$*/voxels_heldout.h5 --seed $(SEED) --out $(@D)
 
 $(RESULTS)/%/lwtnn/.done: $(RESULTS)/%/select/best.json export_lwtnn.py
 	$(PY) export_lwtnn.py --run $(WORK)/$*/run --best $< --out $(@D) --check
@@ -157,6 +171,15 @@ $(RESULTS)/%/eval/metrics.json: $(RESULTS)/%/select/best.json $(WORK)/%/voxels_h
 	$(PY) evaluate.py -i $(RESULTS)/$*/select/generated.h5 -r $(WORK)/$*/voxels_heldout.h5 -m all -d $(call evalds,$*) \
 	    --output_dir $(@D) --seed $(SEED) --cls_n_epochs $(CLS_EPOCHS) --json $@
 
+# --- baseline: the same chain with a generator trained for 1 iteration, to show what training buys
+baseline: $(foreach s,$(SLICES),$(RESULTS)/$(s)/baseline/eval/metrics.json)
+$(RESULTS)/%/baseline/eval/metrics.json: $(WORK)/%/train.h5 $(WORK)/%/voxels_heldout.h5 | $(STAMP)
+	$(PY) train.py --data $< --out $(WORK)/$*/run_untrained --iterations 1 --checkpoint-every 1 --seed $(SEED) --resume $(TRAIN_ARGS)
+	$(PY) select_epoch.py --run $(WORK)/$*/run_untrained --reference $(WORK)/$*/voxels.h5 --events $(SELECT_EVENTS) \
+	    --generate-like $(WORK)/$*/voxels_heldout.h5 --seed $(SEED) --out $(RESULTS)/$*/baseline/select
+	$(PY) evaluate.py -i $(RESULTS)/$*/baseline/select/generated.h5 -r $(WORK)/$*/voxels_heldout.h5 -m all \
+	    -d $(call evalds,$*) --output_dir $(@D) --seed $(SEED) --cls_n_epochs $(CLS_EPOCHS) --json $@
+
 # --- scale-out: the same per-slice targets, run by HTCondor DAGMan or a Slurm job array -------------
 condor: | $(STAMP)
 	$(PY) scaleout.py condor --slices "$(SLICES)" --work $(WORK) --results $(RESULTS) --out condor/$(DATASET) \
@@ -164,7 +187,8 @@ condor: | $(STAMP)
 slurm: | $(STAMP)
 	$(PY) scaleout.py slurm --slices "$(SLICES)" --work $(WORK) --results $(RESULTS) --out slurm/$(DATASET) -- $(MAKEFLAGS_FOR_JOBS)
 MAKEFLAGS_FOR_JOBS = DATASET=$(DATASET) ITERATIONS=$(ITERATIONS) CKPT_EVERY=$(CKPT_EVERY) RANGE=$(RANGE) \
-    EVENTS=$(EVENTS) SELECT_EVENTS=$(SELECT_EVENTS) CLS_EPOCHS=$(CLS_EPOCHS) SEED=$(SEED) DATA_DIR=$(DATA_DIR)
+    EVENTS=$(EVENTS) SELECT_EVENTS=$(SELECT_EVENTS) CLS_EPOCHS=$(CLS_EPOCHS) SEED=$(SEED) DATA_DIR=$(DATA_DIR) \
+    TRAIN_ARGS="$(TRAIN_ARGS)"
 
 clean:
 	rm -rf $(WORK) $(RESULTS)

@@ -137,10 +137,13 @@ def _main(argv):
         if "=" not in v:
             raise UserError(f"make variable '{v}' is not of the form VAR=value")
     log_dir = os.path.abspath(os.path.join(args.out, "logs"))
+    # the Makefile's recipes read WORK/RESULTS too, so every make call gets them with the targets
+    make_vars = [f"WORK={args.work}", f"RESULTS={args.results}"] + [
+        v for v in args.make_vars if not v.startswith(("WORK=", "RESULTS="))]
     if args.engine == "condor":
-        files = condor_files(slices, args.work, args.results, args.make_vars, log_dir)
+        files = condor_files(slices, args.work, args.results, make_vars, log_dir)
     else:
-        files = {"calokit_array.sh": slurm_script(slices, args.work, args.results, args.make_vars, log_dir)}
+        files = {"calokit_array.sh": slurm_script(slices, args.work, args.results, make_vars, log_dir)}
     write_files(args.out, files)
     ensure_dir(log_dir)
     print(f"scaleout: wrote {', '.join(sorted(files))} for {len(slices)} slice(s) to {args.out}")

@@ -92,6 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--beta2", type=float, default=0.999)
     p.add_argument("--activation", default=None,
                    help="generator hidden activation (default: swish for photon/electron, relu for pion/proton)")
+    p.add_argument("--output-activation", default="relu", choices=["relu", "sigmoid", "linear"],
+                   help="generator output activation (relu: exact zeros, non-negative)")
     p.add_argument("--batchnorm", default=None, action=argparse.BooleanOptionalAction,
                    help="batch-norm in the generator (default: on for photon/electron, off for pion/proton)")
     p.add_argument("--keep-resume", type=int, default=1,
@@ -855,7 +857,7 @@ def make_config(args, data, dropped):
         "n_critic": int(args.n_critic), "lambda_gp": float(args.lambda_gp), "lr": float(args.lr),
         "beta1": float(args.beta1), "beta2": float(args.beta2),
         "generator": {"hidden": list(GENERATOR_HIDDEN), "activation": activation, "batchnorm": batchnorm,
-                      "output_activation": "relu"},
+                      "output_activation": args.output_activation},
         "critic": {"hidden": [n_vox] * 3, "activation": "relu"},
         "excluded_energies": sorted(float(e) for e in dropped),
         "excluded_events": {f"{e:g}": n for e, n in sorted(dropped.items())},

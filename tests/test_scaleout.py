@@ -62,7 +62,7 @@ def test_condor_dag_structure(tmp_path):
         assert vars_[node]["node"] == node
         args = shlex.split(vars_[node]["make_args"])
         assert args[0] == "-C" and os.path.isfile(os.path.join(args[1], "Makefile"))
-        assert args[3:] == VARS
+        assert args[3:] == ["WORK=w", "RESULTS=r", *VARS]
     for p, c in edges:
         assert p in jobs and c in jobs
     order = topo_order(jobs, edges)
@@ -102,7 +102,7 @@ def test_slurm_array_script(tmp_path):
     (tmp_path / "make").write_text("#!/bin/sh\necho \"$@\"\n")
     (tmp_path / "make").chmod(0o755)
     res = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, check=True)
-    assert res.stdout.split() == ["r/pion_0.25/lwtnn/.done", "r/pion_0.25/eval/metrics.json", *VARS]
+    assert res.stdout.split() == ["r/pion_0.25/lwtnn/.done", "r/pion_0.25/eval/metrics.json", "WORK=w", "RESULTS=r", *VARS]
 
 
 @pytest.mark.parametrize("argv, message", [
