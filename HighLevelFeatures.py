@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -783,6 +784,37 @@ def ensure_dir(path):
     return path
 
 
+def open_h5(path, what="file"):
+    """Open an HDF5 file for reading; a missing or unreadable file is a :class:`UserError` naming it."""
+    import h5py
+
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: {what} not found")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise UserError(f"{path}: not a readable HDF5 file ({err})") from None
+
+
+CKPT_RE = re.compile(r"^ckpt_(\d+)$")
+
+
+def list_checkpoints(run, required=("generator.keras",)):
+    """[(iteration, path)] of the complete checkpoints ``<run>/ckpt_<N>/`` (holding every ``required`` file), sorted.
+
+    Checkpoints are renamed into place only when complete, so temporary directories never match.
+    """
+    if not os.path.isdir(run):
+        raise UserError(f"{run}: run directory not found")
+    found = []
+    for name in os.listdir(run):
+        m = CKPT_RE.match(name)
+        path = os.path.join(run, name)
+        if m and all(os.path.isfile(os.path.join(path, r)) for r in required):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
 def open_calo_file(path, n_voxels=None):
     """Open and validate a CaloChallenge HDF5 file; returns (h5py.File, n_events, n_voxels).
 
@@ -791,12 +823,7 @@ def open_calo_file(path, n_voxels=None):
     """
     import h5py
 
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: file not found")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise UserError(f"{path}: not a readable HDF5 file ({err})") from None
+    f = open_h5(path)
     try:
         for name in ("incident_energies", "showers"):
             if name not in f or not isinstance(f[name], h5py.Dataset):

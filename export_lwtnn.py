@@ -49,7 +49,7 @@ import sys
 
 import numpy as np
 
-from HighLevelFeatures import UserError, atomic_output, ensure_dir, run_cli
+from HighLevelFeatures import CKPT_RE, UserError, atomic_output, ensure_dir, list_checkpoints, run_cli
 
 # ----------------------------------------------------------------------------------------------
 # configuration: defaults of the command line
@@ -63,7 +63,6 @@ DEFAULTS = {
 NOISE_NAME, CONDITION_NAME = "noise", "condition"   # Keras input names (CONTRACTS.md)
 LWTNN_INPUTS = ("node_0", "node_1")                  # lwtnn input node names FastCaloSim fills
 CONFIG_REQUIRED = ("particle", "pid", "eta_min", "eta_max", "range", "latent_dim", "n_voxels")
-CKPT_RE = re.compile(r"^ckpt_(\d+)$")
 
 # ----------------------------------------------------------------------------------------------
 # lwtnn facts: activations
@@ -540,19 +539,6 @@ def read_run_config(run):
         if key not in cfg:
             raise UserError(f"{path}: missing key '{key}'")
     return cfg
-
-
-def list_checkpoints(run):
-    """[(iteration, path)] of the complete checkpoints (ckpt_<N>/generator.keras), sorted by iteration."""
-    if not os.path.isdir(run):
-        raise UserError(f"{run}: run directory not found")
-    found = []
-    for name in os.listdir(run):
-        m = CKPT_RE.match(name)
-        path = os.path.join(run, name)
-        if m and os.path.isfile(os.path.join(path, "generator.keras")):
-            found.append((int(m.group(1)), path))
-    return sorted(found)
 
 
 def _iteration_of(ckpt):

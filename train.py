@@ -41,7 +41,6 @@ import csv
 import json
 import math
 import os
-import re
 import sys
 import time
 import weakref
@@ -49,7 +48,8 @@ import weakref
 import numpy as np
 
 from HighLevelFeatures import (PARTICLES, UserError, atomic_directory, atomic_output, condition_vector,
-                               ensure_dir, run_cli)
+                               ensure_dir, open_h5, run_cli)
+from HighLevelFeatures import list_checkpoints as hlf_list_checkpoints
 
 # ----------------------------------------------------------------------------------------------
 # configuration
@@ -67,7 +67,6 @@ DEFAULT_ITERATIONS = 1_000_000           # FastCaloGAN trained up to 1M generato
 TRAINING_ATTRS = ("particle", "pid", "eta_min", "eta_max", "range", "binning", "label_scheme", "max_exp",
                   "p_min", "p_max", "ekin_min", "ekin_max", "latent_dim", "n_voxels", "source")
 LOSS_COLUMNS = ("iteration", "critic_loss", "generator_loss", "gradient_penalty", "wasserstein")
-CKPT_RE = re.compile(r"^ckpt_(\d+)$")
 EXCLUDE_RTOL = 1e-3                      # relative tolerance when matching --exclude-energy to E_inc
 
 
@@ -144,13 +143,7 @@ def load_training_file(path):
     """
     import h5py
 
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: training file not found")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise UserError(f"{path}: not a readable HDF5 file ({err})") from None
-    with f:
+    with open_h5(path, "training file") as f:
         for name in ("voxels", "label", "incident_energies"):
             if name not in f or not isinstance(f[name], h5py.Dataset):
                 raise UserError(f"{path}: missing dataset '{name}' (training files of preprocess.py prepare "
@@ -428,16 +421,7 @@ def list_checkpoints(run):
     Complete = renamed into place with ``generator.keras`` and ``state.json`` inside; temporary
     directories of a checkpoint being written (or abandoned by a kill) never match.
     """
-    if not os.path.isdir(run):
-        raise UserError(f"{run}: run directory not found")
-    found = []
-    for name in os.listdir(run):
-        m = CKPT_RE.match(name)
-        path = os.path.join(run, name)
-        if m and os.path.isfile(os.path.join(path, "generator.keras")) \
-                and os.path.isfile(os.path.join(path, "state.json")):
-            found.append((int(m.group(1)), path))
-    return sorted(found)
+    return hlf_list_checkpoints(run, ("generator.keras", "state.json"))
 
 
 def _resumable(path):
