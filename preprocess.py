@@ -60,7 +60,7 @@ import numpy as np
 
 from HighLevelFeatures import (PARTICLES, GeometryError, UserError, atomic_output, condition_label, ensure_dir,
                                energy_range, in_energy_range, iter_calo_chunks, kinetic_energy, list_slices,
-                               open_calo_file, read_geometry, run_cli)
+                               open_calo_file, open_h5, read_geometry, run_cli)
 
 # ----------------------------------------------------------------------------------------------
 # configuration (defaults of the command line)
@@ -427,22 +427,20 @@ class HitsFile:
         self.event_eta = event_eta
 
 
-def _open_h5(path):
-    import h5py
-
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: file not found")
-    try:
-        return h5py.File(path, "r")
-    except OSError as err:
-        raise UserError(f"{path}: not a readable HDF5 file ({err})") from None
+def _check_particle_attr(f, path, particle, what):
+    """The file's optional 'particle' attribute must agree with --particle."""
+    attr = f.attrs.get("particle")
+    if attr is not None:
+        attr = attr.decode() if isinstance(attr, bytes) else str(attr)
+        if attr != particle:
+            raise UserError(f"{path}: the file holds {attr} {what} (attribute 'particle') but --particle is {particle}")
 
 
 def inspect_hits_file(path, particle):
     """Validate the structure of a hits file and read its per-event arrays; UserError names file and field."""
     import h5py
 
-    with _open_h5(path) as f:
+    with open_h5(path) as f:
         for name in HIT_FIELDS + ("truth_p",) + EXTRAP_FIELDS:
             if name not in f or not isinstance(f[name], h5py.Dataset):
                 raise UserError(f"{path}: missing dataset '{name}' (hits files have {', '.join(HIT_FIELDS)}, "
@@ -464,12 +462,7 @@ def inspect_hits_file(path, particle):
             if f[name].ndim != 2 or f[name].shape[0] != n_events or f[name].shape != shape:
                 raise UserError(f"{path}: '{name}' has shape {f[name].shape}, expected ({n_events}, layers)")
         want = PARTICLES[particle][0]
-        attr = f.attrs.get("particle")
-        if attr is not None:
-            attr = attr.decode() if isinstance(attr, bytes) else str(attr)
-            if attr != particle:
-                raise UserError(f"{path}: the file holds {attr} hits (attribute 'particle') but --particle is "
-                                f"{particle}")
+        _check_particle_attr(f, path, particle, "hits")
         if "truth_pdg" in f:
             pdg = np.abs(np.asarray(f["truth_pdg"][:]).reshape(-1))
             if pdg.size and (pdg != want).any():
@@ -520,7 +513,7 @@ def voxelise_file(task):
     """Worker: voxelise one hits file in chunks; returns (path, float32 showers, counters dict)."""
     path, geom, n_events, chunk = task
     mapper = VoxelMapper(geom)
-    with _open_h5(path) as f:
+    with open_h5(path) as f:
         n_cols = f["extrap_eta"].shape[1]
         if int(mapper.layer_ids.max()) >= n_cols:
             raise UserError(f"{path}: extrapolation arrays have {n_cols} layer columns but the XML voxelises layer "
@@ -673,7 +666,7 @@ def run_prepare(args):
     p_min, p_max, _ = energy_range(particle, args.range)
     eta = args.eta
     if eta is None:   # a voxelise output says its slice; a CaloChallenge file does not (then the XML must have one)
-        with _open_h5(args.voxels[0]) as f:
+        with open_h5(args.voxels[0]) as f:
             if "eta_min" in f.attrs and "eta_max" in f.attrs:
                 eta = 0.5 * (float(f.attrs["eta_min"]) + float(f.attrs["eta_max"])) / 100.0
     try:
@@ -686,12 +679,7 @@ def run_prepare(args):
     for path in args.voxels:
         f, n, _ = open_calo_file(path, V)
         with f:
-            attr = f.attrs.get("particle")
-            if attr is not None:
-                attr = attr.decode() if isinstance(attr, bytes) else str(attr)
-                if attr != particle:
-                    raise UserError(f"{path}: the file holds {attr} showers (attribute 'particle') but "
-                                    f"--particle is {particle}")
+            _check_particle_attr(f, path, particle, "showers")
             p = np.asarray(f["incident_energies"][:], dtype=np.float64).reshape(-1)
         if not np.isfinite(p).all() or (p <= 0).any():
             raise UserError(f"{path}: 'incident_energies' has NaN/inf or non-positive values")
