@@ -46,7 +46,7 @@ import time
 import numpy as np
 
 from HighLevelFeatures import (UserError, atomic_output, condition_label, ensure_dir, in_energy_range,
-                               iter_calo_chunks, kinetic_energy, open_calo_file, run_cli)
+                               iter_calo_chunks, kinetic_energy, open_calo_file, run_cli, separation_power)
 
 N_BINS = 30
 #: (a, b): histogram range [peak - a RMS, peak + b RMS] per particle
@@ -163,13 +163,13 @@ def ratio_bins(energy, particle):
     return np.linspace(0.4, 1.4, 21)
 
 
-def separation_power(a, b, bins):
-    """0.5 sum (h1 - h2)^2 / (h1 + h2) of the bin fractions (CaloChallenge); 0 for two empty histograms."""
+def etot_separation(a, b, bins):
+    """CaloChallenge separation power of two samples' histograms in ``bins`` (fractions of in-range entries)."""
     h1 = np.histogram(a, bins)[0].astype(np.float64)
     h2 = np.histogram(b, bins)[0].astype(np.float64)
     h1 = h1 / h1.sum() if h1.sum() > 0 else h1
     h2 = h2 / h2.sum() if h2.sum() > 0 else h2
-    return float(0.5 * np.sum((h1 - h2) ** 2 / (h1 + h2 + 1e-16)))
+    return separation_power(h1, h2)
 
 
 def total_chi2(per_energy, fit_energies):
@@ -390,7 +390,7 @@ def _main(argv):
         ratio_ref = ref_etot[i] / points[i]
         ratio_gen = g_etot / points[i]
         return {"chi2": _num(chi2), "ndf": ndf, "chi2_ndf": _num(chi2 / ndf) if ndf > 0 else None,
-                "etot_einc_separation": separation_power(ratio_ref, ratio_gen, ratio_bins(points[i], particle)),
+                "etot_einc_separation": etot_separation(ratio_ref, ratio_gen, ratio_bins(points[i], particle)),
                 "ref_mean_etot": float(ref_etot[i].mean()), "gen_mean_etot": float(g_etot.mean()),
                 "ref_outside_fraction": outside_fraction(ref_etot[i], ref_etot[i], particle),
                 "gen_outside_fraction": outside_fraction(ref_etot[i], g_etot, particle),
