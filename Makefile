@@ -173,7 +173,7 @@ $(RESULTS)/%/eval/metrics.json: $(RESULTS)/%/select/best.json $(WORK)/%/voxels_h
 
 # --- baseline: the same chain with a generator trained for 1 iteration, to show what training buys
 baseline: $(foreach s,$(SLICES),$(RESULTS)/$(s)/baseline/eval/metrics.json)
-$(RESULTS)/%/baseline/eval/metrics.json: $(WORK)/%/train.h5 $(WORK)/%/voxels_heldout.h5 | $(STAMP)
+$(RESULTS)/%/baseline/eval/metrics.json: $(WORK)/%/train.h5 $(WORK)/%/voxels_heldout.h5 train.py select_epoch.py evaluate.py | $(STAMP)
 	$(PY) train.py --data $< --out $(WORK)/$*/run_untrained --iterations 1 --checkpoint-every 1 --seed $(SEED) --resume $(TRAIN_ARGS)
 	$(PY) select_epoch.py --run $(WORK)/$*/run_untrained --reference $(WORK)/$*/voxels.h5 --events $(SELECT_EVENTS) \
 	    --generate-like $(WORK)/$*/voxels_heldout.h5 --seed $(SEED) --out $(RESULTS)/$*/baseline/select
