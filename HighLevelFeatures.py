@@ -778,15 +778,27 @@ def atomic_output(path):
 
 @contextlib.contextmanager
 def atomic_directory(path):
-    """Yield a temporary directory beside ``path``; rename it to ``path`` when the block succeeds."""
+    """Yield a temporary directory beside ``path``; rename it to ``path`` when the block succeeds.
+
+    An existing ``path`` is first renamed aside and deleted only after the new one is in place, so a kill never
+    leaves a half-deleted directory under the final name. The directory gets the usual mode (0777 & ~umask),
+    not mkdtemp's 0700.
+    """
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
+        old = None
         if os.path.isdir(path):
-            shutil.rmtree(path)
+            old = tmp + "-old"
+            os.replace(path, old)
         os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -913,11 +925,37 @@ def write_calo_file(path, incident_energies, showers, compression=None, **extra)
                 f.create_dataset(k, data=v)
 
 
+def import_keras():
+    """Import Keras (lazily, so ``--help`` stays fast) without TensorFlow's import-time C++ log lines on stderr.
+
+    TensorFlow prints absl/oneDNN notices from C++ before its logging is configured, whatever the environment
+    says, so stderr is pointed at /dev/null for the import alone; TF_CPP_MIN_LOG_LEVEL=2 silences the rest.
+    An import error is still raised (and printed) normally.
+    """
+    if "keras" in sys.modules:
+        return sys.modules["keras"]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import keras
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow  # noqa: F401  (its C++ start-up logs happen here)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    return keras
+
+
 def run_cli(fn, argv=None):
     """Run ``fn(argv)`` as a command: UserError -> one line on stderr and 2; other errors -> 1; else fn's code."""
     try:
         rc = fn(argv)
         return 0 if rc is None else int(rc)
+    except SystemExit as stop:  # argparse: --help (0) or a usage error (2), as a return code in-process too
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

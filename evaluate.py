@@ -68,6 +68,7 @@ from HighLevelFeatures import (
     dataset_geometry,
     draw_layer,
     draw_shower,
+    import_keras,
     separation_power,
     ensure_dir,
     iter_calo_chunks,
@@ -475,8 +476,7 @@ def _keras(seed):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")     # quieter, and bit-for-bit reruns on CPU
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    import keras
-
+    keras = import_keras()
     keras.utils.set_random_seed(seed)
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
@@ -931,6 +931,16 @@ def _check_pair(args, geom):
     return counts["input"]
 
 
+def _check_output_place(path, what):
+    """UserError before any work if the folder ``path`` could not be created or written into."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p) or not os.access(p, os.W_OK | os.X_OK):
+        why = "is not a directory" if not os.path.isdir(p) else "is not writable"
+        raise UserError(f"{path}: cannot write the {what} there ({p} {why})")
+
+
 def _validate_args(args):
     if args.mode in PLANNED_MODES:
         raise UserError(f"mode '{args.mode}' ({PLANNED_MODES[args.mode]}) is not implemented yet in calokit; "
@@ -961,6 +971,11 @@ def _main(argv):
     todo = what_to_do(args.mode)
     geom = dataset_geometry(args.dataset, args.binning)
     n_events = _check_pair(args, geom)
+    _check_output_place(args.output_dir, "outputs")                  # fail now, not after reading the files
+    if not args.no_cache:
+        _check_output_place(args.cache_dir or os.path.join(args.output_dir, "reference_cache"), "reference cache")
+    if args.json:
+        _check_output_place(os.path.dirname(os.path.abspath(args.json)), "metrics file")
     sizes = split_sizes(n_events, args.dataset) if todo["classifiers"] else None    # too few events: fail first
     threshold = MIN_ENERGY[args.dataset]
     ranges = energy_ranges(args.dataset)

@@ -49,7 +49,8 @@ import sys
 
 import numpy as np
 
-from HighLevelFeatures import CKPT_RE, UserError, atomic_output, ensure_dir, list_checkpoints, run_cli
+from HighLevelFeatures import (CKPT_RE, UserError, atomic_output, ensure_dir, import_keras, list_checkpoints,
+                               run_cli)
 
 # ----------------------------------------------------------------------------------------------
 # configuration: defaults of the command line
@@ -588,9 +589,7 @@ def choose_checkpoint(args):
 
 def load_generator(path):
     """Load a Keras generator (.keras) for inference; UserError if it cannot be read."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
-
+    keras = import_keras()
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as err:  # corrupt zip, unknown custom layer, ...: the user's file

@@ -848,6 +848,7 @@ def _main(argv):
 
 
 def main(argv=None):
+    """Run a sub-command; returns the exit code (also for --help and command-line errors, instead of exiting)."""
     return run_cli(_main, argv)
 
 

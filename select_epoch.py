@@ -354,7 +354,8 @@ def _main(argv):
         raise UserError(f"{args.reference}: every energy point in range is excluded from training; nothing to "
                         f"choose the epoch on")
     ref_etot = {i: etot[point_of == i] for i in used}
-    out = ensure_dir(args.out)
+    if like_einc is not None and not run_mask(like_einc, cfg).any():
+        raise UserError(f"{args.generate_like}: no event inside the run's energy range to generate")
     ekin_pt = kinetic_energy(points, particle)
     label_pt, _ = labels_for(points, cfg)
 
@@ -362,7 +363,7 @@ def _main(argv):
     best_k, best_res = None, None
     t0 = time.perf_counter()
     from tqdm import tqdm
-    for k_ckpt, (it, path) in enumerate(tqdm(ckpts, desc="select", unit="ckpt", file=sys.stderr,
+    for k_ckpt, (it, path) in enumerate(tqdm(ckpts, desc="select", unit="ckpt", file=sys.stderr, disable=None,
                                              mininterval=1.0 if sys.stderr.isatty() else 60.0)):
         gen = train.load_generator_file(os.path.join(path, "generator.keras"))
         rng = np.random.default_rng(args.seed)       # the same noise for every checkpoint
@@ -396,6 +397,7 @@ def _main(argv):
                 "gen_outside_fraction": outside_fraction(ref_etot[i], g_etot, particle),
                 "ref_events": int(ref_etot[i].size)}
 
+    out = ensure_dir(args.out)
     write_chi2_csv(os.path.join(out, "chi2.csv"), rows)
     plot_chi2(os.path.join(out, "chi2_vs_iteration.png"), [it for it, _ in ckpts], totals, per_e, per_x, best_it)
 

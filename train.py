@@ -41,6 +41,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import weakref
@@ -48,7 +49,7 @@ import weakref
 import numpy as np
 
 from HighLevelFeatures import (PARTICLES, UserError, atomic_directory, atomic_output, condition_vector,
-                               ensure_dir, open_h5, run_cli)
+                               ensure_dir, import_keras, open_h5, run_cli)
 from HighLevelFeatures import list_checkpoints as hlf_list_checkpoints
 
 # ----------------------------------------------------------------------------------------------
@@ -113,9 +114,7 @@ def parse_args(argv=None):
 
 def _keras():
     """Import Keras lazily (keeps ``--help`` fast) with TensorFlow's start-up chatter silenced."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
-    return keras
+    return import_keras()
 
 
 def _backend():
@@ -520,7 +519,8 @@ def trim_losses(path, last_iteration):
         return 0
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    kept = [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= last_iteration]
+    kept = [r for r in rows[1:]   # a row cut by a kill has fewer fields: dropped
+            if len(r) == len(LOSS_COLUMNS) and r[0].isdigit() and int(r[0]) <= last_iteration]
     with atomic_output(path) as tmp:
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
@@ -899,6 +899,9 @@ def _main(argv):
     if not resuming:
         cfg = make_config(args, data, dropped)
     ensure_dir(run)
+    for name in os.listdir(run):   # checkpoints a kill left half-written (never loaded, but as big as one)
+        if name.startswith(".tmp-ckpt_"):
+            shutil.rmtree(os.path.join(run, name), ignore_errors=True)
     if voxels.shape[1] != cfg["n_voxels"]:
         raise UserError(f"{args.data}: 'voxels' has {voxels.shape[1]} columns, the run expects {cfg['n_voxels']}")
     cfg["backend"] = _backend()
