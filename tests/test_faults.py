@@ -18,6 +18,7 @@ newest one. preprocess.py voxelise and evaluate.py are stopped with SIGKILL whil
 not yet renamed, while it is half written, and at random moments: no truncated file is ever found under a
 final name, and a re-run completes.
 """
+import contextlib
 import csv
 import glob
 import hashlib
@@ -642,6 +643,18 @@ def _newest(run):
     return max(its, default=0)
 
 
+@contextlib.contextmanager
+def reaped(proc):
+    """Kill ``proc`` if it still runs when the block ends (whatever happened in it), reap it, close its stderr."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
+
+
 def kill_train_repeatedly(data, run, n_kills, seed, every=2, timeout=180):
     """SIGKILL ``train.py --resume`` ``n_kills`` times at seeded random moments; returns what each kill saw.
 
@@ -657,7 +670,7 @@ def kill_train_repeatedly(data, run, n_kills, seed, every=2, timeout=180):
         delay = float(rng.uniform(0.2, 4.0) if early else rng.uniform(0.0, 0.6))
         proc = subprocess.Popen(_train_cmd(data, run, 10**6, every), cwd=ROOT, env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
+        with reaped(proc):
             t0 = time.time()
             if not early:
                 while _newest(run) <= start_ckpt:
@@ -667,11 +680,6 @@ def kill_train_repeatedly(data, run, n_kills, seed, every=2, timeout=180):
             time.sleep(delay)
             assert proc.poll() is None, (k, "stopped on its own", proc.stderr.read().decode()[-2000:])
             proc.send_signal(signal.SIGKILL)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            proc.stderr.close()
         assert proc.returncode == -signal.SIGKILL
         newest = check_run_after_kill(run)
         assert newest >= start_ckpt                       # a kill never loses a finished checkpoint
@@ -767,7 +775,7 @@ def run_until_stalled(tmp_path, module, argv, stall_at=1, where="end", timeout=1
     code = STALL_WRAPPER.format(root=ROOT, module=module, flag=flag, stall_at=stall_at, where=where)
     proc = subprocess.Popen([sys.executable, "-c", code, *argv], cwd=str(tmp_path), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
+    with reaped(proc):
         t0 = time.time()
         while not os.path.exists(flag):
             assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
@@ -778,11 +786,6 @@ def run_until_stalled(tmp_path, module, argv, stall_at=1, where="end", timeout=1
         if where == "end":
             assert os.path.getsize(note) > 0         # the complete output sits under its temporary name
         proc.send_signal(signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stderr.close()
     return note
 
 
