@@ -50,6 +50,7 @@ dataset 3 = 2 x 16 GB; run ``-m cls-high`` / ``hist`` on machines with less memo
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -764,20 +765,26 @@ def _draw_histogram_batch(dpi, jobs):
         plotter.close()
 
 
-def draw_histograms(jobs, dpi, n_workers=1):
-    """Draw every histogram PNG; with n_workers > 1 in that many processes (PNG rendering is CPU-bound)."""
-    n_workers = max(1, min(int(n_workers), len(jobs) // 20))     # a worker only pays off for many plots
+def draw_histograms(jobs, dpi, n_workers=1, extra=()):
+    """Draw every histogram PNG; with n_workers > 1 in that many processes (PNG rendering is CPU-bound).
+
+    ``extra`` are picklable zero-argument callables returning a written path (the larger summary figures); they
+    are queued to the same workers, biggest first, so the cores stay busy until the last plot.
+    """
+    n_workers = max(1, min(int(n_workers), len(jobs) // 10))     # a worker only pays off for many plots
     if n_workers == 1:
-        return _draw_histogram_batch(dpi, jobs)
+        return _draw_histogram_batch(dpi, jobs) + [draw() for draw in extra]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     # fork is quick, but never fork a process that already runs TensorFlow's thread pools
     forkable = "fork" in multiprocessing.get_all_start_methods() and "tensorflow" not in sys.modules
     method = "fork" if forkable else "spawn"
-    batches = [jobs[k::n_workers] for k in range(n_workers)]
+    batches = [jobs[k::2 * n_workers] for k in range(2 * n_workers)]
     with ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context(method)) as pool:
-        return [path for part in pool.map(_draw_histogram_batch, [dpi] * n_workers, batches) for path in part]
+        own = [pool.submit(draw) for draw in extra]
+        futures = [pool.submit(_draw_histogram_batch, dpi, batch) for batch in batches]
+        return [path for fut in futures for path in fut.result()] + [fut.result() for fut in own]
 
 
 def plot_layer_comparison(geom, mean_gen, mean_ref, out_dir, dataset, dpi):
@@ -824,6 +831,7 @@ def plot_etot_einc_grid(energies, fracs, bins_list, seps, path, dpi):
         ax.set_title(f"{label}  (sep {seps[i]:.3g})", fontsize=9)
         ax.set_xlabel("Etot / Einc", fontsize=8)
         ax.tick_params(labelsize=7)
+        ax.locator_params(nbins=4)
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -1023,15 +1031,16 @@ def _main(argv):
         if todo["hist_plots"]:
             jobs = [(os.path.join(out_dir, h["file"]), h["bins"], h["ref"], h["gen"], h["name"], h["xlabel"],
                      seps[h["name"]], h["logx"]) for h in hists if h["file"]]
-            written += draw_histograms(jobs, args.dpi, args.jobs)
+            extra = [functools.partial(plot_separation_summary, seps,
+                                       os.path.join(out_dir, f"separation_power_dataset_{d}.png"), d, args.dpi)]
             per_energy = [h for h in hists if h["name"].startswith("Etot / Einc at E = ")]
             if per_energy:
-                written.append(plot_etot_einc_grid(
+                extra.insert(0, functools.partial(
+                    plot_etot_einc_grid,
                     [h["energy"] for h in per_energy], [(h["ref"], h["gen"]) for h in per_energy],
                     [h["bins"] for h in per_energy], [seps[h["name"]] for h in per_energy],
                     os.path.join(out_dir, f"Etot_Einc_dataset_{d}_E_i.png"), args.dpi))
-            written.append(plot_separation_summary(seps, os.path.join(out_dir, f"separation_power_dataset_{d}.png"),
-                                                   d, args.dpi))
+            written += draw_histograms(jobs, args.dpi, args.jobs, extra)
 
     # --- average showers
     if todo["avg"]:
