@@ -102,7 +102,7 @@ all: $(foreach s,$(SLICES),$(RESULTS)/$(s)/eval/metrics.json $(RESULTS)/$(s)/lwt
 	@echo "calokit: results in $(RESULTS)/ for slices: $(SLICES)"
 
 help:
-	@sed -n '1,26p' Makefile
+	@awk '/^#/ { print; next } { exit }' Makefile
 
 # --- environment ----------------------------------------------------------------------------------
 # The venv is (re)built only when the requirements file changes.
