@@ -776,6 +776,14 @@ def atomic_output(path):
         raise
 
 
+def write_text(path, text):
+    """Write a text file atomically (temporary file + rename); returns the path."""
+    with atomic_output(path) as tmp:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_directory(path):
     """Yield a temporary directory beside ``path``; rename it to ``path`` when the block succeeds.

@@ -71,6 +71,7 @@ from HighLevelFeatures import (
     draw_shower,
     import_keras,
     separation_power,
+    write_text,
     ensure_dir,
     iter_calo_chunks,
     open_calo_file,
@@ -883,11 +884,6 @@ def plot_separation_summary(seps, path, dataset, dpi):
 # ----------------------------------------------------------------------------------------------
 # text outputs
 
-def write_text(path, text):
-    with atomic_output(path) as tmp:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-    return path
 
 
 def chi2_text(reported):

@@ -49,8 +49,8 @@ import sys
 
 import numpy as np
 
-from HighLevelFeatures import (CKPT_RE, UserError, atomic_output, ensure_dir, import_keras, list_checkpoints,
-                               run_cli)
+from HighLevelFeatures import (CKPT_RE, UserError, ensure_dir, import_keras, list_checkpoints,
+                               run_cli, write_text)
 
 # ----------------------------------------------------------------------------------------------
 # configuration: defaults of the command line
@@ -671,9 +671,7 @@ def _format_json(obj, indent=0):
 
 def write_json(path, obj):
     """Write JSON atomically (temp file + rename)."""
-    with atomic_output(path) as tmp:
-        with open(tmp, "w") as f:
-            f.write(_format_json(obj) + "\n")
+    write_text(path, _format_json(obj) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------

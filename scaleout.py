@@ -22,7 +22,7 @@ import os
 import shlex
 import sys
 
-from HighLevelFeatures import UserError, atomic_output, ensure_dir, run_cli
+from HighLevelFeatures import UserError, ensure_dir, run_cli, write_text
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -113,9 +113,7 @@ exec make {targets} {" ".join(shlex.quote(v) for v in make_vars)}
 def write_files(out_dir, files):
     ensure_dir(out_dir)
     for name, text in files.items():
-        with atomic_output(os.path.join(out_dir, name)) as tmp:
-            with open(tmp, "w") as f:
-                f.write(text)
+        write_text(os.path.join(out_dir, name), text)
         if name.endswith(".sh"):
             os.chmod(os.path.join(out_dir, name), 0o755)
 

@@ -49,7 +49,7 @@ import weakref
 import numpy as np
 
 from HighLevelFeatures import (PARTICLES, UserError, atomic_directory, atomic_output, condition_vector,
-                               ensure_dir, import_keras, open_h5, run_cli)
+                               ensure_dir, import_keras, open_h5, run_cli, write_text)
 from HighLevelFeatures import list_checkpoints as hlf_list_checkpoints
 
 # ----------------------------------------------------------------------------------------------
@@ -858,10 +858,7 @@ def make_config(args, data, dropped):
 
 
 def write_json(path, obj):
-    with atomic_output(path) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=False)
-            f.write("\n")
+    write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
 
 def _resume_config(args, run):

@@ -737,9 +737,10 @@ STALL_WRAPPER = textwrap.dedent("""\
     import contextlib, os, sys, time
     sys.path.insert(0, {root!r})
     import {module} as script
+    import HighLevelFeatures
     FLAG, STALL_AT, WHERE = {flag!r}, {stall_at}, {where!r}
     calls = [0]
-    real = script.atomic_output
+    real = HighLevelFeatures.atomic_output
 
     def stall(note):
         with open(FLAG + ".tmp", "w") as fh:
@@ -756,7 +757,8 @@ STALL_WRAPPER = textwrap.dedent("""\
             if WHERE == "end" and mine == STALL_AT:
                 stall(tmp)            # complete, closed, not yet renamed
 
-    script.atomic_output = watched
+    script.atomic_output = watched              # the script's own atomic writes
+    HighLevelFeatures.atomic_output = watched   # and those of the shared helpers (write_text, write_calo_file)
     if WHERE == "mid":                # voxelise: first file's showers written, the output still open
         real_map = script._map_tasks
         def mapped(tasks, jobs):
