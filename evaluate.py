@@ -367,20 +367,15 @@ def file_sha256(path, block=8 * 2**20):
     return h.hexdigest()
 
 
-def _small_file_sha256(path):
-    with open(path, "rb") as fh:
-        return hashlib.sha256(fh.read()).hexdigest()
-
-
 def cache_key(ref_sha, geom_xml, dataset, threshold):
     """Key of a reference cache entry: reference content, binning content, dataset, threshold, and the code that
     computes the cached numbers (this file and HighLevelFeatures.py), so an entry can never be stale."""
     import HighLevelFeatures
 
-    text = json.dumps({"reference_sha256": ref_sha, "binning_sha256": _small_file_sha256(geom_xml),
+    text = json.dumps({"reference_sha256": ref_sha, "binning_sha256": file_sha256(geom_xml),
                        "dataset": dataset, "threshold": repr(float(threshold)), "version": CACHE_VERSION,
-                       "code_sha256": [_small_file_sha256(os.path.abspath(__file__)),
-                                       _small_file_sha256(HighLevelFeatures.__file__)]}, sort_keys=True)
+                       "code_sha256": [file_sha256(os.path.abspath(__file__)),
+                                       file_sha256(HighLevelFeatures.__file__)]}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -46,7 +46,7 @@ import time
 import numpy as np
 
 from HighLevelFeatures import (UserError, atomic_output, condition_label, ensure_dir, in_energy_range,
-                               iter_calo_chunks, kinetic_energy, open_calo_file, run_cli, separation_power)
+                               iter_calo_chunks, kinetic_energy, run_cli, separation_power)
 
 N_BINS = 30
 #: (a, b): histogram range [peak - a RMS, peak + b RMS] per particle
@@ -335,10 +335,8 @@ def _main(argv):
     ckpts = train.list_checkpoints(args.run)
     if not ckpts:
         raise UserError(f"{args.run}: no complete checkpoint (ckpt_<iteration>/generator.keras)")
-    f, _, _ = open_calo_file(args.reference, int(cfg["n_voxels"]))
-    f.close()
     particle = cfg["particle"]
-    einc, etot = read_reference(args.reference, int(cfg["n_voxels"]))
+    einc, etot = read_reference(args.reference, int(cfg["n_voxels"]))   # validates the file as it streams
     like_einc = None
     if args.generate_like and not args.no_generated:
         like_einc = read_reference(args.generate_like, int(cfg["n_voxels"]))[0]
