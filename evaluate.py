@@ -761,6 +761,18 @@ def _draw_histogram_batch(dpi, jobs):
         plotter.close()
 
 
+def _fork_context():
+    """The multiprocessing 'fork' context where forking is quick and safe, else None.
+
+    Never fork a process that already runs TensorFlow's thread pools (classifier modes, tests).
+    """
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods() or "tensorflow" in sys.modules:
+        return None
+    return multiprocessing.get_context("fork")
+
+
 def draw_histograms(jobs, dpi, n_workers=1, extra=()):
     """Draw every histogram PNG; with n_workers > 1 in that many processes (PNG rendering is CPU-bound).
 
@@ -773,11 +785,9 @@ def draw_histograms(jobs, dpi, n_workers=1, extra=()):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    # fork is quick, but never fork a process that already runs TensorFlow's thread pools
-    forkable = "fork" in multiprocessing.get_all_start_methods() and "tensorflow" not in sys.modules
-    method = "fork" if forkable else "spawn"
     batches = [jobs[k::2 * n_workers] for k in range(2 * n_workers)]
-    with ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context(method)) as pool:
+    context = _fork_context() or multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(n_workers, mp_context=context) as pool:
         own = [pool.submit(draw) for draw in extra]
         futures = [pool.submit(_draw_histogram_batch, dpi, batch) for batch in batches]
         return [path for fut in futures for path in fut.result()] + [fut.result() for fut in own]
@@ -963,10 +973,14 @@ def _validate_args(args):
         raise UserError("--chunk_mb must be > 0")
 
 
+def _progress(msg):
+    print(f"[evaluate] {msg}", file=sys.stderr, flush=True)
+
+
 def _main(argv):
     args = build_parser().parse_args(argv)
     _validate_args(args)
-    log = (lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True)) if args.verbose else None
+    log = _progress if args.verbose else None
     todo = what_to_do(args.mode)
     geom = dataset_geometry(args.dataset, args.binning)
     n_events = _check_pair(args, geom)
@@ -983,23 +997,46 @@ def _main(argv):
     out_dir = args.output_dir
     d = args.dataset
 
-    # --- reference: from the cache, or one (two with voxel histograms) streamed passes
-    ref_sha = file_sha256(args.reference_file)
-    key = cache_key(ref_sha, geom.filename, d, threshold)
-    cache_path = os.path.join(args.cache_dir or os.path.join(out_dir, "reference_cache"), f"reference_{key[:24]}.npz")
-    ref = None if args.no_cache else load_cache(cache_path, key, geom.n_voxels)
-    cache_hit = ref is not None
-    if ref is None:
-        ref = scan_file(args.reference_file, geom, threshold, ranges, chunk, low_kind=low_kind, log=log)
-        ref.voxel_counts = voxel_histogram(args.reference_file, geom, threshold,
-                                           log_bins(threshold, ref.voxel_max, 50), chunk)
-    elif low_kind:   # the low-level classifier needs the reference voxels themselves
-        ref.cls_low = scan_file(args.reference_file, geom, threshold, ranges, chunk, low_kind=low_kind,
-                                features=False, log=log).cls_low
-    voxel_bins = log_bins(threshold, ref.voxel_max, 50)
+    # --- the input is streamed in a forked worker while this process reads the reference (two cores, big
+    # files, no low-level classifier inputs to ship back); otherwise here, after the reference
+    worker = None
+    if args.jobs > 1 and n_events > chunk and not low_kind and _fork_context() is not None:
+        from concurrent.futures import ProcessPoolExecutor
 
-    # --- input: one streamed pass
-    gen = scan_file(args.input_file, geom, threshold, ranges, chunk, voxel_bins=voxel_bins, low_kind=low_kind, log=log)
+        worker = ProcessPoolExecutor(1, mp_context=_fork_context())
+    try:
+        if worker:
+            gen_scan = worker.submit(scan_file, args.input_file, geom, threshold, ranges, chunk, log=log)
+
+        # --- reference: from the cache, or one (two with voxel histograms) streamed passes
+        ref_sha = file_sha256(args.reference_file)
+        key = cache_key(ref_sha, geom.filename, d, threshold)
+        cache_path = os.path.join(args.cache_dir or os.path.join(out_dir, "reference_cache"),
+                                  f"reference_{key[:24]}.npz")
+        ref = None if args.no_cache else load_cache(cache_path, key, geom.n_voxels)
+        cache_hit = ref is not None
+        if ref is None:
+            ref = scan_file(args.reference_file, geom, threshold, ranges, chunk, low_kind=low_kind, log=log)
+            ref.voxel_counts = voxel_histogram(args.reference_file, geom, threshold,
+                                               log_bins(threshold, ref.voxel_max, 50), chunk)
+        elif low_kind:   # the low-level classifier needs the reference voxels themselves
+            ref.cls_low = scan_file(args.reference_file, geom, threshold, ranges, chunk, low_kind=low_kind,
+                                    features=False, log=log).cls_low
+        voxel_bins = log_bins(threshold, ref.voxel_max, 50)   # the input's voxel histogram needs the reference max
+
+        # --- input: one streamed pass here, or the worker's pass plus its voxel histogram in the reference bins
+        if worker:
+            counts = worker.submit(voxel_histogram, args.input_file, geom, threshold, voxel_bins, chunk)
+            if todo["hist_plots"]:
+                _plt()          # meanwhile: the plotting processes forked later start with matplotlib loaded
+            gen = gen_scan.result()
+            gen.voxel_counts = counts.result()
+        else:
+            gen = scan_file(args.input_file, geom, threshold, ranges, chunk, voxel_bins=voxel_bins,
+                            low_kind=low_kind, log=log)
+    finally:
+        if worker:
+            worker.shutdown(cancel_futures=True)
 
     metrics = {
         "dataset": d, "mode": args.mode, "seed": args.seed,

@@ -8,7 +8,8 @@ event) and trains the FastCaloGAN V2 network pair with Keras 3 on whatever backe
   hidden Dense 50, 100, 200 (each Dense -> [BatchNormalization] -> activation; swish + batch-norm for
   photons/electrons, ReLU without batch-norm for pions/protons by default), output Dense(N_vox) -> ReLU so
   showers are never negative;
-* critic: input [voxels, condition] concatenated, three hidden Dense(N_vox) with ReLU, linear output;
+* critic: input [voxels, condition] concatenated, three hidden Dense(N_vox) with ReLU, linear output (width
+  capped at CRITIC_WIDTH_CAP = 2048 by default, so that CaloChallenge datasets 2 and 3 fit; ``--critic-width``);
 * WGAN-GP: 5 critic steps per generator step, lambda 10, Adam (lr 1e-4, beta1 0.55), batch 128.
 
 One training iteration (5 critic updates and 1 generator update) is one compiled function: the batches for
@@ -68,6 +69,9 @@ DEFAULT_ITERATIONS = 1_000_000           # FastCaloGAN trained up to 1M generato
 TRAINING_ATTRS = ("particle", "pid", "eta_min", "eta_max", "range", "binning", "label_scheme", "max_exp",
                   "p_min", "p_max", "ekin_min", "ekin_max", "latent_dim", "n_voxels", "source")
 LOSS_COLUMNS = ("iteration", "critic_loss", "generator_loss", "gradient_penalty", "wasserstein")
+#: the critic's hidden layers are N_vox wide (FastCaloGAN, a few hundred voxels); CaloChallenge dataset 3
+#: (40500 voxels) would need 5e9 weights, so the default width stops here (dataset 2: 6480 -> 2048)
+CRITIC_WIDTH_CAP = 2048
 EXCLUDE_RTOL = 1e-3                      # relative tolerance when matching --exclude-energy to E_inc
 
 
@@ -96,6 +100,9 @@ def parse_args(argv=None):
                    help="generator output activation (relu: exact zeros, non-negative)")
     p.add_argument("--batchnorm", default=None, action=argparse.BooleanOptionalAction,
                    help="batch-norm in the generator (default: on for photon/electron, off for pion/proton)")
+    p.add_argument("--critic-width", type=int, default=None,
+                   help=f"units of each of the critic's 3 hidden layers (default: N_vox as FastCaloGAN, at most "
+                        f"{CRITIC_WIDTH_CAP} so CaloChallenge datasets 2/3 fit in memory)")
     p.add_argument("--keep-resume", type=int, default=1,
                    help="newest checkpoints that keep their resume state (critic, optimisers); older ones keep "
                         "generator.keras and state.json only")
@@ -104,8 +111,8 @@ def parse_args(argv=None):
     p.add_argument("--deterministic", default=True, action=argparse.BooleanOptionalAction,
                    help="TensorFlow op determinism (same seed -> same losses)")
     args = p.parse_args(argv)
-    for name in ("iterations", "checkpoint_every", "batch_size", "n_critic", "keep_resume"):
-        if getattr(args, name) < 1:
+    for name in ("iterations", "checkpoint_every", "batch_size", "n_critic", "keep_resume", "critic_width"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
     if not (args.lr > 0 and args.lambda_gp >= 0 and 0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
         raise UserError("--lr must be > 0, --lambda-gp >= 0 and --beta1/--beta2 in [0, 1)")
@@ -842,7 +849,7 @@ def make_config(args, data, dropped):
         "beta1": float(args.beta1), "beta2": float(args.beta2),
         "generator": {"hidden": list(GENERATOR_HIDDEN), "activation": activation, "batchnorm": batchnorm,
                       "output_activation": args.output_activation},
-        "critic": {"hidden": [n_vox] * 3, "activation": "relu"},
+        "critic": {"hidden": [int(args.critic_width or min(n_vox, CRITIC_WIDTH_CAP))] * 3, "activation": "relu"},
         "excluded_energies": sorted(float(e) for e in dropped),
         "excluded_events": {f"{e:g}": n for e, n in sorted(dropped.items())},
         "exclude_rtol": EXCLUDE_RTOL,

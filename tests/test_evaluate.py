@@ -387,3 +387,31 @@ def test_low_level_inputs_follow_the_reference(tmp_path, capsys, ds1):
                       tmp_path / "o", *SMALL_CLS)
     assert rc == 0, err
     assert (tmp_path / "o" / "classifier_cls-low-normed_1-photons.txt").read_text().startswith(ev.CLS_HEADER)
+
+
+def test_input_scanned_in_a_worker_equals_serial_scan(tmp_path, ds1):
+    """Subprocesses (no TensorFlow loaded, so evaluate.py may fork): small chunks make the input file 'big', so
+    it is streamed in a forked worker while the reference is read; outputs must equal the one-process run."""
+    _, gen, ref = ds1
+    base = [sys.executable, "evaluate.py", "-r", ref, "-m", "hist-chi", "-d", "1-photons", "--no_cache",
+            "--chunk_mb", "0.1"]
+    texts = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs{jobs}"
+        res = subprocess.run(base + ["-i", gen, "--output_dir", str(out), "--jobs", jobs], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        metrics = json.loads((out / "metrics.json").read_text())
+        texts[jobs] = ((out / "histogram_chi2_1-photons.txt").read_text(), metrics["separation_power"])
+    assert texts["1"] == texts["2"]
+    assert texts["2"][1]["Voxel distribution"] > 0       # the worker's voxel histogram took part
+    bad = str(tmp_path / "nan.h5")                       # an error found in the worker: exit 2, one line
+    with h5py.File(gen, "r") as f:
+        sh, e = f["showers"][:], f["incident_energies"][:]
+    sh[590, 3] = np.inf
+    write_calo_file(bad, e, sh)
+    res = subprocess.run(base + ["-i", bad, "--output_dir", str(tmp_path / "bad"), "--jobs", "2"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        f"error: {bad}: 'showers' has NaN/inf values (first at event 590)"], res.stderr
+    assert not (tmp_path / "bad").exists()

@@ -331,3 +331,22 @@ def test_short_training_beats_untrained(tmp_path, train_file):
         d0, d1 = wasserstein_distance(r, g0), wasserstein_distance(r, g1)
         assert d1 < 0.2 * d0, (e, d1 / r.mean(), d0 / r.mean())
     assert best["chi2_ndf"] < 20
+
+
+def test_critic_width_fastcalogan_default_and_cap():
+    """Critic layers are N_vox wide (FastCaloGAN) up to CRITIC_WIDTH_CAP; --critic-width overrides both."""
+    def critic_hidden(n_vox, *flags):
+        args = train.parse_args(["--data", "x.h5", "--out", "run", *flags])
+        data = {"attrs": {"particle": "photon", "n_voxels": n_vox, "latent_dim": 50},
+                "voxels": np.zeros((4, n_vox), dtype=np.float32)}
+        return train.make_config(args, data, {})["critic"]["hidden"]
+
+    assert critic_hidden(368) == [368] * 3                      # dataset 1 photons: FastCaloGAN's width
+    assert critic_hidden(6480) == [train.CRITIC_WIDTH_CAP] * 3  # dataset 2 capped
+    assert critic_hidden(6480, "--critic-width", "64") == [64] * 3
+    cfg = {"n_voxels": 368, "latent_dim": 50, "generator": {"hidden": [50, 100, 200], "activation": "relu",
+           "batchnorm": False, "output_activation": "relu"}, "critic": {"hidden": [16] * 3, "activation": "relu"}}
+    _, critic = train.networks_from_config(cfg)
+    assert [lay.units for lay in critic.layers if lay.name.startswith("dense_")] == [16, 16, 16]
+    with pytest.raises(train.UserError, match="critic-width"):
+        train.parse_args(["--data", "x.h5", "--out", "run", "--critic-width", "0"])
