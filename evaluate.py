@@ -743,7 +743,7 @@ class HistPlotter:
             ax.set_ylim(0.0, max(float(both.max()), 1e-12) * 1.2)
         ax.xaxis.set_minor_locator(self.null())
         ax.yaxis.set_minor_locator(self.null())
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=10, y=1.0)       # a fixed position: no overlap search at each draw
         ax.set_xlabel(xlabel)
         self.text.set_text(f"separation power {sep:.4g}")
         return _savefig(self.fig, path, self.dpi)
@@ -834,7 +834,7 @@ def plot_etot_einc_grid(energies, fracs, bins_list, seps, path, dpi):
         ax.stairs(fg / np.diff(bins), bins, linewidth=2, color="tab:blue", label="generated")
         label = f"E = {energy:.0f} MeV" if energy < 1e3 else (f"E = {energy / 1e3:.1f} GeV" if energy < 1e6
                                                                else f"E = {energy / 1e6:.1f} TeV")
-        ax.set_title(f"{label}  (sep {seps[i]:.3g})", fontsize=9)
+        ax.set_title(f"{label}  (sep {seps[i]:.3g})", fontsize=9, y=1.0)
         ax.set_xlabel("Etot / Einc", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.locator_params(nbins=4)
@@ -880,7 +880,7 @@ def plot_separation_summary(seps, path, dataset, dpi):
     ax2.set_xscale("log")
     ax2.invert_yaxis()
     ax2.set_title("Other histograms")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.1, top=0.93, wspace=0.45)   # fixed: tight_layout
     _savefig(fig, path, dpi)
     plt.close(fig)
     return path
