@@ -773,24 +773,42 @@ def _fork_context():
     return multiprocessing.get_context("fork")
 
 
-def draw_histograms(jobs, dpi, n_workers=1, extra=()):
-    """Draw every histogram PNG; with n_workers > 1 in that many processes (PNG rendering is CPU-bound).
+def worker_pool(n_workers, plots):
+    """``n_workers`` forked worker processes (None for none, or where forking is unsafe).
+
+    Started before any file is read, so each worker stays small (its resident set is what the main process held
+    at the fork); with ``plots`` each loads matplotlib at once, in parallel with the main process's reading.
+    """
+    context = _fork_context()
+    if n_workers < 1 or context is None:
+        return None
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(n_workers, mp_context=context, initializer=_plt if plots else None)
+
+
+def draw_histograms(jobs, dpi, n_workers=1, extra=(), pool=None):
+    """Draw every histogram PNG; in ``pool`` or, with n_workers > 1, in that many processes (PNG rendering is
+    CPU-bound).
 
     ``extra`` are picklable zero-argument callables returning a written path (the larger summary figures); they
     are queued to the same workers, biggest first, so the cores stay busy until the last plot.
     """
-    n_workers = max(1, min(int(n_workers), len(jobs) // 10))     # a worker only pays off for many plots
-    if n_workers == 1:
-        return _draw_histogram_batch(dpi, jobs) + [draw() for draw in extra]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    if pool is None:
+        n_workers = max(1, min(int(n_workers), len(jobs) // 10))     # a worker only pays off for many plots
+        if n_workers == 1:
+            return _draw_histogram_batch(dpi, jobs) + [draw() for draw in extra]
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
+        context = _fork_context() or multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(n_workers, mp_context=context) as own_pool:
+            return draw_histograms(jobs, dpi, n_workers, extra, own_pool)
+    n_workers = max(1, int(n_workers))
     batches = [jobs[k::2 * n_workers] for k in range(2 * n_workers)]
-    context = _fork_context() or multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(n_workers, mp_context=context) as pool:
-        own = [pool.submit(draw) for draw in extra]
-        futures = [pool.submit(_draw_histogram_batch, dpi, batch) for batch in batches]
-        return [path for fut in futures for path in fut.result()] + [fut.result() for fut in own]
+    own = [pool.submit(draw) for draw in extra]
+    futures = [pool.submit(_draw_histogram_batch, dpi, batch) for batch in batches]
+    return [path for fut in futures for path in fut.result()] + [fut.result() for fut in own]
 
 
 def plot_layer_comparison(geom, mean_gen, mean_ref, out_dir, dataset, dpi):
@@ -973,6 +991,34 @@ def _validate_args(args):
         raise UserError("--chunk_mb must be > 0")
 
 
+def histogram_outputs(args, todo, geom, ref, gen, threshold, ranges, voxel_bins, metrics, pool=None):
+    """Histograms and separation powers (into ``metrics``), the chi2 text file and the PNGs; returns the paths."""
+    d, out_dir = args.dataset, args.output_dir
+    hists = build_histograms(d, geom, ref, gen, threshold, ranges, voxel_bins)
+    seps = {h["name"]: separation_power(h["ref"], h["gen"]) for h in hists}
+    metrics["separation_power"] = seps
+    metrics["empty_histograms"] = [h["name"] for h in hists if not h["ref"].any() or not h["gen"].any()]
+    ensure_dir(out_dir)
+    written = []
+    if todo["hist_chi"]:
+        reported = [(h["name"], seps[h["name"]]) for h in hists if h["reported"]]
+        written.append(write_text(os.path.join(out_dir, f"histogram_chi2_{d}.txt"), chi2_text(reported)))
+    if todo["hist_plots"]:
+        jobs = [(os.path.join(out_dir, h["file"]), h["bins"], h["ref"], h["gen"], h["name"], h["xlabel"],
+                 seps[h["name"]], h["logx"]) for h in hists if h["file"]]
+        extra = [functools.partial(plot_separation_summary, seps,
+                                   os.path.join(out_dir, f"separation_power_dataset_{d}.png"), d, args.dpi)]
+        per_energy = [h for h in hists if h["name"].startswith("Etot / Einc at E = ")]
+        if per_energy:
+            extra.insert(0, functools.partial(
+                plot_etot_einc_grid,
+                [h["energy"] for h in per_energy], [(h["ref"], h["gen"]) for h in per_energy],
+                [h["bins"] for h in per_energy], [seps[h["name"]] for h in per_energy],
+                os.path.join(out_dir, f"Etot_Einc_dataset_{d}_E_i.png"), args.dpi))
+        written += draw_histograms(jobs, args.dpi, args.jobs, extra, pool)
+    return written
+
+
 def _progress(msg):
     print(f"[evaluate] {msg}", file=sys.stderr, flush=True)
 
@@ -997,16 +1043,16 @@ def _main(argv):
     out_dir = args.output_dir
     d = args.dataset
 
-    # --- the input is streamed in a forked worker while this process reads the reference (two cores, big
-    # files, no low-level classifier inputs to ship back); otherwise here, after the reference
-    worker = None
-    if args.jobs > 1 and n_events > chunk and not low_kind and _fork_context() is not None:
-        from concurrent.futures import ProcessPoolExecutor
-
-        worker = ProcessPoolExecutor(1, mp_context=_fork_context())
+    # --- worker processes, forked now while this process is small: with --jobs > 1 they draw the PNGs and one
+    # streams the input file while this process reads the reference (big files without low-level classifier
+    # inputs, which would be too large to ship back); otherwise the input is read here, after the reference
+    in_worker = n_events > chunk and not low_kind
+    n_workers = (args.jobs if todo["hist_plots"] else 1 if in_worker else 0) if args.jobs > 1 else 0
+    pool = worker_pool(n_workers, todo["hist_plots"])
+    in_worker = in_worker and pool is not None
     try:
-        if worker:
-            gen_scan = worker.submit(scan_file, args.input_file, geom, threshold, ranges, chunk, log=log)
+        if in_worker:
+            gen_scan = pool.submit(scan_file, args.input_file, geom, threshold, ranges, chunk, log=log)
 
         # --- reference: from the cache, or one (two with voxel histograms) streamed passes
         ref_sha = file_sha256(args.reference_file)
@@ -1025,50 +1071,25 @@ def _main(argv):
         voxel_bins = log_bins(threshold, ref.voxel_max, 50)   # the input's voxel histogram needs the reference max
 
         # --- input: one streamed pass here, or the worker's pass plus its voxel histogram in the reference bins
-        if worker:
-            counts = worker.submit(voxel_histogram, args.input_file, geom, threshold, voxel_bins, chunk)
-            if todo["hist_plots"]:
-                _plt()          # meanwhile: the plotting processes forked later start with matplotlib loaded
+        if in_worker:
+            counts = pool.submit(voxel_histogram, args.input_file, geom, threshold, voxel_bins, chunk)
             gen = gen_scan.result()
             gen.voxel_counts = counts.result()
         else:
             gen = scan_file(args.input_file, geom, threshold, ranges, chunk, voxel_bins=voxel_bins,
                             low_kind=low_kind, log=log)
+        metrics = {
+            "dataset": d, "mode": args.mode, "seed": args.seed,
+            "input_file": os.path.abspath(args.input_file), "reference_file": os.path.abspath(args.reference_file),
+            "reference_sha256": ref_sha, "binning": os.path.abspath(geom.filename),
+            "threshold_mev": threshold, "n_events": n_events,
+        }
+        written = []
+        if todo["hist"]:
+            written += histogram_outputs(args, todo, geom, ref, gen, threshold, ranges, voxel_bins, metrics, pool)
     finally:
-        if worker:
-            worker.shutdown(cancel_futures=True)
-
-    metrics = {
-        "dataset": d, "mode": args.mode, "seed": args.seed,
-        "input_file": os.path.abspath(args.input_file), "reference_file": os.path.abspath(args.reference_file),
-        "reference_sha256": ref_sha, "binning": os.path.abspath(geom.filename),
-        "threshold_mev": threshold, "n_events": n_events,
-    }
-    written = []
-
-    # --- histograms and separation powers
-    if todo["hist"]:
-        hists = build_histograms(d, geom, ref, gen, threshold, ranges, voxel_bins)
-        seps = {h["name"]: separation_power(h["ref"], h["gen"]) for h in hists}
-        metrics["separation_power"] = seps
-        metrics["empty_histograms"] = [h["name"] for h in hists if not h["ref"].any() or not h["gen"].any()]
-        ensure_dir(out_dir)
-        if todo["hist_chi"]:
-            reported = [(h["name"], seps[h["name"]]) for h in hists if h["reported"]]
-            written.append(write_text(os.path.join(out_dir, f"histogram_chi2_{d}.txt"), chi2_text(reported)))
-        if todo["hist_plots"]:
-            jobs = [(os.path.join(out_dir, h["file"]), h["bins"], h["ref"], h["gen"], h["name"], h["xlabel"],
-                     seps[h["name"]], h["logx"]) for h in hists if h["file"]]
-            extra = [functools.partial(plot_separation_summary, seps,
-                                       os.path.join(out_dir, f"separation_power_dataset_{d}.png"), d, args.dpi)]
-            per_energy = [h for h in hists if h["name"].startswith("Etot / Einc at E = ")]
-            if per_energy:
-                extra.insert(0, functools.partial(
-                    plot_etot_einc_grid,
-                    [h["energy"] for h in per_energy], [(h["ref"], h["gen"]) for h in per_energy],
-                    [h["bins"] for h in per_energy], [seps[h["name"]] for h in per_energy],
-                    os.path.join(out_dir, f"Etot_Einc_dataset_{d}_E_i.png"), args.dpi))
-            written += draw_histograms(jobs, args.dpi, args.jobs, extra)
+        if pool:
+            pool.shutdown(cancel_futures=True)
 
     # --- average showers
     if todo["avg"]:

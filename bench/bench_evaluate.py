@@ -1,8 +1,10 @@
 """bench_evaluate.py -- wall time and peak RSS of evaluate.py on synthetic CaloChallenge files.
 
 Prints one JSON object on stdout:
-    {"ds1_photons": {"hist_s", "cls_high_s", "peak_rss_mb"}, "ds2": {"hist_s", "peak_rss_mb"}}
-peak_rss_mb is the largest resident set of the evaluate.py processes of that dataset (os.wait4 of each child).
+    {"ds1_photons": {"hist_s", "cls_high_s", "peak_rss_mb", ...}, "ds2": {"hist_s", "peak_rss_mb", ...}}
+peak_rss_mb is the largest resident set of the evaluate.py processes of that dataset (os.wait4 of each child);
+hist_rss_mb / cls_high_rss_mb split it by mode, tensorflow_rss_mb is a process that only runs one Keras layer
+(the floor of cls-high), file_float64_mb the size of one input file's showers in float64 (the memory target).
 
 Full mode: two 100k-event dataset-1 photon files and two 20k-event dataset-2 files (the issue's sizes).
 --quick: 10k and 2k events. Every measurement is a fresh ``python evaluate.py`` subprocess with a fresh output
@@ -20,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -30,21 +31,38 @@ CLS_FLAGS = {"full": ["--cls_n_hidden", "256", "--cls_n_epochs", "5"],
              "quick": ["--cls_n_hidden", "64", "--cls_n_epochs", "2"]}
 
 
+#: Linux keeps a process's peak RSS across exec, so a command started straight from this (large) process would
+#: report at least this process's size; a small launcher forks the command and reports its child's figures
+LAUNCHER = ("import os, sys, time; t = time.perf_counter(); pid = os.fork()\n"
+            "if pid == 0: os.execv(sys.argv[1], sys.argv[1:])\n"
+            "_, status, usage = os.wait4(pid, 0)\n"
+            "print(time.perf_counter() - t, usage.ru_maxrss, os.waitstatus_to_exitcode(status), file=sys.stderr)\n"
+            "sys.exit(os.waitstatus_to_exitcode(status))")
+
+
 def run_measured(cmd):
-    """Run ``cmd``; return (wall seconds, peak RSS in MB of that process)."""
+    """Run ``cmd``; return (wall seconds, peak RSS in MB of that process and the children it waited for)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONHASHSEED="0")
-    with tempfile.TemporaryFile() as errfile:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errfile, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            errfile.seek(0)
-            err = errfile.read().decode(errors="replace").strip()[-500:]
-            print(f"bench_evaluate: {' '.join(cmd)} failed ({proc.returncode}): {err}", file=sys.stderr)
-            sys.exit(1)
-    return wall, usage.ru_maxrss / 1024.0
+    res = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, env=env, text=True)
+    lines = res.stderr.strip().splitlines()
+    if res.returncode != 0 or not lines:
+        print(f"bench_evaluate: {' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()[-500:]}",
+              file=sys.stderr)
+        sys.exit(1)
+    wall, maxrss_kb, _ = lines[-1].split()
+    return float(wall), int(maxrss_kb) / 1024.0
+
+
+#: what Keras on TensorFlow alone occupies (the floor of any cls-high run, whatever the file size)
+KERAS_ONLY = f"import sys; sys.path.insert(0, {ROOT!r}); import HighLevelFeatures as h; h.import_keras(); import keras; keras.layers.Dense(1)(keras.ops.ones((1, 1)))"
+
+
+def n_events(path):
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return f["showers"].shape[0]
 
 
 def evaluate_cmd(gen, ref, mode, dataset, out, extra=()):
@@ -73,13 +91,15 @@ def main(argv=None):
         for tag, (dataset, gen, ref) in files.items():
             out = tempfile.mkdtemp(prefix=f"out_{tag}_", dir=work)
             hist_s, rss = run_measured(evaluate_cmd(gen, ref, "hist", dataset, os.path.join(out, "hist")))
-            result[tag] = {"hist_s": round(hist_s, 2)}
+            result[tag] = {"hist_s": round(hist_s, 2), "hist_rss_mb": round(rss, 1)}
             if tag == "ds1_photons":
                 cls_s, rss_cls = run_measured(evaluate_cmd(gen, ref, "cls-high", dataset, os.path.join(out, "cls"),
                                                            CLS_FLAGS[size]))
-                result[tag]["cls_high_s"] = round(cls_s, 2)
+                result[tag].update(cls_high_s=round(cls_s, 2), cls_high_rss_mb=round(rss_cls, 1),
+                                   tensorflow_rss_mb=round(run_measured([sys.executable, "-c", KERAS_ONLY])[1], 1))
                 rss = max(rss, rss_cls)
             result[tag]["peak_rss_mb"] = round(rss, 1)
+            result[tag]["file_float64_mb"] = round(n_events(gen) * evalutils.n_voxels(dataset) * 8 / 2**20, 1)
             shutil.rmtree(out, ignore_errors=True)
     finally:
         if args.keep is None:
