@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import glob
 import hashlib
 import json
 import math
@@ -342,14 +343,24 @@ def scan_file(path, geom, threshold, ranges, chunk, voxel_bins=None, low_kind=No
     return scan
 
 
-def voxel_histogram(path, geom, threshold, bins, chunk):
-    """Counts of thresholded voxel energies of a file in ``bins`` (second pass over the reference)."""
+def voxel_histogram(path, geom, threshold, bins, chunk, start=0, stop=None):
+    """Counts of thresholded voxel energies of events [start, stop) of a file in ``bins`` (a second pass, once the
+    reference maximum has fixed the bins)."""
     counts = np.zeros(len(bins) - 1, dtype=np.int64)
     thr = np.float32(threshold)
-    for _, _, showers in iter_calo_chunks(path, geom.n_voxels, chunk, check=False):
+    for _, _, showers in iter_calo_chunks(path, geom.n_voxels, chunk, check=False, start=start, stop=stop):
         vals = showers[showers >= max(thr, bins[0])]
         counts += np.histogram(vals, bins=bins)[0]
     return counts
+
+
+def split_voxel_histogram(pool, path, geom, threshold, bins, chunk, n_events):
+    """:func:`voxel_histogram` of a whole file, the second half counted in a ``pool`` worker meanwhile (if any)."""
+    half = (n_events // 2 // chunk) * chunk
+    if pool is None or half == 0:
+        return voxel_histogram(path, geom, threshold, bins, chunk)
+    other = pool.submit(voxel_histogram, path, geom, threshold, bins, chunk, half)
+    return voxel_histogram(path, geom, threshold, bins, chunk, 0, half) + other.result()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,6 +388,12 @@ def cache_key(ref_sha, geom_xml, dataset, threshold):
                        "code_sha256": [file_sha256(os.path.abspath(__file__)),
                                        file_sha256(HighLevelFeatures.__file__)]}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def cache_entry(cache_dir, ref_sha, geom, dataset, threshold):
+    """(path, key) of the cached reference scan for this content, binning, dataset, threshold and code."""
+    key = cache_key(ref_sha, geom.filename, dataset, threshold)
+    return os.path.join(cache_dir, f"reference_{key[:24]}.npz"), key
 
 
 def save_cache(path, key, scan):
@@ -656,8 +673,8 @@ def build_histograms(dataset, geom, ref, gen, threshold, ranges, voxel_bins):
     """
     d = dataset
     files = {"E_layer": "E_layer", "EC_eta": "ECEta_layer", "EC_phi": "ECPhi_layer", "width_eta": "WidthEta_layer",
-             "width_phi": "WidthPhi_layer", "EC_r": "ECR_layer", "width_r": "WidthR_layer",
-             "sparsity": "Sparsity_layer"}
+             "width_phi": "WidthPhi_layer"}
+    grids = {"EC_r": "ECR", "width_r": "WidthR", "sparsity": "Sparsity"}      # calokit additions: one grid each
 
     def item(name, bins, values_ref, values_gen, file, xlabel, logx=False, reported=True, **extra):
         return dict(name=name, bins=bins, ref=bin_fractions(values_ref, bins), gen=bin_fractions(values_gen, bins),
@@ -669,8 +686,12 @@ def build_histograms(dataset, geom, ref, gen, threshold, ranges, voxel_bins):
     extras = []
     for name, key, lid, bins, reported in histogram_specs(d, geom, ref.features, threshold):
         xlabel = "E (MeV)" if key == "E_layer" else ("fraction of empty voxels" if key == "sparsity" else "mm")
-        h = item(name, bins, ref.features[key][lid], gen.features[key][lid], f"{files[key]}_{lid}_dataset_{d}.png",
-                 xlabel, logx=key == "E_layer", reported=reported)
+        if key in grids:
+            h = item(name, bins, ref.features[key][lid], gen.features[key][lid], None, xlabel, reported=reported,
+                     grid=f"{grids[key]}_dataset_{d}.png", panel=f"layer {lid}")
+        else:
+            h = item(name, bins, ref.features[key][lid], gen.features[key][lid],
+                     f"{files[key]}_{lid}_dataset_{d}.png", xlabel, logx=key == "E_layer", reported=reported)
         (out if reported else extras).append(h)
     if d.startswith("1"):
         for i in range(len(ranges) - 1):
@@ -679,7 +700,8 @@ def build_histograms(dataset, geom, ref, gen, threshold, ranges, voxel_bins):
             sg = (gen.einc >= lo) & (gen.einc < hi)
             out.append(item(f"Etot / Einc at E = {float(lo)}", per_energy_bins(d, i),
                             ref.features["Etot"][sr] / ref.einc[sr], gen.features["Etot"][sg] / gen.einc[sg],
-                            None, "Etot / Einc", energy=float(lo)))
+                            None, "Etot / Einc", grid=f"Etot_Einc_dataset_{d}_E_i.png",
+                            panel=energy_label(float(lo))))
     out.append(dict(name="Voxel distribution", bins=voxel_bins, ref=fractions(ref.voxel_counts),
                     gen=fractions(gen.voxel_counts), file=f"voxel_energy_dataset_{d}.png", xlabel="E (MeV)",
                     logx=True, reported=True))
@@ -773,18 +795,31 @@ def _fork_context():
     return multiprocessing.get_context("fork")
 
 
-def worker_pool(n_workers, plots):
+def worker_pool(n_workers):
     """``n_workers`` forked worker processes (None for none, or where forking is unsafe).
 
     Started before any file is read, so each worker stays small (its resident set is what the main process held
-    at the fork); with ``plots`` each loads matplotlib at once, in parallel with the main process's reading.
+    at the fork).
     """
     context = _fork_context()
     if n_workers < 1 or context is None:
         return None
     from concurrent.futures import ProcessPoolExecutor
 
-    return ProcessPoolExecutor(n_workers, mp_context=context, initializer=_plt if plots else None)
+    return ProcessPoolExecutor(n_workers, mp_context=context)
+
+
+def load_matplotlib():
+    """Import matplotlib in a worker ahead of its plots (returns nothing picklable-heavy)."""
+    _plt()
+
+
+def scan_in_worker(plots, *args, **kwargs):
+    """:func:`scan_file` in a worker, which then loads matplotlib for the plots to come."""
+    scan = scan_file(*args, **kwargs)
+    if plots:
+        load_matplotlib()
+    return scan
 
 
 def draw_histograms(jobs, dpi, n_workers=1, extra=(), pool=None):
@@ -840,33 +875,46 @@ def plot_average_shower(geom, mean, path, title, dpi):
     return draw_shower(geom, mean, path, title, dpi=dpi)
 
 
-def plot_etot_einc_grid(energies, fracs, bins_list, seps, path, dpi):
-    """Etot_Einc_dataset_<d>_E_i.png: the per-energy Etot/Einc histograms of dataset 1 on a 4 x 4 grid."""
+def plot_histogram_grid(titles, fracs, bins_list, seps, path, xlabel, dpi):
+    """Reference-vs-generated histograms on one grid of panels, the legend in the panel after the last.
+
+    Used for the per-energy Etot/Einc histograms of dataset 1 (``Etot_Einc_dataset_<d>_E_i.png``) and for the
+    calokit additions EC R, Width R and sparsity (one figure per quantity, a panel per layer).
+    """
     plt = _plt()
-    fig = plt.figure(figsize=(12, 12))
-    for i, energy in enumerate(energies):
-        ax = fig.add_subplot(4, 4, i + 1)
+    n_cols = max(2, math.ceil(math.sqrt(len(titles) + 1)))
+    n_rows = math.ceil((len(titles) + 1) / n_cols)
+    fig = plt.figure(figsize=(3 * n_cols, 3 * n_rows))
+    for i, title in enumerate(titles):
+        ax = fig.add_subplot(n_rows, n_cols, i + 1)
         bins = bins_list[i]
         fr, fg = fracs[i]
         ax.stairs(fr / np.diff(bins), bins, fill=True, alpha=0.25, color="tab:gray", label="reference")
         ax.stairs(fg / np.diff(bins), bins, linewidth=2, color="tab:blue", label="generated")
-        label = f"E = {energy:.0f} MeV" if energy < 1e3 else (f"E = {energy / 1e3:.1f} GeV" if energy < 1e6
-                                                               else f"E = {energy / 1e6:.1f} TeV")
-        ax.set_title(f"{label}  (sep {seps[i]:.3g})", fontsize=9, y=1.0)
-        ax.set_xlabel("Etot / Einc", fontsize=8)
+        ax.set_title(f"{title}  (sep {seps[i]:.3g})", fontsize=9, y=1.0)
+        ax.set_xlabel(xlabel, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.locator_params(nbins=4)
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    ax = fig.add_subplot(4, 4, 16)
+    ax = fig.add_subplot(n_rows, n_cols, len(titles) + 1)
     ax.legend(handles=[Patch(color="tab:gray", alpha=0.25, label="reference"),
                        Line2D([], [], color="tab:blue", linewidth=2, label="generated")], loc="center", fontsize=14)
     ax.axis("off")
-    fig.subplots_adjust(left=0.04, right=0.98, bottom=0.05, top=0.97, wspace=0.25, hspace=0.35)
+    height = 3 * n_rows                                          # margins fixed in inches: titles, x labels
+    fig.subplots_adjust(left=0.04, right=0.98, bottom=0.55 / height, top=1 - 0.35 / height, wspace=0.25,
+                        hspace=0.4)
     _savefig(fig, path, dpi)
     plt.close(fig)
     return path
+
+
+def energy_label(energy):
+    """256 -> 'E = 256 MeV', 4096 -> 'E = 4.1 GeV', 2097152 -> 'E = 2.1 TeV'."""
+    if energy < 1e3:
+        return f"E = {energy:.0f} MeV"
+    return f"E = {energy / 1e3:.1f} GeV" if energy < 1e6 else f"E = {energy / 1e6:.1f} TeV"
 
 
 def plot_separation_summary(seps, path, dataset, dpi):
@@ -887,17 +935,21 @@ def plot_separation_summary(seps, path, dataset, dpi):
         pts.sort()
         ax.plot([p[0] for p in pts], [max(p[1], floor) for p in pts], marker=markers[k % len(markers)],
                 linestyle="-", linewidth=0.8, markersize=4, label=fam)
+    from matplotlib.ticker import NullLocator
+
     ax.set_yscale("log")
+    ax.yaxis.set_minor_locator(NullLocator())      # minor log ticks cost a third of the figure's drawing time
     ax.set_xlabel("layer")
     ax.set_ylabel("separation power")
-    ax.set_title(f"Per-layer separation powers, dataset {dataset}")
+    ax.set_title(f"Per-layer separation powers, dataset {dataset}", y=1.0)
     ax.legend(fontsize=7, ncol=2)
     names = list(singles)
     ax2.barh(range(len(names)), [max(singles[n], floor) for n in names], color="tab:blue")
     ax2.set_yticks(range(len(names)), names, fontsize=7)
     ax2.set_xscale("log")
+    ax2.xaxis.set_minor_locator(NullLocator())
     ax2.invert_yaxis()
-    ax2.set_title("Other histograms")
+    ax2.set_title("Other histograms", y=1.0)
     fig.subplots_adjust(left=0.06, right=0.98, bottom=0.1, top=0.93, wspace=0.45)   # fixed: tight_layout
     _savefig(fig, path, dpi)
     plt.close(fig)
@@ -1006,15 +1058,17 @@ def histogram_outputs(args, todo, geom, ref, gen, threshold, ranges, voxel_bins,
     if todo["hist_plots"]:
         jobs = [(os.path.join(out_dir, h["file"]), h["bins"], h["ref"], h["gen"], h["name"], h["xlabel"],
                  seps[h["name"]], h["logx"]) for h in hists if h["file"]]
-        extra = [functools.partial(plot_separation_summary, seps,
-                                   os.path.join(out_dir, f"separation_power_dataset_{d}.png"), d, args.dpi)]
-        per_energy = [h for h in hists if h["name"].startswith("Etot / Einc at E = ")]
-        if per_energy:
-            extra.insert(0, functools.partial(
-                plot_etot_einc_grid,
-                [h["energy"] for h in per_energy], [(h["ref"], h["gen"]) for h in per_energy],
-                [h["bins"] for h in per_energy], [seps[h["name"]] for h in per_energy],
-                os.path.join(out_dir, f"Etot_Einc_dataset_{d}_E_i.png"), args.dpi))
+        grids = {}                                            # grid file -> (panel titles, histograms)
+        for h in hists:
+            if h.get("grid"):
+                grids.setdefault(h["grid"], []).append(h)
+        extra = [functools.partial(plot_histogram_grid, [h["panel"] for h in group],
+                                   [(h["ref"], h["gen"]) for h in group], [h["bins"] for h in group],
+                                   [seps[h["name"]] for h in group], os.path.join(out_dir, grid),
+                                   group[0]["xlabel"], args.dpi)
+                 for grid, group in sorted(grids.items(), key=lambda kv: -len(kv[1]))]     # biggest first
+        extra.append(functools.partial(plot_separation_summary, seps,
+                                       os.path.join(out_dir, f"separation_power_dataset_{d}.png"), d, args.dpi))
         written += draw_histograms(jobs, args.dpi, args.jobs, extra, pool)
     return written
 
@@ -1048,33 +1102,42 @@ def _main(argv):
     # inputs, which would be too large to ship back); otherwise the input is read here, after the reference
     in_worker = n_events > chunk and not low_kind
     n_workers = (args.jobs if todo["hist_plots"] else 1 if in_worker else 0) if args.jobs > 1 else 0
-    pool = worker_pool(n_workers, todo["hist_plots"])
+    pool = worker_pool(n_workers)
     in_worker = in_worker and pool is not None
     try:
         if in_worker:
-            gen_scan = pool.submit(scan_file, args.input_file, geom, threshold, ranges, chunk, log=log)
+            gen_scan = pool.submit(scan_in_worker, todo["hist_plots"], args.input_file, geom, threshold, ranges,
+                                   chunk, log=log)
+        # the reference's content hash (cache key): first where a cache entry may match, else in a worker
+        cache_dir = args.cache_dir or os.path.join(out_dir, "reference_cache")
+        may_hit = not args.no_cache and bool(glob.glob(os.path.join(glob.escape(cache_dir), "reference_*.npz")))
+        ref_sha = None if pool and not may_hit else file_sha256(args.reference_file)
+        hashing = pool.submit(file_sha256, args.reference_file) if ref_sha is None else None
+        # the other workers get ready to plot: now, or once they have helped with the voxel histograms
+        warm_ups = n_workers - in_worker if pool and todo["hist_plots"] else 0
+        for _ in range(0 if in_worker else warm_ups):
+            pool.submit(load_matplotlib)
 
-        # --- reference: from the cache, or one (two with voxel histograms) streamed passes
-        ref_sha = file_sha256(args.reference_file)
-        key = cache_key(ref_sha, geom.filename, d, threshold)
-        cache_path = os.path.join(args.cache_dir or os.path.join(out_dir, "reference_cache"),
-                                  f"reference_{key[:24]}.npz")
-        ref = None if args.no_cache else load_cache(cache_path, key, geom.n_voxels)
+        # --- reference: from the cache, or one streamed pass and the voxel histogram (its bins need the maximum)
+        ref = load_cache(*cache_entry(cache_dir, ref_sha, geom, d, threshold), geom.n_voxels) if may_hit else None
         cache_hit = ref is not None
         if ref is None:
             ref = scan_file(args.reference_file, geom, threshold, ranges, chunk, low_kind=low_kind, log=log)
-            ref.voxel_counts = voxel_histogram(args.reference_file, geom, threshold,
-                                               log_bins(threshold, ref.voxel_max, 50), chunk)
+            ref.voxel_counts = split_voxel_histogram(pool, args.reference_file, geom, threshold,
+                                                     log_bins(threshold, ref.voxel_max, 50), chunk, n_events)
         elif low_kind:   # the low-level classifier needs the reference voxels themselves
             ref.cls_low = scan_file(args.reference_file, geom, threshold, ranges, chunk, low_kind=low_kind,
                                     features=False, log=log).cls_low
         voxel_bins = log_bins(threshold, ref.voxel_max, 50)   # the input's voxel histogram needs the reference max
+        ref_sha = ref_sha or hashing.result()
 
         # --- input: one streamed pass here, or the worker's pass plus its voxel histogram in the reference bins
         if in_worker:
-            counts = pool.submit(voxel_histogram, args.input_file, geom, threshold, voxel_bins, chunk)
+            counts = split_voxel_histogram(pool, args.input_file, geom, threshold, voxel_bins, chunk, n_events)
+            for _ in range(warm_ups):
+                pool.submit(load_matplotlib)
             gen = gen_scan.result()
-            gen.voxel_counts = counts.result()
+            gen.voxel_counts = counts
         else:
             gen = scan_file(args.input_file, geom, threshold, ranges, chunk, voxel_bins=voxel_bins,
                             low_kind=low_kind, log=log)
@@ -1148,7 +1211,7 @@ def _main(argv):
 
     # --- cache (only now: a bad input file leaves nothing behind) and metrics.json
     if not cache_hit and not args.no_cache:
-        save_cache(cache_path, key, ref)
+        save_cache(*cache_entry(cache_dir, ref_sha, geom, d, threshold), ref)
     json_path = args.json or os.path.join(out_dir, "metrics.json")
     ensure_dir(os.path.dirname(os.path.abspath(json_path)))
     written.append(write_text(json_path, json.dumps(metrics, indent=1) + "\n"))
