@@ -12,13 +12,16 @@
 #   PARTICLES   particles of the demo: photon and/or pion                             (photon)
 #   ETAS        lower |eta| edges of the slices to run (0.05 wide)                    (0.20)
 #   EVENTS      toy events per energy point (demo), for training and for held-out     (1000)
-#   ITERATIONS  generator iterations per GAN (FastCaloGAN trained up to 1,000,000)    (3000)
+#   ITERATIONS  generator iterations per GAN (FastCaloGAN trained up to 1,000,000)    (6000)
 #   CKPT_EVERY  checkpoint interval in iterations (FastCaloGAN: 1000)                 (100)
 #   RANGE       energy range per GAN: all | low | high (e/gamma), all (pions)         (all)
 #   SELECT_EVENTS showers generated per checkpoint and energy in select_epoch.py      (2000)
 #   CLS_EPOCHS  epochs of the evaluate.py classifiers (reference: 50)                 (10)
-#   TRAIN_ARGS  extra train.py flags; the demo trains photons without batch-norm because swish+BN+ReLU-output
-#               collapses on the toy after ~500 iterations (measured; see README)   (--no-batchnorm)
+#   TRAIN_ARGS  extra train.py flags. demo: --no-batchnorm --n-critic 2 --lr 2e-4 (swish+BN+ReLU-output collapses
+#               on the toy after ~500 iterations; 2 critic steps and lr 2e-4 buy twice the generator updates
+#               in the same CPU time; measured, see README). CaloChallenge data: --no-batchnorm
+#   SELECT_ARGS extra select_epoch.py flags. demo: --overflow (showers outside the E_tot chi2 window count,
+#               else a badly wide early checkpoint wins); CaloChallenge data: none (ROOT's default test)
 #   SEED        seed of every step                                                    (1)
 #   DATA_DIR    where CaloChallenge files are looked for / downloaded to              (data)
 #   WORK, RESULTS  intermediate and final output folders          (work/$(DATASET), results/$(DATASET))
@@ -32,12 +35,11 @@ DATASET ?= demo
 PARTICLES ?= photon
 ETAS ?= 0.20
 EVENTS ?= 1000
-ITERATIONS ?= 3000
+ITERATIONS ?= 6000
 CKPT_EVERY ?= 100
 RANGE ?= all
 SELECT_EVENTS ?= 2000
 CLS_EPOCHS ?= 10
-TRAIN_ARGS ?= --no-batchnorm
 SEED ?= 1
 DATA_DIR ?= data
 WORK ?= work/$(DATASET)
@@ -73,6 +75,14 @@ else ifeq ($(DATASET),3)
   CC_FILES := dataset_3_1.hdf5 dataset_3_2.hdf5
 else
   $(error DATASET must be one of demo 1-photons 1-pions 2 3, not '$(DATASET)')
+endif
+# demo-only training and epoch-choice settings (FastCaloGAN's own defaults stay in train.py / select_epoch.py)
+ifeq ($(DATASET),demo)
+  TRAIN_ARGS ?= --no-batchnorm --n-critic 2 --lr 2e-4
+  SELECT_ARGS ?= --overflow
+else
+  TRAIN_ARGS ?= --no-batchnorm
+  SELECT_ARGS ?=
 endif
 
 # slice "photon_0.20" -> particle, eta; the evaluate.py dataset and binning of a particle
@@ -161,7 +171,7 @@ $(WORK)/%/run/.done: $(WORK)/%/train.h5 train.py
 # the epoch is chosen on the training sample; generated.h5 mirrors the held-out sample for evaluate.py
 $(RESULTS)/%/select/best.json: $(WORK)/%/run/.done $(WORK)/%/voxels_heldout.h5 select_epoch.py
 	$(PY) select_epoch.py --run $(WORK)/$*/run --reference $(WORK)/$*/voxels.h5 --events $(SELECT_EVENTS) \
-	    --generate-like $(WORK)/$*/voxels_heldout.h5 --seed $(SEED) --out $(@D)
+	    --generate-like $(WORK)/$*/voxels_heldout.h5 --seed $(SEED) --out $(@D) $(SELECT_ARGS)
 
 $(RESULTS)/%/lwtnn/.done: $(RESULTS)/%/select/best.json export_lwtnn.py
 	$(PY) export_lwtnn.py --run $(WORK)/$*/run --best $< --out $(@D) --check
@@ -176,7 +186,7 @@ baseline: $(foreach s,$(SLICES),$(RESULTS)/$(s)/baseline/eval/metrics.json)
 $(RESULTS)/%/baseline/eval/metrics.json: $(WORK)/%/train.h5 $(WORK)/%/voxels_heldout.h5 train.py select_epoch.py evaluate.py | $(STAMP)
 	$(PY) train.py --data $< --out $(WORK)/$*/run_untrained --iterations 1 --checkpoint-every 1 --seed $(SEED) --resume $(TRAIN_ARGS)
 	$(PY) select_epoch.py --run $(WORK)/$*/run_untrained --reference $(WORK)/$*/voxels.h5 --events $(SELECT_EVENTS) \
-	    --generate-like $(WORK)/$*/voxels_heldout.h5 --seed $(SEED) --out $(RESULTS)/$*/baseline/select
+	    --generate-like $(WORK)/$*/voxels_heldout.h5 --seed $(SEED) --out $(RESULTS)/$*/baseline/select $(SELECT_ARGS)
 	$(PY) evaluate.py -i $(RESULTS)/$*/baseline/select/generated.h5 -r $(WORK)/$*/voxels_heldout.h5 -m all \
 	    -d $(call evalds,$*) --output_dir $(@D) --seed $(SEED) --cls_n_epochs $(CLS_EPOCHS) --json $@
 
@@ -188,7 +198,7 @@ slurm: | $(STAMP)
 	$(PY) scaleout.py slurm --slices "$(SLICES)" --work $(WORK) --results $(RESULTS) --out slurm/$(DATASET) -- $(MAKEFLAGS_FOR_JOBS)
 MAKEFLAGS_FOR_JOBS = DATASET=$(DATASET) ITERATIONS=$(ITERATIONS) CKPT_EVERY=$(CKPT_EVERY) RANGE=$(RANGE) \
     EVENTS=$(EVENTS) SELECT_EVENTS=$(SELECT_EVENTS) CLS_EPOCHS=$(CLS_EPOCHS) SEED=$(SEED) DATA_DIR=$(DATA_DIR) \
-    TRAIN_ARGS="$(TRAIN_ARGS)"
+    TRAIN_ARGS="$(TRAIN_ARGS)" SELECT_ARGS="$(SELECT_ARGS)"
 
 clean:
 	rm -rf $(WORK) $(RESULTS)
