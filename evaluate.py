@@ -840,7 +840,7 @@ def draw_histograms(jobs, dpi, n_workers=1, extra=(), pool=None):
         with ProcessPoolExecutor(n_workers, mp_context=context) as own_pool:
             return draw_histograms(jobs, dpi, n_workers, extra, own_pool)
     n_workers = max(1, int(n_workers))
-    batches = [jobs[k::2 * n_workers] for k in range(2 * n_workers)]
+    batches = [jobs[k::n_workers] for k in range(n_workers)]     # one figure each: its first draw costs 3x
     own = [pool.submit(draw) for draw in extra]
     futures = [pool.submit(_draw_histogram_batch, dpi, batch) for batch in batches]
     return [path for fut in futures for path in fut.result()] + [fut.result() for fut in own]
