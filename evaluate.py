@@ -893,8 +893,8 @@ def plot_histogram_grid(titles, fracs, bins_list, seps, path, xlabel, dpi):
         ax.stairs(fg / np.diff(bins), bins, linewidth=2, color="tab:blue", label="generated")
         ax.set_title(f"{title}  (sep {seps[i]:.3g})", fontsize=9, y=1.0)
         ax.set_xlabel(xlabel, fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.locator_params(nbins=4)
+        ax.tick_params(labelsize=7, labelleft=False, left=False)     # densities: shapes matter, not the scale
+        ax.locator_params(axis="x", nbins=4)
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
