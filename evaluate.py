@@ -330,9 +330,8 @@ def scan_file(path, geom, threshold, ranges, chunk, voxel_bins=None, low_kind=No
                 scan.range_counts[k] += int(sel.sum())
         if showers.size:
             scan.voxel_max = max(scan.voxel_max, float(showers.max()))
-        if voxel_bins is not None:
-            vals = showers[showers >= voxel_bins[0]]
-            scan.voxel_counts += np.histogram(vals, bins=voxel_bins)[0]
+        if voxel_bins is not None:     # values below the first edge (the threshold) are not counted
+            scan.voxel_counts += np.histogram(showers, bins=voxel_bins)[0]
         if low_kind:
             scan.cls_low[start:stop] = low_level_inputs(geom, einc, showers, feats["E_layer"] if feats else None,
                                                         low_kind)
@@ -349,8 +348,9 @@ def voxel_histogram(path, geom, threshold, bins, chunk, start=0, stop=None):
     counts = np.zeros(len(bins) - 1, dtype=np.int64)
     thr = np.float32(threshold)
     for _, _, showers in iter_calo_chunks(path, geom.n_voxels, chunk, check=False, start=start, stop=stop):
-        vals = showers[showers >= max(thr, bins[0])]
-        counts += np.histogram(vals, bins=bins)[0]
+        if thr > bins[0]:
+            showers[showers < thr] = 0.0
+        counts += np.histogram(showers, bins=bins)[0]    # values below the first edge are not counted
     return counts
 
 
