@@ -135,7 +135,8 @@ def build_parser():
     p.add_argument("--chunk_mb", type=float, default=16.0, help="float32 shower MB read per chunk (default 16)")
     p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG plots (default 100)")
     p.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
-                   help="processes drawing the histogram PNGs (default: CPU count, at most 8)")
+                   help="worker processes that stream the input file, hash and count, and draw the PNGs "
+                        "(default: CPU count, at most 8; 1: everything in this process)")
     p.add_argument("-v", "--verbose", action="store_true", help="progress lines on stderr")
     g = p.add_argument_group("classifier")
     g.add_argument("--cls_n_layer", type=int, default=2, help="hidden layers after the input layer (default 2)")
