@@ -811,7 +811,7 @@ def worker_pool(n_workers):
 
 
 def load_matplotlib():
-    """Import matplotlib in a worker ahead of its plots (returns nothing picklable-heavy)."""
+    """Import matplotlib in a worker ahead of its plots (returns None: nothing to ship back)."""
     _plt()
 
 
