@@ -1098,9 +1098,10 @@ def _main(argv):
     out_dir = args.output_dir
     d = args.dataset
 
-    # --- worker processes, forked now while this process is small: with --jobs > 1 they draw the PNGs and one
-    # streams the input file while this process reads the reference (big files without low-level classifier
-    # inputs, which would be too large to ship back); otherwise the input is read here, after the reference
+    # --- worker processes (--jobs > 1), forked now while this process is small: one streams the input file while
+    # this process reads the reference (big files without low-level classifier inputs, which would be too large to
+    # ship back; otherwise the input is read here, after the reference); the others hash the reference, count half
+    # of each voxel histogram and draw the PNGs
     in_worker = n_events > chunk and not low_kind
     n_workers = (args.jobs if todo["hist_plots"] else 1 if in_worker else 0) if args.jobs > 1 else 0
     pool = worker_pool(n_workers)
@@ -1124,12 +1125,13 @@ def _main(argv):
         cache_hit = ref is not None
         if ref is None:
             ref = scan_file(args.reference_file, geom, threshold, ranges, chunk, low_kind=low_kind, log=log)
-            ref.voxel_counts = split_voxel_histogram(pool, args.reference_file, geom, threshold,
-                                                     log_bins(threshold, ref.voxel_max, 50), chunk, n_events)
         elif low_kind:   # the low-level classifier needs the reference voxels themselves
             ref.cls_low = scan_file(args.reference_file, geom, threshold, ranges, chunk, low_kind=low_kind,
                                     features=False, log=log).cls_low
-        voxel_bins = log_bins(threshold, ref.voxel_max, 50)   # the input's voxel histogram needs the reference max
+        voxel_bins = log_bins(threshold, ref.voxel_max, 50)   # both voxel histograms need the reference max
+        if not cache_hit:
+            ref.voxel_counts = split_voxel_histogram(pool, args.reference_file, geom, threshold, voxel_bins, chunk,
+                                                     n_events)
         ref_sha = ref_sha or hashing.result()
 
         # --- input: one streamed pass here, or the worker's pass plus its voxel histogram in the reference bins
