@@ -5,7 +5,8 @@ float32; --quick: 2k events) chunk by chunk into a scratch folder (default under
 first), drops them from the page cache (posix_fadvise DONTNEED after fsync, so evaluate.py reads from disk), then
 runs ``python evaluate.py -m hist -d 3`` twice as a subprocess: first with an empty reference cache (every file
 read and all plots drawn), then again with the cache written by the first run. Peak RSS is measured two ways:
-the largest single process of the run (``os.wait4`` of the child, which covers the plotting workers it reaped),
+the largest single process of the run (``os.wait4`` in bench_evaluate's small launcher, so this process's own
+size is not counted; it covers the workers evaluate.py reaped),
 and the largest sum over the evaluate.py process tree sampled every 0.1 s from /proc. The issue's limit is
 3 GiB; the script exits 1 (after printing the JSON) if a run goes over it. The files are deleted at the end
 (unless --keep).
@@ -38,6 +39,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from bench_evaluate import LAUNCHER  # noqa: E402  (peak RSS of the command alone, not of this process)
 
 RSS_LIMIT_MB = 3 * 1024.0
 CHUNK_EVENTS = 250                 # events generated and written per block (40 MB of float32)
@@ -108,7 +111,8 @@ def run_measured(cmd, env):
     """Run ``cmd``: (wall s, peak RSS MB of the largest single process, peak RSS MB of the whole tree)."""
     with tempfile.TemporaryFile() as errfile:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errfile, env=env)
+        proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, *cmd], stdout=subprocess.DEVNULL, stderr=errfile,
+                                env=env)
         peak = [0.0]
         done = threading.Event()
 
@@ -122,16 +126,16 @@ def run_measured(cmd, env):
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        _, status, usage = os.wait4(proc.pid, 0)
+        rc = proc.wait()
         wall = time.perf_counter() - t0
         done.set()
         sampler.join()
-        rc = os.waitstatus_to_exitcode(status)
-        if rc != 0:
-            errfile.seek(0)
-            err = errfile.read().decode(errors="replace").strip()[-800:]
-            raise RuntimeError(f"{' '.join(cmd)} failed with exit code {rc}: {err}")
-    return wall, usage.ru_maxrss / 1024.0, peak[0]
+        errfile.seek(0)
+        err = errfile.read().decode(errors="replace").strip()
+        if rc != 0 or not err:
+            raise RuntimeError(f"{' '.join(cmd)} failed with exit code {rc}: {err[-800:]}")
+        maxrss_kb = int(err.splitlines()[-1].split()[1])      # the launcher's last line: wall, maxrss, rc
+    return wall, maxrss_kb / 1024.0, peak[0]
 
 
 def main(argv=None):
