@@ -8,9 +8,13 @@ One file, importable alone (numpy; matplotlib only for drawing). It holds:
 * the high-level features of CaloChallenge (E_tot, E_layer, centres of energy and widths in eta/phi/r,
   sparsity), vectorised over events and layers with float64 accumulation, and a streaming path for
   files that do not fit in memory;
-* :class:`HighLevelFeatures`, API compatible with CaloChallenge's class of the same name;
-* the small I/O kit the scripts share: :class:`UserError` (bad input -> one line, exit code 2),
-  :func:`run_cli`, atomic outputs and chunked, validated reading of CaloChallenge HDF5 files.
+* :class:`HighLevelFeatures`, API compatible with CaloChallenge's class of the same name (drop this file into
+  CaloChallenge's code folder and its evaluate.py reports the same numbers);
+* the geometry helpers of the hit -> (r, alpha) mapping: :func:`eta_to_mm` and :func:`wrap_phi`;
+* :class:`UserError` / :class:`GeometryError`, raised for anything unusable in the user's input.
+
+Everything else the calokit scripts share (atomic outputs, the command wrapper, file reading, FastCaloGAN
+normalisations, generators) lives in plumbing.py, which imports this file; this file imports nothing of calokit.
 
 Example
 -------
@@ -29,10 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
-import shutil
 import sys
-import tempfile
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -60,70 +61,32 @@ DATASETS = {
 
 DEFAULT_CHUNK_BYTES = 16 * 2**20  # float32 shower bytes per streamed chunk
 
-#: FastCaloGAN energy ranges by momentum p (MeV), one GAN each: (p_min, p_max, p_min included?).
-#: "high" takes p > 2^12 but keeps 2^12 as p_min of its label; "all" for e/gamma is a calokit extension.
-ENERGY_RANGES = {
-    "photon": {"low": (2.0**6, 2.0**12, True), "high": (2.0**12, 2.0**22, False), "all": (2.0**6, 2.0**22, True)},
-    "electron": {"low": (2.0**6, 2.0**12, True), "high": (2.0**12, 2.0**22, False), "all": (2.0**6, 2.0**22, True)},
-    "pion": {"all": (2.0**8, 2.0**22, True)},
-    "proton": {"all": (2.0**10, 2.0**22, True)},
-}
+# ----------------------------------------------------------------------------------------------
+# hit -> (r, alpha): the two geometry helpers of the voxeliser (and of the toy source)
 
+def eta_to_mm(eta, r, z):
+    """|2 e^-eta / (1 + e^-2 eta)| sqrt(r^2 + z^2): mm per unit of eta at (eta, r, z).
 
-def particle_mass(particle):
-    """Mass in MeV of a particle name (photon, electron, pion, proton)."""
-    if particle not in PARTICLES:
-        raise UserError(f"unknown particle '{particle}' (choose from {', '.join(PARTICLES)})")
-    return PARTICLES[particle][1]
-
-
-def kinetic_energy(p, particle):
-    """E_kin = sqrt(p^2 + m^2) - m in MeV (FastCaloGAN's normalisation energy).
-
-    >>> float(kinetic_energy(1000.0, "photon")), round(float(kinetic_energy(1000.0, "pion")), 3)
-    (1000.0, 870.123)
+    >>> round(float(eta_to_mm(0.0, 1500.0, 0.0)), 6)
+    1500.0
     """
-    m = particle_mass(particle)
-    p = np.asarray(p, dtype=np.float64)
-    return np.sqrt(p * p + m * m) - m
+    e = np.exp(-np.asarray(eta, dtype=np.float64))
+    return np.abs(2.0 * e / (1.0 + e * e)) * np.sqrt(np.square(r) + np.square(z))
 
 
-def energy_range(particle, name):
-    """(p_min, p_max, p_min_included) of a FastCaloGAN energy range; UserError if undefined."""
-    ranges = ENERGY_RANGES.get(particle, {})
-    if name not in ranges:
-        raise UserError(f"energy range '{name}' is not defined for {particle} (choose from {', '.join(ranges) or 'none'})")
-    return ranges[name]
+def wrap_phi(dphi, out=None):
+    """Wrap angles into (-pi, pi] (pi stays pi, -pi becomes pi); in place when ``out`` is the input array.
 
-
-def in_energy_range(p, particle, name):
-    """Boolean mask of momenta p (MeV) inside the range (2^-20 relative tolerance on the edges)."""
-    lo, hi, inc = energy_range(particle, name)
-    p = np.asarray(p, dtype=np.float64)
-    tol = 2.0**-20
-    above = p >= lo * (1 - tol) if inc else p > lo * (1 + tol)
-    return above & (p <= hi * (1 + tol))
-
-
-def condition_label(ekin, ekin_min, ekin_max, scheme="V2", max_exp=22):
-    """FastCaloGAN condition label: V2 log(E/E_min)/log(E_max/E_min) (default), V1 E/2^max_exp.
-
-    >>> condition_label(np.array([256.0, 4096.0, 65536.0]), 256.0, 65536.0).tolist()
-    [0.0, 0.5, 1.0]
+    >>> wrap_phi(np.array([np.pi, -np.pi, 3 * np.pi / 2])).round(4).tolist()
+    [3.1416, 3.1416, -1.5708]
     """
-    ekin = np.asarray(ekin, dtype=np.float64)
-    if scheme == "V2":
-        return np.log(ekin / ekin_min) / np.log(ekin_max / ekin_min)
-    if scheme == "V1":
-        return ekin / 2.0**max_exp
-    raise UserError(f"unknown label scheme '{scheme}' (V1 or V2)")
-
-
-def condition_vector(label, eta=None):
-    """The (N, 2) condition FastCaloSim feeds lwtnn node_1: [label, |eta| or 0]."""
-    label = np.asarray(label, dtype=np.float32).reshape(-1)
-    second = np.zeros_like(label) if eta is None else np.full_like(label, abs(float(eta)))
-    return np.stack([label, second], axis=1)
+    dphi = np.asarray(dphi, dtype=np.float64)
+    turns = np.ceil((dphi - math.pi) * (0.5 / math.pi))
+    w = np.subtract(dphi, (2.0 * math.pi) * turns, out=np.empty_like(dphi) if out is None else out)
+    # rounding puts inputs within an ulp or two of an odd multiple of pi just outside: fold them back in
+    np.subtract(w, 2.0 * math.pi, out=w, where=w > math.pi)
+    np.add(w, 2.0 * math.pi, out=w, where=w <= -math.pi)
+    return w
 
 
 class UserError(Exception):
@@ -756,257 +719,38 @@ def draw_shower(geom, shower, filename=None, title=None, vmin=1e-2, dpi=100):
     fig.colorbar(pcm, cax=cax, orientation="horizontal", label="Energy (MeV)  [radius: log(1 + r/mm)]")
     if title:
         fig.suptitle(title)
-    if filename is not None:
-        with atomic_output(filename) as tmp:
-            fig.savefig(tmp, format="png", dpi=dpi, facecolor="white", pil_kwargs={"compress_level": 1})
+    if filename is not None:      # temporary name + rename: a kill never leaves a truncated PNG
+        tmp = os.path.join(os.path.dirname(os.path.abspath(filename)), ".tmp-" + os.path.basename(filename))
+        fig.savefig(tmp, format="png", dpi=dpi, facecolor="white", pil_kwargs={"compress_level": 1})
+        os.replace(tmp, filename)
     plt.close(fig)
     return filename
 
 
-# ----------------------------------------------------------------------------------------------
-# shared I/O: atomic outputs, validated chunked reading, CLI error handling
+def main(argv=None):
+    """``python HighLevelFeatures.py BINNING.xml PARTICLE [ETA]``: print the geometry of one slice."""
+    import argparse
 
-@contextlib.contextmanager
-def atomic_output(path):
-    """Yield a temporary path beside ``path`` (same extension); rename it to ``path`` only on success.
-
-    A crash or kill never leaves a truncated file under the final name.
-    """
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d):
-        raise UserError(f"{path}: output directory {d} does not exist")
-    if not os.access(d, os.W_OK):
-        raise UserError(f"{path}: output directory {d} is not writable")
-    base = os.path.basename(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + base, dir=d)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a finished output gets the usual mode
+    p = argparse.ArgumentParser(
+        prog="HighLevelFeatures.py",
+        description="Print the voxel geometry (layers, r edges, alpha bins, voxel count) of one slice of a binning XML "
+                    "(CaloChallenge or FastCaloGAN form).",
+        epilog="example: python HighLevelFeatures.py binning/binning_dataset_1_photons.xml photon")
+    p.add_argument("binning", help="binning XML file")
+    p.add_argument("particle", help="particle name: " + ", ".join(PARTICLES))
+    p.add_argument("eta", nargs="?", help="|eta| inside the wanted slice (needed when the file has several)")
+    args = p.parse_args(argv)
     try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def write_text(path, text):
-    """Write a text file atomically (temporary file + rename); returns the path."""
-    with atomic_output(path) as tmp:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-    return path
-
-
-@contextlib.contextmanager
-def atomic_directory(path):
-    """Yield a temporary directory beside ``path``; rename it to ``path`` when the block succeeds.
-
-    An existing ``path`` is first renamed aside and deleted only after the new one is in place, so a kill never
-    leaves a half-deleted directory under the final name. The directory gets the usual mode (0777 & ~umask),
-    not mkdtemp's 0700.
-    """
-    path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    try:
-        yield tmp
-        old = None
-        if os.path.isdir(path):
-            old = tmp + "-old"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def ensure_dir(path):
-    """Create an output directory, or raise a :class:`UserError` naming it."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"{path}: cannot create output directory ({err.strerror})") from None
-    if not os.access(path, os.W_OK):
-        raise UserError(f"{path}: output directory is not writable")
-    return path
-
-
-def open_h5(path, what="file"):
-    """Open an HDF5 file for reading; a missing or unreadable file is a :class:`UserError` naming it."""
-    import h5py
-
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: {what} not found")
-    try:
-        return h5py.File(path, "r")
-    except OSError as err:
-        raise UserError(f"{path}: not a readable HDF5 file ({err})") from None
-
-
-CKPT_RE = re.compile(r"^ckpt_(\d+)$")
-
-
-def list_checkpoints(run, required=("generator.keras",)):
-    """[(iteration, path)] of the complete checkpoints ``<run>/ckpt_<N>/`` (holding every ``required`` file), sorted.
-
-    Checkpoints are renamed into place only when complete, so temporary directories never match.
-    """
-    if not os.path.isdir(run):
-        raise UserError(f"{run}: run directory not found")
-    found = []
-    for name in os.listdir(run):
-        m = CKPT_RE.match(name)
-        path = os.path.join(run, name)
-        if m and all(os.path.isfile(os.path.join(path, r)) for r in required):
-            found.append((int(m.group(1)), path))
-    return sorted(found)
-
-
-def open_calo_file(path, n_voxels=None):
-    """Open and validate a CaloChallenge HDF5 file; returns (h5py.File, n_events, n_voxels).
-
-    Checks: readable HDF5, datasets ``incident_energies`` (N,1)/(N,) and ``showers`` (N, V), same N > 0,
-    V = ``n_voxels`` when given. Every failure is a :class:`UserError` naming the file and the field.
-    """
-    import h5py
-
-    f = open_h5(path)
-    try:
-        for name in ("incident_energies", "showers"):
-            if name not in f or not isinstance(f[name], h5py.Dataset):
-                raise UserError(f"{path}: missing dataset '{name}' (CaloChallenge files have "
-                                f"'incident_energies' and 'showers')")
-        einc, sh = f["incident_energies"], f["showers"]
-        if sh.ndim != 2:
-            raise UserError(f"{path}: 'showers' has shape {sh.shape}, expected (events, voxels)")
-        if einc.ndim not in (1, 2) or (einc.ndim == 2 and einc.shape[1] != 1):
-            raise UserError(f"{path}: 'incident_energies' has shape {einc.shape}, expected (events, 1)")
-        if einc.shape[0] != sh.shape[0]:
-            raise UserError(f"{path}: 'incident_energies' has {einc.shape[0]} events but 'showers' has {sh.shape[0]}")
-        if sh.shape[0] == 0:
-            raise UserError(f"{path}: 'showers' has zero events")
-        if n_voxels is not None and sh.shape[1] != n_voxels:
-            raise UserError(f"{path}: 'showers' has {sh.shape[1]} voxels per event, expected {n_voxels}")
-        return f, sh.shape[0], sh.shape[1]
-    except BaseException:
-        f.close()
-        raise
-
-
-def iter_calo_chunks(path, n_voxels=None, chunk=None, check=True, start=0, stop=None):
-    """Yield (start_index, incident_energies (n,) float64, showers (n, V) float32) chunks of a CaloChallenge file.
-
-    With ``check``, NaN/inf or negative values raise a :class:`UserError` naming file, dataset and event.
-    """
-    f, n, v = open_calo_file(path, n_voxels)
-    with f:
-        stop = n if stop is None else min(stop, n)
-        chunk = chunk or chunk_events(v)
-        for i in range(start, stop, chunk):
-            j = min(i + chunk, stop)
-            try:
-                e = np.asarray(f["incident_energies"][i:j], dtype=np.float64).reshape(-1)
-                s = np.asarray(f["showers"][i:j], dtype=np.float32)
-            except OSError as err:
-                raise UserError(f"{path}: cannot read events {i}..{j} (truncated or corrupt file: {err})") from None
-            if check:
-                check_finite(path, "incident_energies", e, i, positive=True)
-                check_finite(path, "showers", s, i)
-            yield i, e, s
-
-
-def check_finite(path, name, arr, first_event=0, positive=False):
-    """Raise :class:`UserError` if ``arr`` has NaN/inf or negative (or, with positive, non-positive) values."""
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        ev = first_event + int(np.argwhere(bad)[0][0])
-        raise UserError(f"{path}: '{name}' has NaN/inf values (first at event {ev})")
-    neg = arr <= 0 if positive else arr < 0
-    if neg.any():
-        ev = first_event + int(np.argwhere(neg)[0][0])
-        what = "non-positive" if positive else "negative"
-        raise UserError(f"{path}: '{name}' has {what} values (first at event {ev})")
-
-
-def write_calo_file(path, incident_energies, showers, compression=None, **extra):
-    """Write a CaloChallenge HDF5 file atomically (float32 showers, (N,1) incident energies)."""
-    import h5py
-
-    einc = np.asarray(incident_energies, dtype=np.float64).reshape(-1, 1)
-    with atomic_output(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("incident_energies", data=einc)
-            f.create_dataset("showers", data=np.asarray(showers, dtype=np.float32), compression=compression)
-            for k, v in extra.items():
-                f.create_dataset(k, data=v)
-
-
-def import_keras():
-    """Import Keras (lazily, so ``--help`` stays fast) without TensorFlow's import-time C++ log lines on stderr.
-
-    TensorFlow prints absl/oneDNN notices from C++ before its logging is configured, whatever the environment
-    says, so stderr is pointed at /dev/null for the import alone; TF_CPP_MIN_LOG_LEVEL=2 silences the rest.
-    An import error is still raised (and printed) normally.
-    """
-    if "keras" in sys.modules:
-        return sys.modules["keras"]
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        import keras
-        if keras.backend.backend() == "tensorflow":
-            import tensorflow  # noqa: F401  (its C++ start-up logs happen here)
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-    return keras
-
-
-def run_cli(fn, argv=None):
-    """Run ``fn(argv)`` as a command: UserError -> one line on stderr and 2; other errors -> 1; else fn's code."""
-    try:
-        rc = fn(argv)
-        return 0 if rc is None else int(rc)
-    except SystemExit as stop:  # argparse: --help (0) or a usage error (2), as a return code in-process too
-        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
+        g = read_geometry(args.binning, args.particle, args.eta)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except MemoryError:
-        print("error: out of memory (try a smaller --chunk / fewer events)", file=sys.stderr)
-        return 1
-    except Exception as err:  # internal error: still one readable line, but a distinct code
-        print(f"internal error: {type(err).__name__}: {err}", file=sys.stderr)
-        if os.environ.get("CALOKIT_DEBUG"):
-            raise
-        return 1
+    print(g)
+    for lay in g.layers:
+        if lay.n_voxels:
+            print(f"  layer {lay.id:2d}: {lay.n_r} r x {lay.n_alpha} alpha, r_edges {lay.r_edges.tolist()}")
+    return 0
 
 
-if __name__ == "__main__":  # python HighLevelFeatures.py XML PARTICLE: print the geometry summary
-    if len(sys.argv) < 3 or sys.argv[1] in ("-h", "--help"):
-        print("usage: python HighLevelFeatures.py BINNING.xml PARTICLE [ETA]")
-        sys.exit(0 if len(sys.argv) > 1 else 2)
-
-    def _summary(argv):
-        g = read_geometry(argv[0], argv[1], argv[2] if len(argv) > 2 else None)
-        print(g)
-        for lay in g.layers:
-            if lay.n_voxels:
-                print(f"  layer {lay.id:2d}: {lay.n_r} r x {lay.n_alpha} alpha, r_edges {lay.r_edges.tolist()}")
-
-    sys.exit(run_cli(_summary, sys.argv[1:]))
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,9 +3,12 @@
 #   make all                       toy hits -> voxels -> train -> select -> export -> evaluate (DATASET=demo)
 #   make all DATASET=1-photons     the same on the CaloChallenge files in DATA_DIR (downloaded if absent)
 #   make test                      the test suite (creates .venv from requirements.txt first)
+#   make smoke                     a quick check after a change (< 1 min): every script once on tiny data
+#   make voxels|train|select|export|evaluate   one stage (and what it needs) for every slice
 #   make -j2 all ETAS="0.20 0.25"  several |eta| slices, trained in parallel
 #   make condor / make slurm       the same per-slice chain as an HTCondor DAG / a Slurm job array
 #   make baseline                  evaluate an untrained (1-iteration) generator the same way, for comparison
+#   make clean | make clean-slice SLICE=photon_0.20   remove every slice's files / one slice's
 #
 # Variables (override on the command line, e.g. `make all ITERATIONS=20000`):
 #   DATASET     demo | 1-photons | 1-pions | 2 | 3                                   (demo)
@@ -22,6 +25,7 @@
 #               in the same CPU time; measured, see README). CaloChallenge data: --no-batchnorm
 #   SELECT_ARGS extra select_epoch.py flags. demo: --overflow (showers outside the E_tot chi2 window count,
 #               else a badly wide early checkpoint wins); CaloChallenge data: none (ROOT's default test)
+#   EXPORT_ARGS extra export_lwtnn.py flags; EVAL_ARGS extra evaluate.py flags            (none)
 #   SEED        seed of every step                                                    (1)
 #   DATA_DIR    where CaloChallenge files are looked for / downloaded to              (data)
 #   WORK, RESULTS  intermediate and final output folders          (work/$(DATASET), results/$(DATASET))
@@ -39,6 +43,8 @@ ITERATIONS ?= 6000
 CKPT_EVERY ?= 100
 RANGE ?= all
 SELECT_EVENTS ?= 2000
+EXPORT_ARGS ?=
+EVAL_ARGS ?=
 CLS_EPOCHS ?= 10
 SEED ?= 1
 DATA_DIR ?= data
@@ -104,7 +110,7 @@ else
   binning = $(BINNING_$(call evalds,$(1)))
 endif
 
-.PHONY: all baseline venv test bench data voxels train select export evaluate condor slurm clean clean-venv help
+.PHONY: all baseline venv test smoke bench data voxels train select export evaluate condor slurm clean clean-slice clean-venv help
 .DELETE_ON_ERROR:
 .SECONDARY:
 
@@ -128,6 +134,10 @@ endif
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# a quick check after a change (well under a minute): every script once on tiny data, real values asserted
+smoke: $(STAMP)
+	$(PY) -m pytest -q -m smoke $(PYTEST_ARGS)
+
 bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b --quick; done
 
@@ -138,17 +148,42 @@ select:   $(foreach s,$(SLICES),$(RESULTS)/$(s)/select/best.json)
 export:   $(foreach s,$(SLICES),$(RESULTS)/$(s)/lwtnn/.done)
 evaluate: $(foreach s,$(SLICES),$(RESULTS)/$(s)/eval/metrics.json)
 
+# Every rule lists every file its recipe runs (the stage script, the shared modules, the toy source, the
+# binning XML) and a settings stamp: $(WORK)/<slice>/settings/<stage> holds the Make settings that feed the stage
+# and is rewritten (when Make reads this file) only when they change, so `make all ITERATIONS=600` redoes
+# training and what follows it, and nothing else; `make -n all ITERATIONS=600` lists exactly that (and so
+# records the new settings too: a dry run with other settings makes the next real run redo those stages).
+SHARED := HighLevelFeatures.py plumbing.py
+settings = $(WORK)/$(1)/settings/$(2)
+STAGES := hits prepare train select export eval
+SETTINGS_hits = EVENTS=$(EVENTS) SEED=$(SEED)
+SETTINGS_prepare = RANGE=$(RANGE)
+SETTINGS_train = ITERATIONS=$(ITERATIONS) CKPT_EVERY=$(CKPT_EVERY) SEED=$(SEED) TRAIN_ARGS=$(TRAIN_ARGS)
+SETTINGS_select = SELECT_EVENTS=$(SELECT_EVENTS) SEED=$(SEED) SELECT_ARGS=$(SELECT_ARGS)
+SETTINGS_export = EXPORT_ARGS=$(EXPORT_ARGS)
+SETTINGS_eval = CLS_EPOCHS=$(CLS_EPOCHS) SEED=$(SEED) EVAL_ARGS=$(EVAL_ARGS)
+write_stamp = $(shell mkdir -p $(dir $(1)) && { printf '%s\n' '$(2)' | cmp -s - $(1) || printf '%s\n' '$(2)' > $(1); })
+NO_STAMP_GOALS := test smoke help venv bench clean clean-venv clean-slice condor slurm data
+ifneq ($(filter-out $(NO_STAMP_GOALS),$(or $(MAKECMDGOALS),all)),)
+  $(foreach s,$(SLICES),$(foreach st,$(STAGES),$(call write_stamp,$(call settings,$(s),$(st)),$(SETTINGS_$(st)))))
+endif
+$(WORK)/%/settings/hits $(WORK)/%/settings/prepare $(WORK)/%/settings/train $(WORK)/%/settings/select \
+$(WORK)/%/settings/export $(WORK)/%/settings/eval: ;
+
 ifeq ($(DATASET),demo)
 # toy hits: one seed for training, another for the held-out reference
-$(WORK)/%/hits/.done: preprocess.py HighLevelFeatures.py | $(STAMP)
+TOY := preprocess.py toyshower.py $(SHARED)
+$(WORK)/%/hits/.done: $(TOY) $(call settings,%,hits) | $(STAMP)
+	rm -rf $(@D)
 	$(PY) preprocess.py toy --particle $(call part,$*) --eta $(call eta,$*) --events-per-energy $(EVENTS) --seed $(SEED) --out $(@D)
 	touch $@
-$(WORK)/%/hits_heldout/.done: preprocess.py HighLevelFeatures.py | $(STAMP)
+$(WORK)/%/hits_heldout/.done: $(TOY) $(call settings,%,hits) | $(STAMP)
+	rm -rf $(@D)
 	$(PY) preprocess.py toy --particle $(call part,$*) --eta $(call eta,$*) --events-per-energy $(EVENTS) --seed $$(( $(SEED) + 1000 )) --out $(@D)
 	touch $@
-$(WORK)/%/voxels.h5: $(WORK)/%/hits/.done
+$(WORK)/%/voxels.h5: $(WORK)/%/hits/.done preprocess.py $(SHARED) $(call binning,%)
 	$(PY) preprocess.py voxelise --binning $(call binning,$*) --particle $(call part,$*) --out $@ $(WORK)/$*/hits/hits_*.h5
-$(WORK)/%/voxels_heldout.h5: $(WORK)/%/hits_heldout/.done
+$(WORK)/%/voxels_heldout.h5: $(WORK)/%/hits_heldout/.done preprocess.py $(SHARED) $(call binning,%)
 	$(PY) preprocess.py voxelise --binning $(call binning,$*) --particle $(call part,$*) --out $@ $(WORK)/$*/hits_heldout/hits_*.h5
 else
 # CaloChallenge files: verified download (or a clear message naming the files and the record to fetch by hand)
@@ -161,34 +196,37 @@ $(WORK)/%/voxels_heldout.h5: $(DATA_DIR)/$(word 2,$(CC_FILES))
 	mkdir -p $(@D) && ln -sf $(abspath $<) $@
 endif
 
-$(WORK)/%/train.h5: $(WORK)/%/voxels.h5 preprocess.py
+$(WORK)/%/train.h5: $(WORK)/%/voxels.h5 preprocess.py $(SHARED) $(call settings,%,prepare)
 	$(PY) preprocess.py prepare --binning $(call binning,$*) --particle $(call part,$*) --range $(RANGE) --out $@ $<
 
-$(WORK)/%/run/.done: $(WORK)/%/train.h5 train.py
+# --resume continues a killed run; a run whose settings changed starts afresh (its stamp is kept inside it)
+$(WORK)/%/run/.done: $(WORK)/%/train.h5 train.py $(SHARED) $(call settings,%,train)
+	cmp -s $(call settings,$*,train) $(@D)/make-settings 2>/dev/null || { rm -rf $(@D) && mkdir -p $(@D) && cp $(call settings,$*,train) $(@D)/make-settings; }
 	$(PY) train.py --data $< --out $(@D) --iterations $(ITERATIONS) --checkpoint-every $(CKPT_EVERY) --seed $(SEED) --resume $(TRAIN_ARGS)
 	touch $@
 
 # the epoch is chosen on the training sample; generated.h5 mirrors the held-out sample for evaluate.py
-$(RESULTS)/%/select/best.json: $(WORK)/%/run/.done $(WORK)/%/voxels_heldout.h5 select_epoch.py
+$(RESULTS)/%/select/best.json: $(WORK)/%/run/.done $(WORK)/%/voxels_heldout.h5 select_epoch.py $(SHARED) $(call settings,%,select)
 	$(PY) select_epoch.py --run $(WORK)/$*/run --reference $(WORK)/$*/voxels.h5 --events $(SELECT_EVENTS) \
 	    --generate-like $(WORK)/$*/voxels_heldout.h5 --seed $(SEED) --out $(@D) $(SELECT_ARGS)
 
-$(RESULTS)/%/lwtnn/.done: $(RESULTS)/%/select/best.json export_lwtnn.py
-	$(PY) export_lwtnn.py --run $(WORK)/$*/run --best $< --out $(@D) --check
+$(RESULTS)/%/lwtnn/.done: $(RESULTS)/%/select/best.json export_lwtnn.py $(SHARED) $(call settings,%,export)
+	$(PY) export_lwtnn.py --run $(WORK)/$*/run --best $< --out $(@D) --check $(EXPORT_ARGS)
 	touch $@
 
-$(RESULTS)/%/eval/metrics.json: $(RESULTS)/%/select/best.json $(WORK)/%/voxels_heldout.h5 evaluate.py
+$(RESULTS)/%/eval/metrics.json: $(RESULTS)/%/select/best.json $(WORK)/%/voxels_heldout.h5 evaluate.py $(SHARED) $(call settings,%,eval)
 	$(PY) evaluate.py -i $(RESULTS)/$*/select/generated.h5 -r $(WORK)/$*/voxels_heldout.h5 -m all -d $(call evalds,$*) \
-	    --output_dir $(@D) --seed $(SEED) --cls_n_epochs $(CLS_EPOCHS) --json $@
+	    --output_dir $(@D) --seed $(SEED) --cls_n_epochs $(CLS_EPOCHS) --json $@ $(EVAL_ARGS)
 
 # --- baseline: the same chain with a generator trained for 1 iteration, to show what training buys
 baseline: $(foreach s,$(SLICES),$(RESULTS)/$(s)/baseline/eval/metrics.json)
-$(RESULTS)/%/baseline/eval/metrics.json: $(WORK)/%/train.h5 $(WORK)/%/voxels_heldout.h5 train.py select_epoch.py evaluate.py | $(STAMP)
+$(RESULTS)/%/baseline/eval/metrics.json: $(WORK)/%/train.h5 $(WORK)/%/voxels_heldout.h5 train.py select_epoch.py evaluate.py     $(SHARED) $(call settings,%,train) $(call settings,%,select) $(call settings,%,eval) | $(STAMP)
+	rm -rf $(WORK)/$*/run_untrained
 	$(PY) train.py --data $< --out $(WORK)/$*/run_untrained --iterations 1 --checkpoint-every 1 --seed $(SEED) --resume $(TRAIN_ARGS)
 	$(PY) select_epoch.py --run $(WORK)/$*/run_untrained --reference $(WORK)/$*/voxels.h5 --events $(SELECT_EVENTS) \
 	    --generate-like $(WORK)/$*/voxels_heldout.h5 --seed $(SEED) --out $(RESULTS)/$*/baseline/select $(SELECT_ARGS)
 	$(PY) evaluate.py -i $(RESULTS)/$*/baseline/select/generated.h5 -r $(WORK)/$*/voxels_heldout.h5 -m all \
-	    -d $(call evalds,$*) --output_dir $(@D) --seed $(SEED) --cls_n_epochs $(CLS_EPOCHS) --json $@
+	    -d $(call evalds,$*) --output_dir $(@D) --seed $(SEED) --cls_n_epochs $(CLS_EPOCHS) --json $@ $(EVAL_ARGS)
 
 # --- scale-out: the same per-slice targets, run by HTCondor DAGMan or a Slurm job array -------------
 condor: | $(STAMP)
@@ -198,10 +236,15 @@ slurm: | $(STAMP)
 	$(PY) scaleout.py slurm --slices "$(SLICES)" --work $(WORK) --results $(RESULTS) --out slurm/$(DATASET) -- $(MAKEFLAGS_FOR_JOBS)
 MAKEFLAGS_FOR_JOBS = DATASET=$(DATASET) ITERATIONS=$(ITERATIONS) CKPT_EVERY=$(CKPT_EVERY) RANGE=$(RANGE) \
     EVENTS=$(EVENTS) SELECT_EVENTS=$(SELECT_EVENTS) CLS_EPOCHS=$(CLS_EPOCHS) SEED=$(SEED) DATA_DIR=$(DATA_DIR) \
-    TRAIN_ARGS="$(TRAIN_ARGS)" SELECT_ARGS="$(SELECT_ARGS)"
+    TRAIN_ARGS="$(TRAIN_ARGS)" SELECT_ARGS="$(SELECT_ARGS)" EXPORT_ARGS="$(EXPORT_ARGS)" EVAL_ARGS="$(EVAL_ARGS)"
 
 clean:
 	rm -rf $(WORK) $(RESULTS)
+
+# one slice only: make clean-slice SLICE=photon_0.20 (its intermediate files and its results)
+clean-slice:
+	@test -n "$(SLICE)" || { echo "usage: make clean-slice SLICE=<particle>_<eta>, e.g. SLICE=photon_0.20" >&2; exit 2; }
+	rm -rf $(WORK)/$(SLICE) $(RESULTS)/$(SLICE)
 
 clean-venv:
 	rm -rf $(VENV)

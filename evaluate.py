@@ -61,23 +61,10 @@ import warnings
 
 import numpy as np
 
-from HighLevelFeatures import (
-    DATASETS,
-    UserError,
-    atomic_output,
-    chunk_events,
-    compute_features,
-    dataset_geometry,
-    draw_layer,
-    draw_shower,
-    import_keras,
-    separation_power,
-    write_text,
-    ensure_dir,
-    iter_calo_chunks,
-    open_calo_file,
-    run_cli,
-)
+from HighLevelFeatures import (DATASETS, chunk_events, compute_features, dataset_geometry, draw_layer, draw_shower,
+                               separation_power)
+from plumbing import (UserError, atomic_output, ensure_dir, import_keras, iter_calo_chunks, open_calo_file, run_cli,
+                      write_text)
 
 # ----------------------------------------------------------------------------------------------
 # facts and defaults

@@ -49,8 +49,8 @@ import sys
 
 import numpy as np
 
-from HighLevelFeatures import (CKPT_RE, UserError, ensure_dir, import_keras, list_checkpoints,
-                               run_cli, write_text)
+from plumbing import (CKPT_RE, UserError, ensure_dir, list_checkpoints, load_generator_file, read_run_config, run_cli,
+                      write_text)
 
 # ----------------------------------------------------------------------------------------------
 # configuration: defaults of the command line
@@ -61,7 +61,7 @@ DEFAULTS = {
     "tolerance": 1e-5,          # max |lwtnn - keras| (relative above |keras| = 1)
     "seed": 1,
 }
-NOISE_NAME, CONDITION_NAME = "noise", "condition"   # Keras input names (CONTRACTS.md)
+NOISE_NAME, CONDITION_NAME = "noise", "condition"   # Keras input names (train.py)
 LWTNN_INPUTS = ("node_0", "node_1")                  # lwtnn input node names FastCaloSim fills
 CONFIG_REQUIRED = ("particle", "pid", "eta_min", "eta_max", "range", "latent_dim", "n_voxels")
 
@@ -530,12 +530,10 @@ def read_json(path, what):
         raise UserError(f"{path}: not a readable JSON file ({err})") from None
 
 
-def read_run_config(run):
+def export_config(run):
     """config.json of a run directory, checked for the keys the export needs."""
     path = os.path.join(run, "config.json")
-    cfg = read_json(path, "run configuration")
-    if not isinstance(cfg, dict):
-        raise UserError(f"{path}: expected a JSON object")
+    cfg = read_run_config(run)
     for key in CONFIG_REQUIRED:
         if key not in cfg:
             raise UserError(f"{path}: missing key '{key}'")
@@ -585,16 +583,6 @@ def choose_checkpoint(args):
     if not os.path.isfile(os.path.join(ckpt, "generator.keras")):
         raise UserError(f"{os.path.join(ckpt, 'generator.keras')}: checkpoint generator not found")
     return run, ckpt, _iteration_of(ckpt)
-
-
-def load_generator(path):
-    """Load a Keras generator (.keras) for inference; UserError if it cannot be read."""
-    keras = import_keras()
-    try:
-        return keras.saving.load_model(path, compile=False)
-    except Exception as err:  # corrupt zip, unknown custom layer, ...: the user's file
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise UserError(f"{path}: cannot load the Keras model ({type(err).__name__}: {msg[:300]})") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -703,11 +691,11 @@ def _main(argv):
     if args.check_events < 1:
         raise UserError("--check-events must be >= 1")
     run, ckpt, iteration = choose_checkpoint(args)
-    cfg = read_run_config(run)
+    cfg = export_config(run)
     cfg_path = os.path.join(run, "config.json")
     stem = network_stem(cfg, cfg_path)
     model_path = os.path.join(ckpt, "generator.keras")
-    model = load_generator(model_path)
+    model = load_generator_file(model_path)
     graph = export_model(model, fold=args.batchnorm == "fold", source=model_path)
 
     latent, n_cond = (len(node["variables"]) for node in graph["inputs"])

@@ -1,6 +1,6 @@
 """preprocess.py -- hits -> voxels -> training file, driven by the binning XML (and the toy hit source).
 
-Three sub-commands, one stage each (SPEC sections 2, 3, 4, 10), plus ``fetch`` for the CaloChallenge files::
+Three sub-commands, one stage each (the README's pipeline), plus ``fetch`` for the CaloChallenge files::
 
     python preprocess.py toy      --particle photon --eta 0.20 --events-per-energy 1000 --seed 1 --out hits/
     python preprocess.py voxelise --binning binning/binning_dataset_1_photons.xml --particle photon \\
@@ -13,9 +13,9 @@ Three sub-commands, one stage each (SPEC sections 2, 3, 4, 10), plus ``fetch`` f
 source in toyshower.py -- a physics-shaped toy, NOT Geant4 (its parametrisation is in that module's
 docstring). ``--eta`` is any |eta| inside the 0.05-wide FastCaloGAN slice to fill (0.20 -> 0.20-0.25).
 
-``voxelise`` reads hits files (SPEC 3 / CONTRACTS.md: per hit ``event``, ``layer``, ``eta``, ``phi``, ``energy``
+``voxelise`` reads hits files (the hits format of the README: per hit ``event``, ``layer``, ``eta``, ``phi``, ``energy``
 [, ``r``, ``z``]; per event ``truth_p`` [, ``truth_pdg``] and ``extrap_eta/phi/r/z`` (events, layer-id columns);
-file attributes are optional) and maps every hit to its voxel exactly as SPEC section 3 says: at the extrapolated
+file attributes are optional) and maps every hit to its voxel FastCaloGAN's way: at the extrapolated
 particle position
 of the hit's layer, deta_mm = (eta - eta_x) |2 e^-eta_x / (1 + e^-2 eta_x)| sqrt(r_x^2 + z_x^2),
 dphi_mm = wrap(phi - phi_x) r_x with wrap into (-pi, pi], r = sqrt(deta_mm^2 + dphi_mm^2),
@@ -39,11 +39,11 @@ the files in flight): some 5 x 10^7 hits/s on one core once in memory (bench/ben
 processed in parallel (``--jobs``, default 2). Energy is conserved per event and layer to float64 rounding
 (the file stores float32).
 
-``prepare`` writes the training file of one GAN (CONTRACTS.md): ``voxels`` = showers / E_kin (float32),
+``prepare`` writes the training file of one GAN (format in the README): ``voxels`` = showers / E_kin (float32),
 ``label`` (V2 by default: log(E_kin/E_kin,min)/log(E_kin,max/E_kin,min); V1: E_kin/2^22), ``incident_energies``
 (p, MeV), ``e_kin``, for the events of the FastCaloGAN energy range (``--range low|high|all``). ``--out`` may be
 a directory (existing, or a path ending in /): the file is then ``train_<particle>_eta_<min>_<max>_<range>.h5``.
-Inverse: showers = voxels * e_kin, and e_kin = :func:`label_to_ekin` (label, ekin_min, ekin_max, scheme).
+Inverse: showers = voxels * e_kin, and e_kin = ``plumbing.label_to_ekin``(label, ekin_min, ekin_max, scheme).
 
 Exit codes: 0 done (one summary line on stdout), 2 bad input (one line on stderr naming file and reason,
 nothing written), 1 internal error. Outputs are written to temporary files and renamed at the end.
@@ -58,9 +58,9 @@ import sys
 
 import numpy as np
 
-from HighLevelFeatures import (PARTICLES, GeometryError, UserError, atomic_output, condition_label, ensure_dir,
-                               energy_range, in_energy_range, iter_calo_chunks, kinetic_energy, list_slices,
-                               open_calo_file, open_h5, read_geometry, run_cli)
+from HighLevelFeatures import PARTICLES, GeometryError, eta_to_mm, list_slices, read_geometry, wrap_phi
+from plumbing import (MAX_EXP, UserError, atomic_output, condition_label, energy_range, ensure_dir, in_energy_range,
+                      iter_calo_chunks, kinetic_energy, open_calo_file, open_h5, run_cli)
 
 # ----------------------------------------------------------------------------------------------
 # configuration (defaults of the command line)
@@ -70,15 +70,12 @@ DEFAULT_CHUNK_HITS = 2 ** 21     # hits read from a file at a time (~100 MB of c
 KERNEL_BLOCK = 2 ** 15           # hits mapped per vectorised block (temporaries stay in the L2 cache)
 DEFAULT_ETA_TOLERANCE = 0.01     # |eta| an event may lie outside its file's slice
 LUT_MAX_CELLS = 2 ** 22          # above this the r look-up table falls back to Layer.bin_index
-MAX_EXP = 22                     # V1 label: E_kin / 2^22
 SLICE_WIDTH = 5                  # FastCaloGAN |eta| slices are 0.05 wide (x100 units)
 
 HIT_FIELDS = ("event", "layer", "eta", "phi", "energy")   # hit columns the mapping uses (r, z are optional)
 EXTRAP_FIELDS = ("extrap_eta", "extrap_phi", "extrap_r", "extrap_z")
 LAYER_ABSENT, LAYER_DROPPED = -2, -1   # layer codes of the look-up table besides voxelised positions 0..L-1
 
-TWO_PI = 2.0 * math.pi
-INV_TWO_PI = 1.0 / TWO_PI
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,28 +131,8 @@ def run_toy(args):
 # voxelise: the vectorised hit -> voxel kernel
 
 
-def eta_to_mm(eta, r, z):
-    """|2 e^-eta / (1 + e^-2 eta)| sqrt(r^2 + z^2): mm per unit of eta at (eta, r, z) (SPEC 3).
-
-    >>> round(float(eta_to_mm(0.0, 1500.0, 0.0)), 6)
-    1500.0
-    """
-    e = np.exp(-np.asarray(eta, dtype=np.float64))
-    return np.abs(2.0 * e / (1.0 + e * e)) * np.sqrt(np.square(r) + np.square(z))
-
-
-def wrap_phi(dphi):
-    """Wrap angles into (-pi, pi]: pi stays pi, -pi becomes pi.
-
-    >>> wrap_phi(np.array([np.pi, -np.pi, 3 * np.pi / 2])).round(4).tolist()
-    [3.1416, 3.1416, -1.5708]
-    """
-    dphi = np.asarray(dphi, dtype=np.float64)
-    return dphi - TWO_PI * np.ceil((dphi - math.pi) * INV_TWO_PI)
-
-
 class VoxelMapper:
-    """Vectorised SPEC-3 mapping of hits to flat voxel indices for one :class:`Geometry` slice.
+    """Vectorised FastCaloGAN mapping of hits to flat voxel indices for one :class:`Geometry` slice.
 
     Layer ids map through ``code`` to the position k of the layer among the voxelised layers
     (``LAYER_DROPPED`` for layers the XML lists without voxels, ``LAYER_ABSENT`` for ids it does not list).
@@ -267,7 +244,7 @@ class VoxelMapper:
         x = eta - np.take(t_eta, c)
         x *= np.take(t_feta, c)                             # deta in mm
         d = phi - np.take(t_phi, c)
-        d -= TWO_PI * np.ceil((d - math.pi) * INV_TWO_PI)   # wrap_phi, in place: (-pi, pi]
+        wrap_phi(d, out=d)                                   # (-pi, pi], in place
         d *= np.take(t_r, c)                                # dphi in mm
         g = self.r_bins(k, np.sqrt(x * x + d * d))
         if not self.any_alpha:
@@ -378,7 +355,7 @@ def voxelise_arrays(geom, hits, extrap, n_events, mapper=None):
 
 
 def voxelise_python_loop(geom, hits, extrap, n_events):
-    """Reference implementation: SPEC 3 written hit by hit with the math module (slow; for tests and bench).
+    """Reference implementation: the hit -> (r, alpha) mapping written hit by hit with the math module (slow; for tests and bench).
 
     Independent of :class:`VoxelMapper`: bisect on the edges, math.remainder for the phi wrap.
     """
@@ -637,27 +614,13 @@ def run_voxelise(args):
 # prepare: the training file of one GAN
 
 
-def label_to_ekin(label, ekin_min, ekin_max, scheme="V2", max_exp=MAX_EXP):
-    """Inverse of HighLevelFeatures.condition_label: E_kin (MeV) from labels.
-
-    >>> float(label_to_ekin(0.5, 256.0, 65536.0))
-    4096.0
-    """
-    label = np.asarray(label, dtype=np.float64)
-    if scheme == "V2":
-        return ekin_min * np.power(ekin_max / ekin_min, label)
-    if scheme == "V1":
-        return label * 2.0 ** max_exp
-    raise UserError(f"unknown label scheme '{scheme}' (V1 or V2)")
-
-
 def train_filename(geom, range_name):
     """``train_<particle>_eta_<min>_<max>_<range>.h5``."""
     return f"train_{geom.particle}_{geom.slice_name()}_{range_name}.h5"
 
 
 def run_prepare(args):
-    """``prepare``: CaloChallenge HDF5 -> the training file (CONTRACTS.md); returns the summary line."""
+    """``prepare``: CaloChallenge HDF5 -> the training file (format in the README); returns the summary line."""
     import h5py
 
     particle = _particle(args.particle)

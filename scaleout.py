@@ -22,7 +22,7 @@ import os
 import shlex
 import sys
 
-from HighLevelFeatures import UserError, ensure_dir, run_cli, write_text
+from plumbing import UserError, ensure_dir, run_cli, write_text
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 

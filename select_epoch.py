@@ -45,8 +45,9 @@ import time
 
 import numpy as np
 
-from HighLevelFeatures import (UserError, atomic_output, condition_label, ensure_dir, in_energy_range,
-                               iter_calo_chunks, kinetic_energy, run_cli, separation_power)
+from HighLevelFeatures import separation_power
+from plumbing import (UserError, atomic_output, condition_label, ensure_dir, generate, in_energy_range, iter_calo_chunks,
+                      kinetic_energy, list_checkpoints, load_generator_file, read_run_config, run_cli, write_json)
 
 N_BINS = 30
 #: (a, b): histogram range [peak - a RMS, peak + b RMS] per particle
@@ -289,7 +290,6 @@ def write_generated(path, generator, einc, label, ekin, seed, batch_size, chunk=
     """Generate one shower per event (MeV) in chunks and write a CaloChallenge file atomically."""
     import h5py
 
-    import train
     rng = np.random.default_rng(seed)
     n = einc.shape[0]
     with atomic_output(path) as tmp:
@@ -298,7 +298,7 @@ def write_generated(path, generator, einc, label, ekin, seed, batch_size, chunk=
             ds = f.create_dataset("showers", shape=(n, int(generator.outputs[0].shape[-1])), dtype=np.float32,
                                   chunks=True)
             for i in range(0, n, chunk):
-                x = train.generate(generator, label[i:i + chunk], rng, batch_size=batch_size)
+                x = generate(generator, label[i:i + chunk], rng, batch_size=batch_size)
                 x *= ekin[i:i + chunk, None].astype(np.float32)
                 ds[i:i + chunk] = x
 
@@ -326,13 +326,12 @@ def copy_events(src, dst, mask, n_voxels):
 
 def _main(argv):
     args = parse_args(argv)
-    import train
 
-    cfg = train.read_config(args.run)
+    cfg = read_run_config(args.run)
     for key in ("particle", "n_voxels", "ekin_min", "ekin_max"):
         if key not in cfg:
             raise UserError(f"{os.path.join(args.run, 'config.json')}: missing key '{key}'")
-    ckpts = train.list_checkpoints(args.run)
+    ckpts = list_checkpoints(args.run)
     if not ckpts:
         raise UserError(f"{args.run}: no complete checkpoint (ckpt_<iteration>/generator.keras)")
     particle = cfg["particle"]
@@ -363,11 +362,11 @@ def _main(argv):
     from tqdm import tqdm
     for k_ckpt, (it, path) in enumerate(tqdm(ckpts, desc="select", unit="ckpt", file=sys.stderr, disable=None,
                                              mininterval=1.0 if sys.stderr.isatty() else 60.0)):
-        gen = train.load_generator_file(os.path.join(path, "generator.keras"))
+        gen = load_generator_file(os.path.join(path, "generator.keras"))
         rng = np.random.default_rng(args.seed)       # the same noise for every checkpoint
         res = {}
         for i in used:
-            x = train.generate(gen, np.full(args.events, label_pt[i]), rng, batch_size=args.batch_size)
+            x = generate(gen, np.full(args.events, label_pt[i]), rng, batch_size=args.batch_size)
             g_etot = x.sum(axis=1, dtype=np.float64) * ekin_pt[i]
             chi2, ndf = etot_chi2(ref_etot[i], g_etot, particle, overflow=args.overflow)
             res[i] = (chi2, ndf, g_etot)
@@ -408,7 +407,7 @@ def _main(argv):
         m_like = run_mask(e_like, cfg)
         if not m_like.any():
             raise UserError(f"{like}: no event inside the run's energy range to generate")
-        best_gen = train.load_generator_file(os.path.join(best_path, "generator.keras"))
+        best_gen = load_generator_file(os.path.join(best_path, "generator.keras"))
         e_in = e_like[m_like]
         lab, ekin = labels_for(e_in, cfg)
         write_generated(generated, best_gen, e_in, lab, ekin, args.seed + 1, args.batch_size)
@@ -435,7 +434,7 @@ def _main(argv):
         "generated_like": os.path.abspath(like),
         "reference_for_evaluate": ref_for_eval,
     }
-    train.write_json(os.path.join(out, "best.json"), best)
+    write_json(os.path.join(out, "best.json"), best)
     dt = time.perf_counter() - t0
     print(f"select_epoch.py: {out}: best iteration {best_it} of {len(ckpts)} checkpoints "
           f"(chi2/ndf {totals[best_k]:.3g} over {len(fit)} energies, {len(held)} excluded), "

@@ -5,7 +5,7 @@ chain (hits -> voxels -> GAN -> evaluation) runs and is tested in minutes, on sh
 energy-dependent longitudinal and lateral shapes, fluctuations that shrink with energy, photons that look
 different from pions. Nothing here is tuned to ATLAS data; numbers are textbook-plausible choices.
 
-It writes *hits* in the calokit hits format (see preprocess.py / SPEC section 3) for the CaloChallenge
+It writes *hits* in the calokit hits format (see preprocess.py and the README) for the CaloChallenge
 dataset-1 layer ids: 0-3 EM barrel (presampler, strips, middle, back), 12-14 Tile barrel (A, BC, D), plus
 layer 15, a toy "leakage catcher" behind Tile D that no dataset-1 XML voxelises (its hits exercise the
 voxeliser's dropped-hit counter; it is a toy convention, not ATLAS geometry).
@@ -86,8 +86,8 @@ import math
 import numpy as np
 from scipy.special import gammainc
 
-from HighLevelFeatures import PARTICLES, UserError, kinetic_energy
-from preprocess import eta_to_mm, wrap_phi
+from HighLevelFeatures import PARTICLES, eta_to_mm, wrap_phi
+from plumbing import UserError, kinetic_energy
 
 GENERATOR = "calokit toy (not Geant4)"
 N_LAYER_COLUMNS = 24          # dataset-1 layer ids 0..23: one extrapolation column per id

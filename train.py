@@ -30,10 +30,10 @@ Usage:
     python train.py --data train_photon_eta_20_25_high.h5 --out runs/photon_20_25_high \
         --iterations 1000000 --checkpoint-every 1000 --seed 1 [--resume] [--exclude-energy 65536]
 
-Python use (select_epoch.py, export_lwtnn.py):
-    >>> import train                                                  # doctest: +SKIP
-    >>> g = train.load_generator("runs/photon_20_25_high")          # last complete checkpoint
-    >>> x = train.generate(g, np.full(1000, 0.5), 1)               # (1000, N_vox) voxels / E_kin, seed 1
+Python use of a finished run (what select_epoch.py and export_lwtnn.py do, through plumbing.py):
+    >>> import numpy as np, plumbing                                   # doctest: +SKIP
+    >>> g = plumbing.load_generator("runs/photon_20_25_high")        # doctest: +SKIP
+    >>> x = plumbing.generate(g, np.full(1000, 0.5), 1)              # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -45,13 +45,13 @@ import os
 import shutil
 import sys
 import time
-import weakref
 
 import numpy as np
 
-from HighLevelFeatures import (PARTICLES, UserError, atomic_directory, atomic_output, condition_vector,
-                               ensure_dir, import_keras, open_h5, run_cli, write_text)
-from HighLevelFeatures import list_checkpoints as hlf_list_checkpoints
+from HighLevelFeatures import PARTICLES
+from plumbing import (NOISE_MEAN, NOISE_STD, UserError, atomic_directory, atomic_output, condition_vector, ensure_dir,
+                      import_keras, open_h5, read_run_config, run_cli, write_json)
+from plumbing import list_checkpoints as plumbing_list_checkpoints
 
 # ----------------------------------------------------------------------------------------------
 # configuration
@@ -64,7 +64,6 @@ PARTICLE_DEFAULTS = {
     "proton": {"activation": "relu", "batchnorm": False},
 }
 GENERATOR_HIDDEN = (50, 100, 200)
-NOISE_MEAN, NOISE_STD = 0.5, 0.5
 DEFAULT_ITERATIONS = 1_000_000           # FastCaloGAN trained up to 1M generator iterations
 TRAINING_ATTRS = ("particle", "pid", "eta_min", "eta_max", "range", "binning", "label_scheme", "max_exp",
                   "p_min", "p_max", "ekin_min", "ekin_max", "latent_dim", "n_voxels", "source")
@@ -427,39 +426,13 @@ def list_checkpoints(run):
     Complete = renamed into place with ``generator.keras`` and ``state.json`` inside; temporary
     directories of a checkpoint being written (or abandoned by a kill) never match.
     """
-    return hlf_list_checkpoints(run, ("generator.keras", "state.json"))
+    return plumbing_list_checkpoints(run, ("generator.keras", "state.json"))
 
 
 def _resumable(path):
     res = os.path.join(path, "resume")
     return all(os.path.isfile(os.path.join(res, f))
                for f in ("generator.weights.h5", "critic.weights.h5", "optimizers.npz"))
-
-
-def load_generator(run, iteration=None):
-    """The generator of checkpoint ``iteration`` of ``run`` (None = the last complete one) as a Keras model."""
-    ckpts = list_checkpoints(run)
-    if not ckpts:
-        raise UserError(f"{run}: no complete checkpoint (ckpt_<iteration>/generator.keras)")
-    if iteration is None:
-        path = ckpts[-1][1]
-    else:
-        hits = [p for it, p in ckpts if it == int(iteration)]
-        if not hits:
-            raise UserError(f"{run}: no complete checkpoint for iteration {iteration} "
-                            f"(have {', '.join(str(it) for it, _ in ckpts[-10:])})")
-        path = hits[0]
-    return load_generator_file(os.path.join(path, "generator.keras"))
-
-
-def load_generator_file(path):
-    """Load a ``generator.keras`` for inference; a :class:`UserError` if it cannot be read."""
-    keras = _keras()
-    try:
-        return keras.saving.load_model(path, compile=False)
-    except Exception as err:  # corrupt zip, foreign model: the user's file
-        msg = (str(err).strip().splitlines() or [""])[0]
-        raise UserError(f"{path}: cannot load the Keras model ({type(err).__name__}: {msg[:300]})") from None
 
 
 def save_checkpoint(run, iteration, gen, critic, opt_g, opt_d, rng, extra):
@@ -547,285 +520,7 @@ def append_losses(path, first_iteration, losses):
 
 
 # ----------------------------------------------------------------------------------------------
-# generation: fast for batch 1 and batch 10k
-
-def noise_from_uniform(u, mean=NOISE_MEAN, std=NOISE_STD):
-    """Map uniforms u = k / 2^24 (numpy ``Generator.random(dtype=float32)``) to N(mean, std) by the inverse CDF.
-
-    t = 2u - (1 - 2^-24) is an odd multiple of 2^-24 in (-1, 1), exact in float32, and
-    z = sqrt(2) erfinv(t) is standard normal (truncated beyond 5.5 sigma). numpy version; the compiled
-    path computes the same expression with keras.ops.
-    """
-    from scipy.special import erfinv
-
-    t = np.asarray(u, dtype=np.float32) * np.float32(2.0) - np.float32(1.0 - 2.0**-24)
-    return (np.float32(mean) + np.float32(std * math.sqrt(2.0)) * erfinv(t)).astype(np.float32, copy=False)
-
-
-_ACTIVATIONS = ("linear", "relu", "silu", "sigmoid", "tanh", "elu", "softplus")
-
-
-def _activation_name(fn):
-    keras = _keras()
-    try:
-        name = keras.activations.serialize(fn)
-    except (TypeError, ValueError):
-        return None
-    if isinstance(name, dict):
-        name = name.get("config", name.get("class_name"))
-    name = {"swish": "silu"}.get(name, name)
-    return name if name in _ACTIVATIONS else None
-
-
-def _np_activation(name, x):
-    from scipy.special import expit
-
-    if name == "relu":
-        return np.maximum(x, 0, out=x)
-    if name == "silu":
-        return np.multiply(x, expit(x), out=x)
-    if name == "sigmoid":
-        return expit(x, out=x)
-    if name == "tanh":
-        return np.tanh(x, out=x)
-    if name == "elu":
-        return np.where(x > 0, x, np.expm1(np.minimum(x, 0))).astype(np.float32)
-    if name == "softplus":
-        return np.logaddexp(x, 0).astype(np.float32)
-    return x
-
-
-def _ops_activation(name, x):
-    ops = _keras().ops
-    if name == "linear":
-        return x
-    return {"relu": ops.relu, "silu": ops.silu, "sigmoid": ops.sigmoid, "tanh": ops.tanh, "elu": ops.elu,
-            "softplus": ops.softplus}[name](x)
-
-
-def generator_plan(model):
-    """The generator as a chain of (W, b, activation) in float32 with batch-norm folded into the Dense before it.
-
-    Works for models of :func:`build_generator` (and any [noise, condition] -> Concatenate -> Dense/BatchNorm/
-    Activation chain); returns None for anything else (generation then calls the Keras model itself).
-    """
-    L = _keras().layers
-    if len(model.inputs) != 2:
-        return None
-    n_in = sum(int(t.shape[-1]) for t in model.inputs)
-    chain, seen_concat = [], False
-    for layer in model.layers:
-        if isinstance(layer, L.InputLayer):
-            continue
-        if isinstance(layer, L.Concatenate) and not seen_concat and not chain:
-            seen_concat = True
-            continue
-        if isinstance(layer, L.Dense):
-            w = layer.get_weights()
-            kernel = np.asarray(w[0], np.float64)
-            bias = np.asarray(w[1], np.float64) if layer.use_bias else np.zeros(kernel.shape[1])
-            act = _activation_name(layer.activation)
-            if act is None:
-                return None
-            chain.append([kernel, bias, act])
-        elif isinstance(layer, L.BatchNormalization):
-            if not chain or chain[-1][2] != "linear" or layer.axis not in (-1, 1, [-1], [1]):
-                return None
-            gamma, beta, mean, var = [np.asarray(a, np.float64) for a in _bn_weights(layer)]
-            scale = gamma / np.sqrt(var + layer.epsilon)
-            chain[-1][0] = chain[-1][0] * scale
-            chain[-1][1] = (chain[-1][1] - mean) * scale + beta
-        elif isinstance(layer, L.Activation):
-            act = _activation_name(layer.activation)
-            if act is None or not chain or chain[-1][2] != "linear":
-                return None
-            chain[-1][2] = act
-        else:
-            return None
-    if not seen_concat or not chain or chain[0][0].shape[0] != n_in:
-        return None
-    return [(k.astype(np.float32), b.astype(np.float32), a) for k, b, a in chain]
-
-
-def _bn_weights(layer):
-    """gamma, beta, moving mean, moving variance of a BatchNormalization layer (center/scale may be off)."""
-    n = layer.moving_mean.shape[-1]
-    gamma = np.asarray(layer.gamma.value) if layer.scale else np.ones(n)
-    beta = np.asarray(layer.beta.value) if layer.center else np.zeros(n)
-    return gamma, beta, np.asarray(layer.moving_mean.value), np.asarray(layer.moving_variance.value)
-
-
-_COMPILED = {}                                  # (backend, activations, kind) -> compiled forward function
-_PREDICTORS = weakref.WeakKeyDictionary()       # model -> _Predictor (weights snapshot)
-#: up to this many rows generate() runs a numpy forward pass (no framework dispatch; faster below the threshold)
-SMALL_BATCH = {"tensorflow": 256, "jax": 64}
-
-
-def _compiled_forward(acts):
-    """Backend-compiled ``f(u, label, weights) -> voxels`` for a chain of activations.
-
-    The weights are arguments, so every checkpoint of a run shares one compilation. The first layer is
-    folded with the noise transform: z = mean + std sqrt(2) erfinv(t) and the condition [label, 0] enter as
-    erfinv(t) @ K0 + label * r0 + b0 (see :meth:`_Predictor.folded_weights`).
-    """
-    backend = _backend()
-    key = (backend, tuple(acts))
-    if key in _COMPILED:
-        return _COMPILED[key]
-    ops = _keras().ops
-
-    def forward(u, label, first, rest):
-        k0, r0, b0 = first
-        e = ops.erfinv(u * 2.0 - (1.0 - 2.0**-24))
-        h = _ops_activation(acts[0], ops.matmul(e, k0) + ops.expand_dims(label, 1) * r0 + b0)
-        for (kernel, bias), act in zip(rest, acts[1:]):
-            h = _ops_activation(act, ops.matmul(h, kernel) + bias)
-        return h
-
-    if backend == "tensorflow":
-        import tensorflow as tf
-        fn = tf.function(forward, jit_compile=True, autograph=False)
-    elif backend == "jax":
-        import jax
-        fn = jax.jit(forward)
-    else:
-        fn = forward
-    _COMPILED[key] = fn
-    return fn
-
-
-class _Predictor:
-    """Weights snapshot of a generator plus the fastest way to run it for a given batch size."""
-
-    def __init__(self, model):
-        self.model = weakref.ref(model)
-        self.latent = int(model.inputs[0].shape[-1])
-        self.cond_dim = int(model.inputs[1].shape[-1])
-        self.plan = generator_plan(model) if self.cond_dim == 2 else None
-        if self.plan is not None and not self._plan_matches(model):
-            self.plan = None
-        if self.plan is not None:
-            self.acts = tuple(a for _, _, a in self.plan)
-        self._folded = {}
-        self._keras_fn = None
-
-    def folded_weights(self, mean, std):
-        """Backend tensors of the chain with the noise affine and the condition folded into layer 1."""
-        key = (float(mean), float(std))
-        if key not in self._folded:
-            ops = _keras().ops
-            k, b, _ = self.plan[0]
-            kz = k[:self.latent].astype(np.float64)
-            k0 = (kz * (std * math.sqrt(2.0))).astype(np.float32)
-            b0 = (b + mean * kz.sum(axis=0)).astype(np.float32)
-            first = tuple(ops.convert_to_tensor(a) for a in (k0, k[self.latent].astype(np.float32), b0))
-            rest = tuple((ops.convert_to_tensor(kk), ops.convert_to_tensor(bb)) for kk, bb, _ in self.plan[1:])
-            self._folded[key] = (first, rest)
-        return self._folded[key]
-
-    def _plan_matches(self, model, n=16):
-        rng = np.random.default_rng(12345)
-        z = rng.normal(0.5, 0.5, (n, self.latent)).astype(np.float32)
-        lab = rng.random(n).astype(np.float32)
-        ref = np.asarray(model([z, condition_vector(lab)], training=False))
-        mine = self._numpy_forward_z(z, lab)
-        return np.allclose(mine, ref, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(ref).max())))
-
-    def _numpy_forward_z(self, z, label):
-        h = np.concatenate([z, condition_vector(label)], axis=1)
-        for kernel, bias, act in self.plan:
-            h = h @ kernel
-            h += bias
-            h = _np_activation(act, h)
-        return h
-
-    def _keras_forward(self, z, label):
-        model = self.model()
-        if self._keras_fn is None:
-            backend = _backend()
-            if backend == "tensorflow":
-                import tensorflow as tf
-                self._keras_fn = tf.function(lambda a, b: model([a, b], training=False), autograph=False)
-            elif backend == "jax":
-                import jax
-                tv = [v.value for v in model.trainable_variables]
-                ntv = [v.value for v in model.non_trainable_variables]
-                f = jax.jit(lambda t, n, a, b: model.stateless_call(t, n, [a, b], training=False)[0])
-                self._keras_fn = lambda a, b: f(tv, ntv, a, b)
-            else:
-                self._keras_fn = lambda a, b: model([a, b], training=False)
-        return _to_numpy(self._keras_fn(z, condition_vector(label)))
-
-    def __call__(self, u, label, mean, std):
-        """Showers for uniforms u (n, latent) and labels (n,)."""
-        if self.plan is None:
-            return self._keras_forward(noise_from_uniform(u, mean, std), label)
-        if u.shape[0] <= SMALL_BATCH.get(_backend(), 64):
-            return self._numpy_forward_z(noise_from_uniform(u, mean, std), label)
-        first, rest = self.folded_weights(mean, std)
-        return _to_numpy(_compiled_forward(self.acts)(u, label, first, rest))
-
-
-def _to_numpy(t):
-    """A writable float32 numpy copy of a backend tensor."""
-    arr = t.numpy() if hasattr(t, "numpy") else np.array(t)
-    return arr if arr.dtype == np.float32 and arr.flags.writeable else np.array(arr, dtype=np.float32)
-
-
-def _predictor(model, refresh=False):
-    pred = None if refresh else _PREDICTORS.get(model)
-    if pred is None:
-        pred = _Predictor(model)
-        _PREDICTORS[model] = pred
-    return pred
-
-
-def generate(generator, label, rng_or_seed=None, batch_size=10000, noise_mean=NOISE_MEAN, noise_std=NOISE_STD,
-             refresh=False):
-    """Normalised showers (N, V) float32 of ``generator`` for condition labels (N,) (condition [label, 0]).
-
-    Noise: ``latent_dim`` values per shower, N(noise_mean, noise_std), from the numpy ``Generator``
-    ``rng_or_seed`` (or ``np.random.default_rng(seed)``) as uniforms mapped by the inverse normal CDF
-    (:func:`noise_from_uniform`); the result does not depend on ``batch_size``. Up to ``SMALL_BATCH``
-    showers per call (256 with TensorFlow) run as a numpy forward pass (no framework dispatch: fast for
-    batch 1); more run through one
-    backend-compiled function (XLA with TensorFlow, jax.jit with JAX) in chunks of ``batch_size``.
-    The weights are read once per model object; pass ``refresh=True`` after changing them in place.
-    """
-    label = np.asarray(label, dtype=np.float32).reshape(-1)
-    rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(rng_or_seed)
-    pred = _predictor(generator, refresh)
-    n = label.shape[0]
-    bs = max(1, int(batch_size))
-    if n <= bs:
-        u = rng.random((n, pred.latent), dtype=np.float32)
-        return pred(u, label, noise_mean, noise_std)
-    out = np.empty((n, int(generator.outputs[0].shape[-1])), dtype=np.float32)
-    u = np.empty((bs, pred.latent), dtype=np.float32)
-    lab = np.zeros(bs, dtype=np.float32)
-    for i in range(0, n, bs):
-        m = min(bs, n - i)
-        rng.random(out=u[:m], dtype=np.float32)
-        if m < bs:               # pad the last chunk: one compiled shape for the whole call
-            u[m:] = 0.5
-        lab[:m] = label[i:i + m]
-        out[i:i + m] = pred(u, lab, noise_mean, noise_std)[:m]
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
 # the command
-
-def read_config(run):
-    path = os.path.join(run, "config.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{path}: run configuration not found") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: unreadable run configuration ({err})") from None
-
 
 def make_config(args, data, dropped):
     """config.json content of a fresh run."""
@@ -864,12 +559,8 @@ def make_config(args, data, dropped):
     return cfg
 
 
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
-
-
 def _resume_config(args, run):
-    cfg = read_config(run)
+    cfg = read_run_config(run)
     if os.path.abspath(args.data) != cfg.get("train_data"):
         raise UserError(f"--data {args.data}: the run in {run} was trained on {cfg.get('train_data')}")
     if int(args.seed) != int(cfg.get("seed", args.seed)):

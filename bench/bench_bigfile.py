@@ -51,7 +51,8 @@ def write_ds3_file(path, n_events, seed):
     import h5py
 
     import evalutils
-    from HighLevelFeatures import atomic_output, dataset_geometry
+    from HighLevelFeatures import dataset_geometry
+    from plumbing import atomic_output
 
     geom = dataset_geometry("3")
     template = evalutils.template(geom).astype(np.float32)

@@ -4,7 +4,7 @@ Synthetic, seeded showers for the CaloChallenge dataset-1 photon (368 voxels) an
 geometries: float32, exponential voxel energies, about 65% of the voxels zero (real showers are sparse).
 BLAS and OpenMP are held to one thread (set before numpy is imported), so the numbers are for one core.
 Each geometry is timed several times on the same in-memory array; the best run is reported, which is the
-most repeatable figure on a shared machine. Prints one JSON object on stdout (SPEC section 11):
+most repeatable figure on a shared machine. Prints one JSON object on stdout (keys fixed for outside checks):
 
     {"ds1_photons_events_per_s": ..., "ds2_events_per_s": ..., "peak_rss_mb": ...}
 

@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import plumbing  # noqa: E402
 import train  # noqa: E402
 
 N_VOXELS, LATENT = 368, 50
@@ -76,10 +77,10 @@ def bench_generation(batch, seconds, seed=2):
     rng = np.random.default_rng(seed)
     labels = rng.random(batch).astype(np.float32)
     for _ in range(3):
-        train.generate(g, labels, rng, batch_size=batch)
+        plumbing.generate(g, labels, rng, batch_size=batch)
     n, t0 = 0, time.perf_counter()
     while True:
-        train.generate(g, labels, rng, batch_size=batch)
+        plumbing.generate(g, labels, rng, batch_size=batch)
         n += 1
         dt = time.perf_counter() - t0
         if dt > seconds and n >= 5:

@@ -3,7 +3,7 @@
     python bench/bench_voxelise.py            # full: >= 10^7 toy photon hits (1 TeV photons, dataset-1 XML)
     python bench/bench_voxelise.py --quick    # 2 * 10^6 hits, under a minute
 
-Prints one JSON object on stdout (SPEC 11 keys ``hits``, ``hits_per_s``, ``python_loop_hits_per_s``, ``speedup``,
+Prints one JSON object on stdout (fixed keys ``hits``, ``hits_per_s``, ``python_loop_hits_per_s``, ``speedup``,
 plus ``file_hits_per_s``, ``python_loop_hits``, ``quick``); progress goes to stderr.
 
 What is timed, in one process on one core:
@@ -13,7 +13,7 @@ What is timed, in one process on one core:
   voxels). HDF5 reading is excluded here (best of 3 runs);
 * ``file_hits_per_s``: the same from an HDF5 hits file on local disk (preprocess.voxelise_file: chunked reads
   included; the page cache is warm);
-* ``python_loop_hits_per_s``: preprocess.voxelise_python_loop (SPEC 3 hit by hit with the math module) on a
+* ``python_loop_hits_per_s``: preprocess.voxelise_python_loop (the mapping hit by hit with the math module) on a
   subsample; the vectorised result on that subsample must agree with it (else exit 1).
 """
 import argparse

@@ -9,7 +9,8 @@ import os
 
 import numpy as np
 
-from HighLevelFeatures import DATASETS, atomic_output, dataset_geometry
+from HighLevelFeatures import DATASETS, dataset_geometry
+from plumbing import atomic_output
 
 
 def template(geom, radius=1.0):

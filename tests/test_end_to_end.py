@@ -66,11 +66,11 @@ def test_make_all_produces_finite_metrics(chain):
 def test_exported_json_reproduces_checkpoint(chain):
     work, results, _ = chain
     import export_lwtnn
-    import train
+    import plumbing
 
     best = json.loads((results / SLICE / "select" / "best.json").read_text())
     graph = json.loads((results / SLICE / "lwtnn" / "neural_net_22_eta_20_25_all.json").read_text())
-    gen = train.load_generator(str(work / SLICE / "run"), best["best_iteration"])
+    gen = plumbing.load_generator(str(work / SLICE / "run"), best["best_iteration"])
     rng = np.random.default_rng(0)
     noise = rng.normal(0.5, 0.5, (500, 50)).astype(np.float32)
     cond = np.stack([rng.uniform(0, 1, 500), np.zeros(500)], axis=1).astype(np.float32)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import evaluate as ev
-from HighLevelFeatures import dataset_geometry, write_calo_file
+from HighLevelFeatures import dataset_geometry
+from plumbing import write_calo_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import evalutils  # noqa: E402

@@ -42,8 +42,9 @@ import export_lwtnn
 import preprocess
 import select_epoch
 import train
-import HighLevelFeatures
-from HighLevelFeatures import atomic_directory, read_geometry
+import plumbing
+from HighLevelFeatures import read_geometry
+from plumbing import atomic_directory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 XML = os.path.join(ROOT, "binning", "binning_dataset_1_photons.xml")
@@ -51,7 +52,7 @@ XML_PION = os.path.join(ROOT, "binning", "binning_dataset_1_pions.xml")
 V = 368                                    # voxels of dataset-1 photons
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 TRAIN_FLAGS = ("--batch-size", "16", "--no-jit")
-CKPT_DIR = re.compile(r"^ckpt_(\d+)$")          # a finished checkpoint of train.py (CONTRACTS.md)
+CKPT_DIR = re.compile(r"^ckpt_(\d+)$")          # a finished checkpoint of train.py (its run layout)
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", MPLBACKEND="Agg", PYTHONDONTWRITEBYTECODE="1")
 
 
@@ -740,7 +741,7 @@ STALL_WRAPPER = textwrap.dedent("""\
     import HighLevelFeatures
     FLAG, STALL_AT, WHERE = {flag!r}, {stall_at}, {where!r}
     calls = [0]
-    real = HighLevelFeatures.atomic_output
+    real = plumbing.atomic_output
 
     def stall(note):
         with open(FLAG + ".tmp", "w") as fh:
@@ -758,7 +759,7 @@ STALL_WRAPPER = textwrap.dedent("""\
                 stall(tmp)            # complete, closed, not yet renamed
 
     script.atomic_output = watched              # the script's own atomic writes
-    HighLevelFeatures.atomic_output = watched   # and those of the shared helpers (write_text, write_calo_file)
+    plumbing.atomic_output = watched   # and those of the shared helpers (write_text, write_calo_file)
     if WHERE == "mid":                # voxelise: first file's showers written, the output still open
         real_map = script._map_tasks
         def mapped(tasks, jobs):
@@ -948,11 +949,11 @@ def test_atomic_directory_mode_replacement_and_failure(tmp_path, monkeypatch):
         calls.append(path)
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(HighLevelFeatures.shutil, "rmtree", dies_while_deleting)
+    monkeypatch.setattr(plumbing.shutil, "rmtree", dies_while_deleting)
     with pytest.raises(KeyboardInterrupt):
         with atomic_directory(final) as tmp:
             _fill(tmp, "second")
-    monkeypatch.setattr(HighLevelFeatures.shutil, "rmtree", real_rmtree)
+    monkeypatch.setattr(plumbing.shutil, "rmtree", real_rmtree)
     assert _contents(final) == {"generator.keras": "second", "state.json": "second"}
     assert calls and os.path.basename(calls[0]).startswith(".tmp-")      # only a temporary name was being deleted
     with atomic_directory(final) as tmp:

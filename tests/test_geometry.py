@@ -1,4 +1,4 @@
-"""Binning XML -> Geometry (HighLevelFeatures.py): the CaloChallenge facts of SPEC section 2, voxel order,
+"""Binning XML -> Geometry (HighLevelFeatures.py): the CaloChallenge geometry facts, voxel order,
 both XML forms, eta-slice choice, (r, alpha) -> voxel mapping, and clear errors (API and command line).
 """
 import math
@@ -15,9 +15,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINNING = os.path.join(ROOT, "binning")
 FASTCALOGAN = os.path.join(BINNING, "binning_fastcalogan.xml")
 
-# SPEC section 2 table: layer id -> (r_edges, n_alpha) of every voxelised layer
+# CaloChallenge's binning table: layer id -> (r_edges, n_alpha) of every voxelised layer
 _TILE = [0, 10, 20, 30, 50, 80, 100, 130, 160, 200, 250, 300, 350, 400]
-SPEC_LAYERS = {
+CC_LAYERS = {
     "1-photons": {
         0: ([0, 5, 10, 30, 50, 100, 200, 400, 600], 1),
         1: ([0, 2, 4, 6, 8, 10, 12, 15, 20, 30, 40, 50, 70, 90, 120, 150, 200], 10),
@@ -37,7 +37,7 @@ SPEC_LAYERS = {
     "2": {lid: ([4.65 * k for k in range(10)], 16) for lid in range(45)},
     "3": {lid: ([2.325 * k for k in range(19)], 50) for lid in range(45)},
 }
-SPEC_VOXELS = {"1-photons": 368, "1-pions": 533, "2": 6480, "3": 40500}
+CC_VOXELS = {"1-photons": 368, "1-pions": 533, "2": 6480, "3": 40500}
 
 
 def _write(tmp_path, text, name="binning.xml"):
@@ -54,12 +54,12 @@ def _calochallenge_xml(layers, particle="photon", pid=22, eta_max=130):
 # ----------------------------------------------------------------------------------------------
 # the four CaloChallenge geometries
 
-@pytest.mark.parametrize("dataset", sorted(SPEC_VOXELS))
+@pytest.mark.parametrize("dataset", sorted(CC_VOXELS))
 def test_voxel_counts_and_r_edges_match_spec(dataset):
     g = H.dataset_geometry(dataset)
-    assert g.n_voxels == SPEC_VOXELS[dataset] == H.DATASETS[dataset][2]
+    assert g.n_voxels == CC_VOXELS[dataset] == H.DATASETS[dataset][2]
     assert sum(lay.n_voxels for lay in g.layers) == g.n_voxels
-    spec = SPEC_LAYERS[dataset]
+    spec = CC_LAYERS[dataset]
     assert g.relevant_layers == sorted(spec)
     assert g.layers_binned_in_alpha == [lid for lid in sorted(spec) if spec[lid][1] > 1]
     for lay in g.layers:
@@ -89,7 +89,7 @@ def test_voxel_order_r_fastest_then_alpha_then_layer(dataset):
     assert len(names) == len(r) == len(lid) == g.n_voxels
     k = 0
     for layer_id in g.relevant_layers:
-        edges, n_alpha = SPEC_LAYERS[dataset][layer_id]
+        edges, n_alpha = CC_LAYERS[dataset][layer_id]
         start, stop = g.offsets[layer_id]
         assert start == k and stop == k + (len(edges) - 1) * n_alpha
         for ia in range(n_alpha):

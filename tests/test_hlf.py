@@ -1,5 +1,5 @@
 """High-level features (HighLevelFeatures.py): analytic single/two-voxel showers, sparsity, energies, a
-cross-check against an independent per-event, per-voxel loop written here from the SPEC section 5
+cross-check against an independent per-event, per-voxel loop written here from the feature definitions
 definitions, streaming over HDF5 in small chunks, the CaloChallenge-style class, plots and the doctests.
 """
 import doctest
@@ -15,7 +15,7 @@ import pytest
 import HighLevelFeatures as H
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_geometry import SPEC_LAYERS  # noqa: E402  (the SPEC section 2 table)
+from test_geometry import CC_LAYERS  # noqa: E402  (CaloChallenge's layer table)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POSITION_FEATURES = ("EC_r", "width_r", "EC_eta", "width_eta", "EC_phi", "width_phi")
@@ -39,7 +39,7 @@ def _sparse_showers(n_voxels, n, seed, zero_fraction=0.65):
 
 
 # ----------------------------------------------------------------------------------------------
-# independent reference: plain loops over events, layers and voxels (SPEC section 5 + CaloChallenge
+# independent reference: plain loops over events, layers and voxels (the feature definitions + CaloChallenge
 # conventions: r centre = mid of its edges, alpha centres = centres of linspace(-pi, pi, n+1), 0 for n = 1)
 
 def _reference_layers(xml_path):
@@ -146,10 +146,10 @@ def test_float64_input_and_small_blocks_give_the_same_features():
 # analytic showers
 
 def _expected_coordinates(dataset):
-    """(layer id, i_alpha, i_r, r, eta, phi) of every voxel, built from the SPEC table edges."""
+    """(layer id, i_alpha, i_r, r, eta, phi) of every voxel, built from the CaloChallenge table edges."""
     rows = []
-    for lid in sorted(SPEC_LAYERS[dataset]):
-        edges, n_alpha = SPEC_LAYERS[dataset][lid]
+    for lid in sorted(CC_LAYERS[dataset]):
+        edges, n_alpha = CC_LAYERS[dataset][lid]
         for ia in range(n_alpha):
             a = 0.0 if n_alpha == 1 else -math.pi + (ia + 0.5) * 2 * math.pi / n_alpha
             for ir in range(len(edges) - 1):

@@ -1,4 +1,4 @@
-"""preprocess.py voxelise / prepare: exact SPEC-3 mapping, conservation, formats, errors (toy data, small)."""
+"""preprocess.py voxelise / prepare: exact hit -> voxel mapping, conservation, formats, errors (toy data, small)."""
 import glob
 import hashlib
 import math
@@ -9,9 +9,12 @@ import h5py
 import numpy as np
 import pytest
 
+import HighLevelFeatures as H
 import preprocess
+import plumbing
 import toyshower
-from HighLevelFeatures import HighLevelFeatures, kinetic_energy, read_geometry
+from HighLevelFeatures import HighLevelFeatures, read_geometry
+from plumbing import kinetic_energy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINNING = os.path.join(ROOT, "binning")
@@ -26,7 +29,7 @@ XML_DS2 = os.path.join(BINNING, "binning_dataset_2.xml")
 
 
 def write_hits(path, hits, extrap, truth_p, particle="photon", pdg=22):
-    """A hits file in the CONTRACTS.md layout from plain arrays."""
+    """A hits file in the README's hits layout from plain arrays."""
     n = len(truth_p)
     with h5py.File(path, "w") as f:
         f.create_dataset("event", data=np.asarray(hits["event"], dtype=np.int64))
@@ -219,7 +222,7 @@ def _random_hits(geom, n_events, n_hits, seed, spread_mm=80.0):
     r_l = r0[ev, lay]
     x, y = rng.normal(0, spread_mm, n_hits), rng.normal(0, spread_mm, n_hits)
     eta = eta0[ev] + x / r_l
-    phi = preprocess.wrap_phi(phi0[ev] + y / r_l)
+    phi = H.wrap_phi(phi0[ev] + y / r_l)
     hits = {"event": ev, "layer": lay, "eta": eta, "phi": phi, "r": r_l, "z": r_l * np.sinh(eta),
             "energy": rng.exponential(10.0, n_hits)}
     return hits, extrap
@@ -457,7 +460,7 @@ def test_prepare_normalisation_inverts(toy, tmp_path, capsys):
     np.testing.assert_array_equal(ekin, kinetic_energy(p, "photon"))
     # inverse: showers = voxels * e_kin (float32 rounding: 1 ulp), e_kin from the label and the attrs
     np.testing.assert_allclose(vox * ekin[:, None], showers_in[sel], rtol=2.5e-7, atol=1e-30)
-    back = preprocess.label_to_ekin(label, attrs["ekin_min"], attrs["ekin_max"], attrs["label_scheme"])
+    back = plumbing.label_to_ekin(label, attrs["ekin_min"], attrs["ekin_max"], attrs["label_scheme"])
     np.testing.assert_allclose(back, ekin, rtol=1e-6)
     want = {"particle": "photon", "pid": 22, "eta_min": 0.0, "eta_max": 130.0, "range": "high",
             "binning": XML_PHOTON, "label_scheme": "V2", "max_exp": 22, "p_min": 4096.0, "p_max": 2.0 ** 22,
@@ -519,3 +522,38 @@ def test_prepare_bad_input_exit_2(toy, tmp_path, capsys, case, reason):
     err = capsys.readouterr().err
     assert rc == 2 and reason in err, err
     assert os.listdir(out.parent) == [] and sha(toy["vox"]) == before
+
+
+def test_phi_wrap_is_minus_pi_exclusive_everywhere():
+    """dphi is wrapped into (-pi, pi]: -pi becomes +pi. A hit exactly half a turn from the extrapolated phi therefore
+    has dphi_mm = +pi r and alpha = +pi/2 (alpha bin 7 of 10 over (-pi, pi]); with a [-pi, pi) wrap it would land at
+    alpha = -pi/2 (bin 2). The voxeliser, its per-hit reference and the toy use the one wrap_phi."""
+    import toyshower
+    assert preprocess.wrap_phi is H.wrap_phi and toyshower.wrap_phi is H.wrap_phi
+    x = np.array([math.pi, -math.pi, 3 * math.pi, -3 * math.pi, 0.0, np.nextafter(-math.pi, 0), 2 * math.pi])
+    np.testing.assert_allclose(H.wrap_phi(x), [math.pi, math.pi, math.pi, math.pi, 0.0, np.nextafter(-math.pi, 0), 0.0],
+                               atol=1e-15)
+    y = x.copy()
+    assert H.wrap_phi(y, out=y) is y and y[1] == math.pi                    # in place
+    rng = np.random.default_rng(5)
+    z = rng.uniform(-20, 20, 10000)
+    w = H.wrap_phi(z)
+    assert (w > -math.pi).all() and (w <= math.pi).all()
+    np.testing.assert_allclose(np.cos(w), np.cos(z), atol=1e-12)
+    np.testing.assert_allclose(np.sin(w), np.sin(z), atol=1e-12)
+
+    geom = read_geometry(XML_PHOTON, "photon")
+    ncol = 13
+    phi0 = math.pi / 2
+    extrap = {"extrap_eta": np.zeros((1, ncol)), "extrap_phi": np.full((1, ncol), phi0),
+              "extrap_r": np.full((1, ncol), 1500.0), "extrap_z": np.zeros((1, ncol))}
+    phi_hit = phi0 - math.pi
+    assert phi_hit - phi0 == -math.pi                                       # exactly half a turn below
+    hits = {"event": np.array([0]), "layer": np.array([1]), "eta": np.array([0.0]), "phi": np.array([phi_hit]),
+            "r": np.array([1500.0]), "z": np.array([0.0]), "energy": np.array([5.0])}
+    lay1 = geom.offsets[1][0]
+    want = np.zeros((1, geom.n_voxels))
+    want[0, lay1 + 7 * 16 + 15] = 5.0                                       # alpha bin 7, last r bin (r > 200 mm)
+    got, _ = preprocess.voxelise_arrays(geom, hits, extrap, 1)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(preprocess.voxelise_python_loop(geom, hits, extrap, 1), want)

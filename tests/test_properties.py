@@ -6,7 +6,7 @@
   layer (unsorted or negative edge, zero alpha bins) always gives a GeometryError naming the file and element.
 * Random hits around random extrapolated positions, voxelised by ``preprocess.voxelise_arrays``: energy is
   conserved per event and layer (hits in layers without voxels are dropped and counted), and every hit lands
-  in the voxel whose r bin and alpha bin contain its (r, alpha) computed here from SPEC section 3 with the
+  in the voxel whose r bin and alpha bin contain its (r, alpha) computed here from the mapping's definition with the
   math module (r beyond the last edge: last r bin).
 
 Examples are drawn with a fixed seed (``derandomize``), so a run is reproducible; no example database is written.
@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import HighLevelFeatures as H
 import preprocess
 from HighLevelFeatures import GeometryError, list_slices, read_geometry
 
@@ -186,7 +187,7 @@ def test_damaged_layer_is_rejected_naming_file_and_element(layers, data):
 # hits -> voxels
 
 def spec_position(eta, phi, eta_x, phi_x, r_x, z_x, symmetrise):
-    """(r, alpha) of a hit by SPEC section 3, written with the math module, hit by hit."""
+    """(r, alpha) of a hit by the mapping's definition, written with the math module, hit by hit."""
     dphi = phi - phi_x
     while dphi > math.pi:
         dphi -= 2 * math.pi
@@ -226,7 +227,7 @@ def hit_sets(draw, one_per_event=False):
     alpha = rng.uniform(-math.pi, math.pi, n_hits)
     eta_x, phi_x = extrap["extrap_eta"][ev, lids], extrap["extrap_phi"][ev, lids]
     r_x, z_x = extrap["extrap_r"][ev, lids], extrap["extrap_z"][ev, lids]
-    scale = preprocess.eta_to_mm(eta_x, r_x, z_x)
+    scale = H.eta_to_mm(eta_x, r_x, z_x)
     hits = {"event": ev, "layer": lids, "eta": eta_x + r * np.cos(alpha) / scale,
             "phi": phi_x + r * np.sin(alpha) / r_x,
             "energy": rng.uniform(0.0, 1.0, n_hits) * 10.0 ** rng.uniform(-3, 4, n_hits)}

@@ -10,7 +10,8 @@ import pytest
 
 import select_epoch as se
 import train
-from HighLevelFeatures import condition_label, kinetic_energy
+import plumbing
+from plumbing import condition_label, kinetic_energy
 from test_train import synthetic_showers, write_training_file
 
 EXCLUDED = 2.0**14
@@ -155,11 +156,11 @@ def test_select_epoch_outputs(tiny_run):
         np.testing.assert_array_equal(f["incident_energies"][:, 0], einc[inrange])
         assert f["showers"].shape == (inrange.sum(), 368)
     # the chi2 of the best checkpoint at the lowest energy, recomputed from the same seeded noise
-    cfg = train.read_config(run)
-    g = train.load_generator(run, best["best_iteration"])
+    cfg = plumbing.read_run_config(run)
+    g = plumbing.load_generator(run, best["best_iteration"])
     e = 2.0**8
     label = condition_label(kinetic_energy(e, "photon"), cfg["ekin_min"], cfg["ekin_max"])
-    gen_etot = train.generate(g, np.full(500, label), np.random.default_rng(4)).sum(axis=1, dtype=np.float64) * e
+    gen_etot = plumbing.generate(g, np.full(500, label), np.random.default_rng(4)).sum(axis=1, dtype=np.float64) * e
     with h5py.File(ref) as f:
         ref_etot = f["showers"][...].sum(axis=1, dtype=np.float64)[einc == e]
     chi2, ndf = se.etot_chi2(ref_etot, gen_etot, "photon")

@@ -1,0 +1,588 @@
+"""plumbing.py -- what every calokit stage script shares besides the geometry (HighLevelFeatures.py).
+
+One small module, importable alone with HighLevelFeatures.py beside it (numpy; h5py, Keras and scipy only
+inside the functions that need them). It holds, top to bottom:
+
+* FastCaloGAN's normalisations and their inverses side by side: E_kin from the momentum, energy ranges,
+  the condition label (V1/V2) and :func:`label_to_ekin`, the condition vector [label, 0];
+* atomic outputs (:func:`atomic_output`, :func:`write_text`, :func:`atomic_directory`), HDF5 opening and the
+  validated, chunked reading and writing of CaloChallenge files;
+* the command wrapper :func:`run_cli` (``UserError`` -> one line on stderr and exit code 2);
+* the run layout of train.py (``<run>/config.json``, ``<run>/ckpt_<iteration>/generator.keras``),
+  loading a generator and generating showers from it (:func:`generate`), and the quiet Keras import.
+
+Example
+-------
+>>> import numpy as np
+>>> from plumbing import condition_label, label_to_ekin
+>>> label = condition_label(np.array([256.0, 4096.0]), 256.0, 65536.0)
+>>> label.tolist(), label_to_ekin(label, 256.0, 65536.0).tolist()
+([0.0, 0.5], [256.0, 4096.0])
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import weakref
+
+import numpy as np
+
+from HighLevelFeatures import PARTICLES, GeometryError, UserError, chunk_events  # noqa: F401  (re-exported)
+
+# ----------------------------------------------------------------------------------------------
+# FastCaloGAN normalisations
+
+MAX_EXP = 22                     # V1 label: E_kin / 2^22
+
+#: FastCaloGAN energy ranges by momentum p (MeV), one GAN each: (p_min, p_max, p_min included?).
+#: "high" takes p > 2^12 but keeps 2^12 as p_min of its label; "all" for e/gamma is a calokit extension.
+ENERGY_RANGES = {
+    "photon": {"low": (2.0**6, 2.0**12, True), "high": (2.0**12, 2.0**22, False), "all": (2.0**6, 2.0**22, True)},
+    "electron": {"low": (2.0**6, 2.0**12, True), "high": (2.0**12, 2.0**22, False), "all": (2.0**6, 2.0**22, True)},
+    "pion": {"all": (2.0**8, 2.0**22, True)},
+    "proton": {"all": (2.0**10, 2.0**22, True)},
+}
+
+
+def particle_mass(particle):
+    """Mass in MeV of a particle name (photon, electron, pion, proton)."""
+    if particle not in PARTICLES:
+        raise UserError(f"unknown particle '{particle}' (choose from {', '.join(PARTICLES)})")
+    return PARTICLES[particle][1]
+
+
+def kinetic_energy(p, particle):
+    """E_kin = sqrt(p^2 + m^2) - m in MeV (FastCaloGAN's normalisation energy).
+
+    >>> float(kinetic_energy(1000.0, "photon")), round(float(kinetic_energy(1000.0, "pion")), 3)
+    (1000.0, 870.123)
+    """
+    m = particle_mass(particle)
+    p = np.asarray(p, dtype=np.float64)
+    return np.sqrt(p * p + m * m) - m
+
+
+def energy_range(particle, name):
+    """(p_min, p_max, p_min_included) of a FastCaloGAN energy range; UserError if undefined."""
+    ranges = ENERGY_RANGES.get(particle, {})
+    if name not in ranges:
+        raise UserError(f"energy range '{name}' is not defined for {particle} (choose from {', '.join(ranges) or 'none'})")
+    return ranges[name]
+
+
+def in_energy_range(p, particle, name):
+    """Boolean mask of momenta p (MeV) inside the range (2^-20 relative tolerance on the edges)."""
+    lo, hi, inc = energy_range(particle, name)
+    p = np.asarray(p, dtype=np.float64)
+    tol = 2.0**-20
+    above = p >= lo * (1 - tol) if inc else p > lo * (1 + tol)
+    return above & (p <= hi * (1 + tol))
+
+
+def condition_label(ekin, ekin_min, ekin_max, scheme="V2", max_exp=MAX_EXP):
+    """FastCaloGAN condition label: V2 log(E/E_min)/log(E_max/E_min) (default), V1 E/2^max_exp.
+
+    >>> condition_label(np.array([256.0, 4096.0, 65536.0]), 256.0, 65536.0).tolist()
+    [0.0, 0.5, 1.0]
+    """
+    ekin = np.asarray(ekin, dtype=np.float64)
+    if scheme == "V2":
+        return np.log(ekin / ekin_min) / np.log(ekin_max / ekin_min)
+    if scheme == "V1":
+        return ekin / 2.0**max_exp
+    raise UserError(f"unknown label scheme '{scheme}' (V1 or V2)")
+
+
+def condition_vector(label, eta=None):
+    """The (N, 2) condition FastCaloSim feeds lwtnn node_1: [label, |eta| or 0]."""
+    label = np.asarray(label, dtype=np.float32).reshape(-1)
+    second = np.zeros_like(label) if eta is None else np.full_like(label, abs(float(eta)))
+    return np.stack([label, second], axis=1)
+
+
+def label_to_ekin(label, ekin_min, ekin_max, scheme="V2", max_exp=MAX_EXP):
+    """Inverse of :func:`condition_label`: E_kin (MeV) from labels.
+
+    >>> float(label_to_ekin(0.5, 256.0, 65536.0))
+    4096.0
+    """
+    label = np.asarray(label, dtype=np.float64)
+    if scheme == "V2":
+        return ekin_min * np.power(ekin_max / ekin_min, label)
+    if scheme == "V1":
+        return label * 2.0 ** max_exp
+    raise UserError(f"unknown label scheme '{scheme}' (V1 or V2)")
+
+
+# ----------------------------------------------------------------------------------------------
+# shared I/O: atomic outputs, validated chunked reading, CLI error handling
+
+@contextlib.contextmanager
+def atomic_output(path):
+    """Yield a temporary path beside ``path`` (same extension); rename it to ``path`` only on success.
+
+    A crash or kill never leaves a truncated file under the final name.
+    """
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise UserError(f"{path}: output directory {d} does not exist")
+    if not os.access(d, os.W_OK):
+        raise UserError(f"{path}: output directory {d} is not writable")
+    base = os.path.basename(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + base, dir=d)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a finished output gets the usual mode
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_text(path, text):
+    """Write a text file atomically (temporary file + rename); returns the path."""
+    with atomic_output(path) as tmp:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+    return path
+
+
+def write_json(path, obj):
+    """Write ``obj`` as indented JSON atomically; returns the path."""
+    return write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(path):
+    """Yield a temporary directory beside ``path``; rename it to ``path`` when the block succeeds.
+
+    An existing ``path`` is first renamed aside and deleted only after the new one is in place, so a kill never
+    leaves a half-deleted directory under the final name. The directory gets the usual mode (0777 & ~umask),
+    not mkdtemp's 0700.
+    """
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    try:
+        yield tmp
+        old = None
+        if os.path.isdir(path):
+            old = tmp + "-old"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def ensure_dir(path):
+    """Create an output directory, or raise a :class:`UserError` naming it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{path}: cannot create output directory ({err.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"{path}: output directory is not writable")
+    return path
+
+
+def open_h5(path, what="file"):
+    """Open an HDF5 file for reading; a missing or unreadable file is a :class:`UserError` naming it."""
+    import h5py
+
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: {what} not found")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise UserError(f"{path}: not a readable HDF5 file ({err})") from None
+
+
+CKPT_RE = re.compile(r"^ckpt_(\d+)$")
+
+
+def list_checkpoints(run, required=("generator.keras",)):
+    """[(iteration, path)] of the complete checkpoints ``<run>/ckpt_<N>/`` (holding every ``required`` file), sorted.
+
+    Checkpoints are renamed into place only when complete, so temporary directories never match.
+    """
+    if not os.path.isdir(run):
+        raise UserError(f"{run}: run directory not found")
+    found = []
+    for name in os.listdir(run):
+        m = CKPT_RE.match(name)
+        path = os.path.join(run, name)
+        if m and all(os.path.isfile(os.path.join(path, r)) for r in required):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def open_calo_file(path, n_voxels=None):
+    """Open and validate a CaloChallenge HDF5 file; returns (h5py.File, n_events, n_voxels).
+
+    Checks: readable HDF5, datasets ``incident_energies`` (N,1)/(N,) and ``showers`` (N, V), same N > 0,
+    V = ``n_voxels`` when given. Every failure is a :class:`UserError` naming the file and the field.
+    """
+    import h5py
+
+    f = open_h5(path)
+    try:
+        for name in ("incident_energies", "showers"):
+            if name not in f or not isinstance(f[name], h5py.Dataset):
+                raise UserError(f"{path}: missing dataset '{name}' (CaloChallenge files have "
+                                f"'incident_energies' and 'showers')")
+        einc, sh = f["incident_energies"], f["showers"]
+        if sh.ndim != 2:
+            raise UserError(f"{path}: 'showers' has shape {sh.shape}, expected (events, voxels)")
+        if einc.ndim not in (1, 2) or (einc.ndim == 2 and einc.shape[1] != 1):
+            raise UserError(f"{path}: 'incident_energies' has shape {einc.shape}, expected (events, 1)")
+        if einc.shape[0] != sh.shape[0]:
+            raise UserError(f"{path}: 'incident_energies' has {einc.shape[0]} events but 'showers' has {sh.shape[0]}")
+        if sh.shape[0] == 0:
+            raise UserError(f"{path}: 'showers' has zero events")
+        if n_voxels is not None and sh.shape[1] != n_voxels:
+            raise UserError(f"{path}: 'showers' has {sh.shape[1]} voxels per event, expected {n_voxels}")
+        return f, sh.shape[0], sh.shape[1]
+    except BaseException:
+        f.close()
+        raise
+
+
+def iter_calo_chunks(path, n_voxels=None, chunk=None, check=True, start=0, stop=None):
+    """Yield (start_index, incident_energies (n,) float64, showers (n, V) float32) chunks of a CaloChallenge file.
+
+    With ``check``, NaN/inf or negative values raise a :class:`UserError` naming file, dataset and event.
+    """
+    f, n, v = open_calo_file(path, n_voxels)
+    with f:
+        stop = n if stop is None else min(stop, n)
+        chunk = chunk or chunk_events(v)
+        for i in range(start, stop, chunk):
+            j = min(i + chunk, stop)
+            try:
+                e = np.asarray(f["incident_energies"][i:j], dtype=np.float64).reshape(-1)
+                s = np.asarray(f["showers"][i:j], dtype=np.float32)
+            except OSError as err:
+                raise UserError(f"{path}: cannot read events {i}..{j} (truncated or corrupt file: {err})") from None
+            if check:
+                check_finite(path, "incident_energies", e, i, positive=True)
+                check_finite(path, "showers", s, i)
+            yield i, e, s
+
+
+def check_finite(path, name, arr, first_event=0, positive=False):
+    """Raise :class:`UserError` if ``arr`` has NaN/inf or negative (or, with positive, non-positive) values."""
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        ev = first_event + int(np.argwhere(bad)[0][0])
+        raise UserError(f"{path}: '{name}' has NaN/inf values (first at event {ev})")
+    neg = arr <= 0 if positive else arr < 0
+    if neg.any():
+        ev = first_event + int(np.argwhere(neg)[0][0])
+        what = "non-positive" if positive else "negative"
+        raise UserError(f"{path}: '{name}' has {what} values (first at event {ev})")
+
+
+def write_calo_file(path, incident_energies, showers, compression=None, **extra):
+    """Write a CaloChallenge HDF5 file atomically (float32 showers, (N,1) incident energies)."""
+    import h5py
+
+    einc = np.asarray(incident_energies, dtype=np.float64).reshape(-1, 1)
+    with atomic_output(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("incident_energies", data=einc)
+            f.create_dataset("showers", data=np.asarray(showers, dtype=np.float32), compression=compression)
+            for k, v in extra.items():
+                f.create_dataset(k, data=v)
+
+
+def import_keras():
+    """Import Keras (lazily, so ``--help`` stays fast) without TensorFlow's import-time C++ log lines on stderr.
+
+    TensorFlow prints absl/oneDNN notices from C++ before its logging is configured, whatever the environment
+    says, so stderr is pointed at /dev/null for the import alone; TF_CPP_MIN_LOG_LEVEL=2 silences the rest.
+    An import error is still raised (and printed) normally.
+    """
+    if "keras" in sys.modules:
+        return sys.modules["keras"]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import keras
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow  # noqa: F401  (its C++ start-up logs happen here)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    return keras
+
+
+def run_cli(fn, argv=None):
+    """Run ``fn(argv)`` as a command: UserError -> one line on stderr and 2; other errors -> 1; else fn's code."""
+    try:
+        rc = fn(argv)
+        return 0 if rc is None else int(rc)
+    except SystemExit as stop:  # argparse: --help (0) or a usage error (2), as a return code in-process too
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: out of memory (try a smaller --chunk / fewer events)", file=sys.stderr)
+        return 1
+    except Exception as err:  # internal error: still one readable line, but a distinct code
+        print(f"internal error: {type(err).__name__}: {err}", file=sys.stderr)
+        if os.environ.get("CALOKIT_DEBUG"):
+            raise
+        return 1
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py's run layout: config.json, ckpt_<iteration>/generator.keras
+
+NOISE_MEAN, NOISE_STD = 0.5, 0.5         # FastCaloGAN's latent noise N(0.5, 0.5), what FastCaloSim feeds node_0
+
+
+def read_run_config(run):
+    """``<run>/config.json`` as a dict; a missing or unreadable file is a :class:`UserError` naming it."""
+    path = os.path.join(run, "config.json")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: run configuration not found") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: unreadable run configuration ({err})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return cfg
+
+
+def load_generator(run, iteration=None):
+    """The generator of checkpoint ``iteration`` of ``run`` (None = the last complete one) as a Keras model."""
+    ckpts = list_checkpoints(run)
+    if not ckpts:
+        raise UserError(f"{run}: no complete checkpoint (ckpt_<iteration>/generator.keras)")
+    if iteration is None:
+        return load_generator_file(os.path.join(ckpts[-1][1], "generator.keras"))
+    hits = [p for it, p in ckpts if it == int(iteration)]
+    if not hits:
+        raise UserError(f"{run}: no complete checkpoint for iteration {iteration} "
+                        f"(have {', '.join(str(it) for it, _ in ckpts[-10:])})")
+    return load_generator_file(os.path.join(hits[0], "generator.keras"))
+
+
+def load_generator_file(path):
+    """Load a ``generator.keras`` for inference; a :class:`UserError` if it cannot be read."""
+    keras = import_keras()
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as err:  # corrupt zip, foreign model: the user's file
+        msg = (str(err).strip().splitlines() or [""])[0]
+        raise UserError(f"{path}: cannot load the Keras model ({type(err).__name__}: {msg[:300]})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# generation: a numpy forward pass for small batches, one compiled Keras call per chunk for large ones
+
+#: up to this many showers per call, :func:`generate` runs the network as numpy matrix products (no framework
+#: dispatch: ~20x faster than a Keras call for one shower); larger calls go through the compiled Keras model
+SMALL_BATCH = 256
+
+
+def draw_noise(rng, n, latent, mean=NOISE_MEAN, std=NOISE_STD):
+    """(n, latent) float32 noise N(mean, std) from the numpy Generator ``rng``.
+
+    Values come off the generator's stream in order, so drawing in chunks gives the same numbers as one draw.
+    """
+    z = rng.standard_normal((n, latent), dtype=np.float32)
+    z *= np.float32(std)
+    z += np.float32(mean)
+    return z
+
+
+def _np_activation(name, alpha, x):
+    """Activation ``name`` applied in place to the float32 array ``x`` (None if not supported here)."""
+    from scipy.special import expit
+
+    if name == "linear":
+        return x
+    if name == "relu":
+        return np.maximum(x, 0, out=x)
+    if name == "leaky_relu":
+        return np.where(x > 0, x, x * np.float32(alpha)).astype(np.float32, copy=False)
+    if name == "swish":
+        return np.multiply(x, expit(x), out=x)
+    if name == "sigmoid":
+        return expit(x, out=x)
+    if name == "tanh":
+        return np.tanh(x, out=x)
+    return None
+
+
+def _activation_of(layer):
+    """(name, alpha) of a Dense/Activation/LeakyReLU/ReLU layer's activation, or None if it is not a plain one."""
+    keras = import_keras()
+    if isinstance(layer, keras.layers.LeakyReLU):
+        return "leaky_relu", float(layer.negative_slope)
+    if isinstance(layer, keras.layers.ReLU):
+        plain = layer.max_value is None and not layer.threshold and not layer.negative_slope
+        return ("relu", 0.0) if plain else None
+    try:
+        name = keras.activations.serialize(layer.activation)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if isinstance(name, dict):
+        name = name.get("config", name.get("class_name"))
+    name = {"silu": "swish"}.get(name, name)
+    return (name, 0.0) if name in ("linear", "relu", "swish", "sigmoid", "tanh") else None
+
+
+def generator_chain(model):
+    """The generator as a list of float32 (kernel, bias, activation, alpha) with every batch-norm folded into
+    the Dense layer before it (inference mode: moving statistics), or None if the model is not a
+    [noise, condition] -> Concatenate -> Dense / BatchNormalization / activation chain."""
+    L = import_keras().layers
+    if len(model.inputs) != 2:
+        return None
+    chain = []
+    for layer in model.layers:
+        if isinstance(layer, (L.InputLayer, L.Concatenate)) and not chain:
+            continue
+        if isinstance(layer, L.Dense):
+            w = layer.get_weights()
+            bias = w[1] if layer.use_bias else np.zeros(w[0].shape[1])
+            chain.append([np.asarray(w[0], np.float64), np.asarray(bias, np.float64), _activation_of(layer)])
+        elif isinstance(layer, L.BatchNormalization) and chain and chain[-1][2] == ("linear", 0.0):
+            n = layer.moving_mean.shape[-1]
+            gamma = np.asarray(layer.gamma.value, np.float64) if layer.scale else np.ones(n)
+            beta = np.asarray(layer.beta.value, np.float64) if layer.center else np.zeros(n)
+            scale = gamma / np.sqrt(np.asarray(layer.moving_variance.value, np.float64) + layer.epsilon)
+            chain[-1][0] = chain[-1][0] * scale
+            chain[-1][1] = (chain[-1][1] - np.asarray(layer.moving_mean.value, np.float64)) * scale + beta
+        elif chain and chain[-1][2] == ("linear", 0.0) and not isinstance(layer, L.BatchNormalization):
+            chain[-1][2] = _activation_of(layer)
+        else:
+            return None
+        if chain[-1][2] is None:
+            return None
+    return [(k.astype(np.float32), b.astype(np.float32)) + act for k, b, act in chain] or None
+
+
+_COMPILED = {}          # (backend, architecture) -> compiled f(weights, noise, condition): one compilation per run
+
+
+def _compiled_call(model):
+    """The model's inference call compiled with the weights as arguments (XLA with TensorFlow, jax.jit with JAX),
+    shared by every model of the same architecture (all checkpoints of a run)."""
+    keras = import_keras()
+    backend = keras.backend.backend()
+    key = (backend, model.to_json())
+    if key not in _COMPILED:
+        def call(trainable, non_trainable, noise, condition):
+            return model.stateless_call(trainable, non_trainable, [noise, condition], training=False)[0]
+
+        if backend == "tensorflow":
+            import tensorflow as tf
+            _COMPILED[key] = tf.function(call, jit_compile=True, autograph=False)
+        elif backend == "jax":
+            import jax
+            _COMPILED[key] = jax.jit(call)
+        else:
+            _COMPILED[key] = call
+    return _COMPILED[key]
+
+
+class _Runner:
+    """A generator's two ways to run: numpy over the folded chain (small batches), compiled Keras (large)."""
+
+    def __init__(self, model):
+        self.model = weakref.proxy(model)
+        self.chain = generator_chain(model)
+        if self.chain is not None:        # never trust the folding blindly: compare with Keras once
+            rng = np.random.default_rng(12345)
+            z, lab = draw_noise(rng, 16, int(model.inputs[0].shape[-1])), rng.random(16).astype(np.float32)
+            ref, mine = self.keras(z, lab), self.numpy(z, lab)
+            if not np.allclose(mine, ref, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(ref).max()))):
+                self.chain = None
+
+    def numpy(self, z, label):
+        h = np.concatenate([z, condition_vector(label)], axis=1)
+        for kernel, bias, act, alpha in self.chain:
+            h = _np_activation(act, alpha, np.add(h @ kernel, bias, dtype=np.float32))
+        return h
+
+    def keras(self, z, label):
+        model = self.model
+        fn = _compiled_call(model)
+        out = fn([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
+                 z, condition_vector(label))
+        return np.array(out.numpy() if hasattr(out, "numpy") else out, dtype=np.float32)
+
+    def __call__(self, z, label):
+        small = self.chain is not None and z.shape[0] <= SMALL_BATCH
+        return self.numpy(z, label) if small else self.keras(z, label)
+
+
+def generate(generator, label, rng_or_seed=None, batch_size=10000, noise_mean=NOISE_MEAN, noise_std=NOISE_STD,
+             refresh=False):
+    """Normalised showers (N, V) float32 of a Keras ``generator`` for condition labels (N,) (condition [label, 0]).
+
+    Noise: N(noise_mean, noise_std) from the numpy Generator ``rng_or_seed`` (or ``default_rng(seed)``); the
+    result does not depend on ``batch_size``. Calls of up to :data:`SMALL_BATCH` showers run as numpy matrix
+    products over the network with batch-norm folded in; larger ones run the Keras model, compiled once (XLA with
+    TensorFlow, jax.jit with JAX), in chunks of ``batch_size`` (the last one padded, so one compiled shape).
+    The weights are read once per model object: pass ``refresh=True`` after changing them in place.
+
+    >>> import keras
+    >>> noise, cond = keras.Input((4,), name="noise"), keras.Input((2,), name="condition")
+    >>> out = keras.layers.Dense(3, activation="relu")(keras.layers.Concatenate()([noise, cond]))
+    >>> x = generate(keras.Model([noise, cond], out), [0.5, 0.7], rng_or_seed=1)
+    >>> x.shape, x.dtype.name, bool((x >= 0).all())
+    ((2, 3), 'float32', True)
+    """
+    label = np.asarray(label, dtype=np.float32).reshape(-1)
+    rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(rng_or_seed)
+    run = _runner(generator, refresh)
+    latent, n, bs = int(generator.inputs[0].shape[-1]), label.shape[0], max(1, int(batch_size))
+    if n <= bs:
+        return run(draw_noise(rng, n, latent, noise_mean, noise_std), label)
+    out = np.empty((n, int(generator.outputs[0].shape[-1])), dtype=np.float32)
+    for i in range(0, n, bs):
+        m = min(bs, n - i)
+        z = np.full((bs, latent), noise_mean, dtype=np.float32)
+        z[:m] = draw_noise(rng, m, latent, noise_mean, noise_std)
+        lab = np.zeros(bs, dtype=np.float32)
+        lab[:m] = label[i:i + m]
+        out[i:i + m] = run(z, lab)[:m]
+    return out
+
+
+_RUNNERS = weakref.WeakKeyDictionary()          # model -> its _Runner (weights read once per model object)
+
+
+def _runner(model, refresh=False):
+    if refresh or model not in _RUNNERS:
+        _RUNNERS[model] = _Runner(model)
+    return _RUNNERS[model]
