@@ -495,7 +495,8 @@ _COMPILED = {}          # (backend, architecture) -> compiled f(weights, noise, 
 
 def _compiled_call(model):
     """The model's inference call compiled with the weights as arguments (XLA with TensorFlow, jax.jit with JAX),
-    shared by every model of the same architecture (all checkpoints of a run)."""
+    shared by every model of the same architecture (all checkpoints of a run). The first model of each
+    architecture stays referenced here: its graph runs the others' weights."""
     keras = import_keras()
     backend = keras.backend.backend()
     key = (backend, model.to_json())
@@ -518,7 +519,7 @@ class _Runner:
     """A generator's two ways to run: numpy over the folded chain (small batches), compiled Keras (large)."""
 
     def __init__(self, model):
-        self.model = weakref.proxy(model)
+        self.model = weakref.ref(model)       # the runner lives as long as its model (see _RUNNERS)
         self.chain = generator_chain(model)
         if self.chain is not None:        # never trust the folding blindly: compare with Keras once
             rng = np.random.default_rng(12345)
@@ -534,7 +535,7 @@ class _Runner:
         return h
 
     def keras(self, z, label):
-        model = self.model
+        model = self.model()
         fn = _compiled_call(model)
         out = fn([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
                  z, condition_vector(label))

@@ -573,6 +573,33 @@ def _resume_config(args, run):
     return cfg
 
 
+#: settings a resumed run may change: how long it runs and how it checkpoints, not what it trains
+RESUME_FREE = ("iterations", "checkpoint_every", "keep_resume", "jit", "backend")
+
+
+def _leaves(obj, prefix=""):
+    """{"generator.activation": "swish", ...} of a nested config dict."""
+    if isinstance(obj, dict):
+        return {k: v for key, sub in obj.items() for k, v in _leaves(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: obj}
+
+
+def check_resume_settings(stored, fresh, run):
+    """Refuse (UserError) to resume ``run`` with a setting that differs from the one it was started with.
+
+    >>> check_resume_settings({"lr": 2e-4, "iterations": 10}, {"lr": 2e-4, "iterations": 20}, "run")
+    >>> check_resume_settings({"lr": 2e-4}, {"lr": 1e-4}, "run")
+    Traceback (most recent call last):
+    ...
+    HighLevelFeatures.UserError: --resume: run was started with lr = 0.0002, this command gives 0.0001 (...)
+    """
+    old, new = _leaves(stored), _leaves(fresh)
+    for key in sorted(set(old) & set(new)):
+        if key.split(".")[0] not in RESUME_FREE and old[key] != new[key]:
+            raise UserError(f"--resume: {run} was started with {key} = {old[key]!r}, this command gives {new[key]!r} "
+                            f"(resume with the run's settings, or train into another --out)")
+
+
 def _main(argv):
     args = parse_args(argv)
     data = load_training_file(args.data)
@@ -591,7 +618,9 @@ def _main(argv):
     else:
         excluded = args.exclude_energy
     voxels, label, dropped = select_training_events(data, excluded, args.data)
-    if not resuming:
+    if resuming:
+        check_resume_settings(cfg, make_config(args, data, dropped), run)
+    else:
         cfg = make_config(args, data, dropped)
     ensure_dir(run)
     for name in os.listdir(run):   # checkpoints a kill left half-written (never loaded, but as big as one)

@@ -2,14 +2,15 @@
 
 Training: one iteration = 5 critic updates + 1 generator update at batch 128 with the FastCaloGAN V2
 photon networks (368 voxels, latent 50, swish + batch-norm generator), on whatever backend KERAS_BACKEND
-selects; compile time is excluded. Generation: ``train.generate`` at batch 1, 100 and 10,000 (noise drawn,
+selects; compile time is excluded. Generation: ``plumbing.generate`` at batch 1, 100 and 10,000 (noise drawn,
 forward pass, numpy result), showers per second. Prints one JSON object on stdout:
 
     {"backend": ..., "device": ..., "train_iterations_per_s": ...,
      "generate_showers_per_s": {"1": ..., "100": ..., "10000": ...}}
 
 Usage:
-    python bench/bench_train.py [--quick]            # --quick: under a minute on a 2-core CPU
+    python bench/bench_train.py [--quick] [--plain]  # --quick: under a minute on a 2-core CPU; --plain: also
+                                                     # plain Keras generation (predict_on_batch), same run
     KERAS_BACKEND=jax python bench/bench_train.py    # on a GPU
 """
 import argparse
@@ -71,16 +72,22 @@ def bench_training(iterations, seed=1):
     return iterations / (time.perf_counter() - t0)
 
 
-def bench_generation(batch, seconds, seed=2):
+def plain_generate(g, labels, rng, batch_size):
+    """What a plain Keras user writes: numpy noise and ``predict_on_batch`` (the comparison for plumbing.generate)."""
+    z = rng.normal(0.5, 0.5, (labels.shape[0], LATENT)).astype(np.float32)
+    return g.predict_on_batch([z, plumbing.condition_vector(labels)])
+
+
+def bench_generation(batch, seconds, seed=2, fn=plumbing.generate):
     train._keras().utils.set_random_seed(seed)
     g = train.build_generator(N_VOXELS, LATENT, 2, (50, 100, 200), "swish", True, "relu")
     rng = np.random.default_rng(seed)
     labels = rng.random(batch).astype(np.float32)
     for _ in range(3):
-        plumbing.generate(g, labels, rng, batch_size=batch)
+        fn(g, labels, rng, batch_size=batch)
     n, t0 = 0, time.perf_counter()
     while True:
-        plumbing.generate(g, labels, rng, batch_size=batch)
+        fn(g, labels, rng, batch_size=batch)
         n += 1
         dt = time.perf_counter() - t0
         if dt > seconds and n >= 5:
@@ -90,6 +97,8 @@ def bench_generation(batch, seconds, seed=2):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short measurement (under a minute on 2 CPU cores)")
+    p.add_argument("--plain", action="store_true",
+                   help="also time plain Keras generation (predict_on_batch) in the same run: plain_generate_showers_per_s")
     args = p.parse_args(argv)
     iterations = 150 if args.quick else 1000
     seconds = 2.0 if args.quick else 8.0
@@ -97,6 +106,9 @@ def main(argv=None):
     result = {"backend": backend, "device": device_name(backend),
               "train_iterations_per_s": round(bench_training(iterations), 2),
               "generate_showers_per_s": {str(b): round(bench_generation(b, seconds), 1) for b in (1, 100, 10000)}}
+    if args.plain:
+        result["plain_generate_showers_per_s"] = {str(b): round(bench_generation(b, seconds, fn=plain_generate), 1)
+                                                  for b in (1, 100, 10000)}
     print(json.dumps(result))
     return 0
 

@@ -7,6 +7,7 @@ resolution and the longitudinal (layer) split depend on log E, hits are binned i
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,6 +145,11 @@ def test_bad_inputs_exit_2(tmp_path, train_file, capsys):
     assert "no events with incident energy 1234 MeV" in capsys.readouterr().err
     assert _train(train_file, out, 0, 1) == 2
     assert not os.path.exists(out)
+
+
+def test_runs_on_the_requested_backend():
+    """test_train_jax.py runs this file with KERAS_BACKEND=jax: make sure that is what the tests then exercise."""
+    assert train._backend() == os.environ.get("KERAS_BACKEND", "tensorflow")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,6 +326,26 @@ def test_kill_and_resume(tmp_path, train_file, reference_run):
                        str(EVERY), "--seed", "3", "--resume", *RUN_ARGS]) == 0
     assert read_losses(out).shape[0] == N_IT
     assert _train(train_file, out, N_IT, EVERY, 3, *RUN_ARGS) == 2
+
+
+@pytest.mark.parametrize("flags, key, old, new", [
+    (["--lr", "2e-4"], "lr", "0.0001", "0.0002"),
+    (["--n-critic", "3"], "n_critic", "5", "3"),
+    (["--no-batchnorm"], "generator.batchnorm", "True", "False"),
+    (["--activation", "relu"], "generator.activation", "'swish'", "'relu'"),
+    (["--critic-width", "64"], "critic.hidden", "[368, 368, 368]", "[64, 64, 64]"),
+])
+def test_resume_refuses_changed_settings(tmp_path, train_file, reference_run, capsys, flags, key, old, new):
+    """A resumed run keeps its hyper-parameters: a different one is refused with both values, nothing is written;
+    a longer --iterations is what resuming is for."""
+    out = str(tmp_path / "run")
+    shutil.copytree(reference_run, out)
+    before = sorted(os.listdir(out))
+    capsys.readouterr()
+    assert _train(train_file, out, N_IT + EVERY, EVERY, 3, "--resume", *RUN_ARGS, *flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"started with {key} = {old}, this command gives {new}" in err[0], err
+    assert sorted(os.listdir(out)) == before
 
 
 def test_exclude_energy_recorded(tmp_path, train_file):
