@@ -739,7 +739,10 @@ def main(argv=None):
     p.add_argument("binning", help="binning XML file")
     p.add_argument("particle", help="particle name: " + ", ".join(PARTICLES))
     p.add_argument("eta", nargs="?", help="|eta| inside the wanted slice (needed when the file has several)")
-    args = p.parse_args(argv)
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as stop:               # --help (0) or a usage error (2), as a return code
+        return stop.code
     try:
         g = read_geometry(args.binning, args.particle, args.eta)
     except UserError as err:

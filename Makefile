@@ -9,6 +9,7 @@
 #   make condor / make slurm       the same per-slice chain as an HTCondor DAG / a Slurm job array
 #   make baseline                  evaluate an untrained (1-iteration) generator the same way, for comparison
 #   make clean | make clean-slice SLICE=photon_0.20   remove every slice's files / one slice's
+#   make clean-hits                the toy hits (~0.8 GB per slice) once voxelised; nothing is redone for them
 #
 # Variables (override on the command line, e.g. `make all ITERATIONS=20000`):
 #   DATASET     demo | 1-photons | 1-pions | 2 | 3                                   (demo)
@@ -110,7 +111,7 @@ else
   binning = $(BINNING_$(call evalds,$(1)))
 endif
 
-.PHONY: all baseline venv test smoke bench data voxels train select export evaluate condor slurm clean clean-slice clean-venv help
+.PHONY: all baseline venv test smoke bench data voxels train select export evaluate condor slurm clean clean-hits clean-slice clean-venv help
 .DELETE_ON_ERROR:
 .SECONDARY:
 
@@ -163,7 +164,7 @@ SETTINGS_select = SELECT_EVENTS=$(SELECT_EVENTS) SEED=$(SEED) SELECT_ARGS=$(SELE
 SETTINGS_export = EXPORT_ARGS=$(EXPORT_ARGS)
 SETTINGS_eval = CLS_EPOCHS=$(CLS_EPOCHS) SEED=$(SEED) EVAL_ARGS=$(EVAL_ARGS)
 write_stamp = $(shell mkdir -p $(dir $(1)) && { printf '%s\n' '$(2)' | cmp -s - $(1) || printf '%s\n' '$(2)' > $(1); })
-NO_STAMP_GOALS := test smoke help venv bench clean clean-venv clean-slice condor slurm data
+NO_STAMP_GOALS := test smoke help venv bench clean clean-hits clean-venv clean-slice condor slurm data
 ifneq ($(filter-out $(NO_STAMP_GOALS),$(or $(MAKECMDGOALS),all)),)
   $(foreach s,$(SLICES),$(foreach st,$(STAGES),$(call write_stamp,$(call settings,$(s),$(st)),$(SETTINGS_$(st)))))
 endif
@@ -240,6 +241,10 @@ MAKEFLAGS_FOR_JOBS = DATASET=$(DATASET) ITERATIONS=$(ITERATIONS) CKPT_EVERY=$(CK
 
 clean:
 	rm -rf $(WORK) $(RESULTS)
+
+# the toy hits (~0.8 GB per slice at EVENTS=1000) once the voxel files exist; Make does not redo anything for them
+clean-hits:
+	rm -rf $(foreach s,$(SLICES),$(WORK)/$(s)/hits $(WORK)/$(s)/hits_heldout)
 
 # one slice only: make clean-slice SLICE=photon_0.20 (its intermediate files and its results)
 clean-slice:

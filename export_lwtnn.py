@@ -49,8 +49,8 @@ import sys
 
 import numpy as np
 
-from plumbing import (CKPT_RE, UserError, ensure_dir, list_checkpoints, load_generator_file, read_run_config, run_cli,
-                      write_text)
+from plumbing import (CKPT_RE, HelpFormatter, UserError, ensure_dir, list_checkpoints, load_generator_file,
+                      read_run_config, run_cli, write_text)
 
 # ----------------------------------------------------------------------------------------------
 # configuration: defaults of the command line
@@ -668,7 +668,7 @@ def write_json(path, obj):
 def build_parser():
     p = argparse.ArgumentParser(
         description="Export a calokit generator checkpoint as the lwtnn graph JSON FastCaloSim loads.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--run", help="run directory of train.py (config.json, ckpt_<iteration>/)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--iteration", type=int, help="checkpoint iteration (default: the last complete one)")

@@ -21,6 +21,7 @@ Example
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -333,6 +334,18 @@ def import_keras():
         os.close(saved)
         os.close(devnull)
     return keras
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help that shows each default once: "(default: X)" is added only to optional arguments that have a
+    default (not None, not a bare on/off switch) and whose help text does not already state it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default is None or action.default is argparse.SUPPRESS or action.required or not action.option_strings
+                or isinstance(action.default, bool) or "default" in text or action.default == []):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
 def run_cli(fn, argv=None):

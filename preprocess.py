@@ -59,8 +59,8 @@ import sys
 import numpy as np
 
 from HighLevelFeatures import PARTICLES, GeometryError, eta_to_mm, list_slices, read_geometry, wrap_phi
-from plumbing import (MAX_EXP, UserError, atomic_output, condition_label, energy_range, ensure_dir, in_energy_range,
-                      iter_calo_chunks, kinetic_energy, open_calo_file, open_h5, run_cli)
+from plumbing import (MAX_EXP, HelpFormatter, UserError, atomic_output, condition_label, energy_range, ensure_dir,
+                      in_energy_range, iter_calo_chunks, kinetic_energy, open_calo_file, open_h5, run_cli)
 
 # ----------------------------------------------------------------------------------------------
 # configuration (defaults of the command line)
@@ -761,10 +761,10 @@ def _particle(name):
 
 def build_parser():
     ap = argparse.ArgumentParser(prog="preprocess.py", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=HelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("toy", help="write toy hits files (seeded; not Geant4)")
+    t = sub.add_parser("toy", formatter_class=HelpFormatter, help="write toy hits files (seeded; not Geant4)")
     t.add_argument("--particle", default="photon", help="photon or pion (default photon)")
     t.add_argument("--eta", type=float, default=0.20, help="|eta| inside the 0.05-wide slice to fill (default 0.20)")
     t.add_argument("--events-per-energy", type=int, default=1000, help="events per energy (default 1000)")
@@ -774,7 +774,8 @@ def build_parser():
     t.add_argument("--hits-high", type=float, default=2000.0, help="mean hits per event at 2^22 MeV (default 2000)")
     t.add_argument("--out", required=True, help="output directory")
 
-    v = sub.add_parser("voxelise", help="hits HDF5 -> CaloChallenge HDF5 (+ CSV per energy)")
+    v = sub.add_parser("voxelise", formatter_class=HelpFormatter,
+                       help="hits HDF5 -> CaloChallenge HDF5 (+ CSV per energy)")
     v.add_argument("--binning", required=True, help="binning XML")
     v.add_argument("--particle", required=True, help="particle name or PDG id")
     v.add_argument("--out", required=True, help="output CaloChallenge HDF5")
@@ -785,10 +786,14 @@ def build_parser():
                    help=f"|eta| an event may lie outside its slice (default {DEFAULT_ETA_TOLERANCE})")
     v.add_argument("hits", nargs="+", help="hits HDF5 files of one |eta| slice")
 
-    p = sub.add_parser("prepare", help="CaloChallenge HDF5 -> training file of one GAN")
+    p = sub.add_parser("prepare", formatter_class=HelpFormatter,
+                       help="CaloChallenge HDF5 -> training file of one GAN")
     p.add_argument("--binning", required=True, help="binning XML")
     p.add_argument("--particle", required=True, help="particle name or PDG id")
-    p.add_argument("--range", default="all", help="energy range: low, high (photons/electrons) or all (default)")
+    p.add_argument("--range", default="all",
+                   help="energy range by momentum p, one GAN each: low = 2^6..2^12 MeV, high = above 2^12 up to 2^22 "
+                        "MeV (photons/electrons); all = 2^6..2^22 (photons/electrons), 2^8..2^22 (pions), 2^10..2^22 "
+                        "(protons) (default: all)")
     p.add_argument("--label", default="V2", help="label scheme V2 (default) or V1")
     p.add_argument("--eta", type=float, default=None,
                    help="|eta| of the slice in a multi-slice XML (default: from the voxel file's attributes)")
@@ -796,7 +801,8 @@ def build_parser():
                    help="training file, or a directory for train_<particle>_eta_<min>_<max>_<range>.h5")
     p.add_argument("voxels", nargs="+", help="CaloChallenge HDF5 file(s)")
 
-    f = sub.add_parser("fetch", help="download CaloChallenge files with MD5 check (the only network access)")
+    f = sub.add_parser("fetch", formatter_class=HelpFormatter,
+                       help="download CaloChallenge files with MD5 check (the only network access)")
     f.add_argument("--dataset", required=True, choices=sorted(ZENODO), help="CaloChallenge dataset")
     f.add_argument("--dir", default="data", help="download directory (default data/)")
     f.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds (default 30)")

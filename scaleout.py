@@ -22,7 +22,7 @@ import os
 import shlex
 import sys
 
-from plumbing import UserError, ensure_dir, run_cli, write_text
+from plumbing import HelpFormatter, UserError, ensure_dir, run_cli, write_text
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -120,7 +120,7 @@ def write_files(out_dir, files):
 
 def _main(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("engine", choices=["condor", "slurm"])
     ap.add_argument("--slices", required=True, help='space-separated slices, e.g. "photon_0.20 pion_0.20"')
     ap.add_argument("--work", required=True, help="the Makefile's WORK folder")

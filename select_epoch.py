@@ -46,8 +46,9 @@ import time
 import numpy as np
 
 from HighLevelFeatures import separation_power
-from plumbing import (UserError, atomic_output, condition_label, ensure_dir, generate, in_energy_range, iter_calo_chunks,
-                      kinetic_energy, list_checkpoints, load_generator_file, read_run_config, run_cli, write_json)
+from plumbing import (HelpFormatter, UserError, atomic_output, condition_label, ensure_dir, generate,
+                      in_energy_range, iter_calo_chunks, kinetic_energy, list_checkpoints, load_generator_file,
+                      read_run_config, run_cli, write_json)
 
 N_BINS = 30
 #: (a, b): histogram range [peak - a RMS, peak + b RMS] per particle
@@ -57,7 +58,7 @@ ENERGY_RTOL = 1e-3          # energies within this relative tolerance are one en
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="select_epoch.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--run", required=True, help="run directory of train.py")
     p.add_argument("--reference", required=True, help="reference voxel file (CaloChallenge HDF5, MeV)")
     p.add_argument("--events", type=int, default=10000, help="showers generated per checkpoint and energy point")

@@ -49,8 +49,8 @@ import time
 import numpy as np
 
 from HighLevelFeatures import PARTICLES
-from plumbing import (NOISE_MEAN, NOISE_STD, UserError, atomic_directory, atomic_output, condition_vector, ensure_dir,
-                      import_keras, open_h5, read_run_config, run_cli, write_json)
+from plumbing import (NOISE_MEAN, NOISE_STD, HelpFormatter, UserError, atomic_directory, atomic_output,
+                      condition_vector, ensure_dir, import_keras, open_h5, read_run_config, run_cli, write_json)
 from plumbing import list_checkpoints as plumbing_list_checkpoints
 
 # ----------------------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ EXCLUDE_RTOL = 1e-3                      # relative tolerance when matching --ex
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="train.py", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="training file of preprocess.py prepare (train_*.h5)")
     p.add_argument("--out", required=True, help="run directory (config.json, ckpt_<iteration>/, losses.csv)")
     p.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS, help="generator iterations in total")
@@ -87,12 +87,12 @@ def parse_args(argv=None):
                    help="continue from the last complete checkpoint of --out (starts afresh if there is none)")
     p.add_argument("--exclude-energy", type=float, nargs="+", action="extend", default=[], metavar="E",
                    help="leave out events with this incident energy in MeV (relative tolerance 1e-3)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="events per critic and generator batch")
     p.add_argument("--n-critic", type=int, default=5, help="critic updates per generator update")
     p.add_argument("--lambda-gp", type=float, default=10.0, help="gradient-penalty weight")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (both networks)")
-    p.add_argument("--beta1", type=float, default=0.55)
-    p.add_argument("--beta2", type=float, default=0.999)
+    p.add_argument("--beta1", type=float, default=0.55, help="Adam beta1 (both networks; FastCaloGAN: 0.55)")
+    p.add_argument("--beta2", type=float, default=0.999, help="Adam beta2 (both networks)")
     p.add_argument("--activation", default=None,
                    help="generator hidden activation (default: swish for photon/electron, relu for pion/proton)")
     p.add_argument("--output-activation", default="relu", choices=["relu", "sigmoid", "linear"],

@@ -10,6 +10,7 @@ import doctest
 import glob
 import importlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -199,3 +200,21 @@ def test_copied_modules_import_alone(tmp_path):
         for name in [script, *COMPANIONS[script]]:
             shutil.copy(os.path.join(ROOT, name), folder / name)
         run_copy(folder, "-c", f"import {script[:-3]}")
+
+
+@pytest.mark.parametrize("command", [["train"], ["select_epoch"], ["export_lwtnn"], ["scaleout"], ["evaluate"],
+                                     ["preprocess", "toy"], ["preprocess", "voxelise"], ["preprocess", "prepare"],
+                                     ["preprocess", "fetch"], ["HighLevelFeatures"]])
+def test_help_text(command, capsys):
+    """--help: every option has a help text, no "(default: None)", a default stated at most once per option."""
+    mod = importlib.import_module(command[0])
+    assert mod.main(command[1:] + ["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "default: None" not in out and "(default: [])" not in out
+    options = [o.split("\n\n")[0] for o in re.split(r"\n  (?=-)", out.split("options:", 1)[1])[1:]]
+    assert options, out
+    for opt in options:
+        name = opt.split()[0]
+        assert opt.count("default") <= 1, opt
+        if name not in ("-h,", "--help"):
+            assert len(opt.replace("\n", " ").split()) > 2 or "|" in name, f"{name} has no help text"

@@ -117,3 +117,10 @@ def test_clean_slice_removes_one_slice(tree):
     assert planned(tree) == {"photon_0.25": ALL}
     res = subprocess.run(base + ["clean-slice"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "SLICE=" in res.stderr
+
+
+def test_clean_hits_redoes_nothing(tree):
+    repo, base = tree
+    assert subprocess.run(base + ["clean-hits"], capture_output=True, timeout=60).returncode == 0
+    assert not (repo / "work/demo/photon_0.20/hits").exists() and (repo / "work/demo/photon_0.20/voxels.h5").exists()
+    assert planned(tree) == {}
