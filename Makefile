@@ -1,6 +1,6 @@
 # calokit Makefile -- `make all` runs the chain, `make test` proves it.
 #
-#   make all                       toy hits -> voxels -> train -> select -> export -> evaluate (DATASET=demo)
+#   make all                       toy hits -> voxels -> train -> select -> export (lwtnn JSON + ONNX) -> evaluate (DATASET=demo)
 #   make all DATASET=1-photons     the same on the CaloChallenge files in DATA_DIR (downloaded if absent)
 #   make test                      the test suite (creates .venv from requirements.txt first)
 #   make smoke                     a quick check after a change (< 1 min): every script once on tiny data
@@ -211,8 +211,10 @@ $(RESULTS)/%/select/best.json: $(WORK)/%/run/.done $(WORK)/%/voxels_heldout.h5 s
 	$(PY) select_epoch.py --run $(WORK)/$*/run --reference $(WORK)/$*/voxels.h5 --events $(SELECT_EVENTS) \
 	    --generate-like $(WORK)/$*/voxels_heldout.h5 --seed $(SEED) --out $(@D) $(SELECT_ARGS)
 
+# export: the lwtnn graph JSON and the ONNX model of the best checkpoint (same stem) plus their meta JSON, each
+# checked against Keras before anything is written; .done stands for all three files
 $(RESULTS)/%/lwtnn/.done: $(RESULTS)/%/select/best.json export_lwtnn.py $(SHARED) $(call settings,%,export)
-	$(PY) export_lwtnn.py --run $(WORK)/$*/run --best $< --out $(@D) --check $(EXPORT_ARGS)
+	$(PY) export_lwtnn.py --run $(WORK)/$*/run --best $< --out $(@D) --format both --check $(EXPORT_ARGS)
 	touch $@
 
 $(RESULTS)/%/eval/metrics.json: $(RESULTS)/%/select/best.json $(WORK)/%/voxels_heldout.h5 evaluate.py $(SHARED) $(call settings,%,eval)

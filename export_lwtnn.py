@@ -1,7 +1,14 @@
-"""export_lwtnn.py -- write a trained generator as the lwtnn graph JSON that C++ FastCaloSim loads.
+"""export_lwtnn.py -- write a trained generator as the lwtnn graph JSON and the ONNX model C++ FastCaloSim loads.
 
-lwtnn's own Keras converters do not read Keras 3 models, so this script walks the Keras functional graph
-itself and writes the lwtnn *graph* format (what ``lwt::parse_json_graph`` reads):
+FastCaloSim reads a FastCaloGAN generator in either format: ``TFCSNetworkFactory`` gives a file ending in
+``.onnx`` to ``TFCSONNXHandler`` (ONNX Runtime) and anything else to the lwtnn handlers (a graph JSON ends up
+in ``TFCSGANLWTNNHandler``, lwtnn's ``LightweightGraph``); a name ending in ``.*`` takes ``<stem>.onnx`` if it
+exists, else ``<stem>.json``. This script walks the Keras functional graph once into a short list of operations
+(dense with batch-norm folded in, activations, the concatenation of the two inputs) and both writers read
+that list, so the two files hold the same network.
+
+lwtnn's own Keras converters do not read Keras 3 models, so the JSON is written directly in the lwtnn *graph*
+format (what ``lwt::parse_json_graph`` reads):
 
 * ``inputs``: ``node_0`` = the noise (``variable_0`` .. ``variable_<latent-1>``) and ``node_1`` = the
   condition (``variable_0`` = the energy label, ``variable_1`` = 0); every variable has ``name``,
@@ -12,31 +19,45 @@ itself and writes the lwtnn *graph* format (what ``lwt::parse_json_graph`` reads
   activation, always) and, on request, ``normalization`` for batch-norm;
 * ``outputs``: ``{<name>: {"node_index": i, "labels": ["out_0", ...]}}``, one label per voxel (XML order).
 
+The ONNX model is written with the ``onnx`` package's helpers: opset 13, IR version 7 (loaded by ONNX Runtime
+1.6 and every later release), float32 in, out and throughout. Inputs ``node_0`` [1, latent] (noise) and
+``node_1`` [1, 2] ([label, 0]) in this order; output ``out`` [1, n_voxels], which TFCSONNXHandler reads as
+one flat vector labelled ``out_0``, ``out_1``, ... (``<output name>_<i>``), the JSON's labels. Fixed shapes,
+because the handler takes a symbolic dimension as 1 with a warning; ``--onnx-dynamic-batch`` writes a
+symbolic first dimension instead, for Python users who run many rows per ONNX Runtime call. Operators: Gemm
+(x W^T + b, W stored n_out x n_in), Relu, LeakyRelu, Elu, Sigmoid, Tanh, Softmax, Mul (swish = x sigmoid(a x);
+an unfolded batch-norm = Mul + Add), Concat. The handler fills each input tensor from a name -> value map in
+the map's (sorted-name) order: for the noise this permutes i.i.d. values, which changes nothing; the
+condition's ``variable_0`` (label) sorts before ``variable_1``.
+
 Batch normalisation is folded into the dense layer before it by default (W' = diag(gamma/s) W,
 b' = (b - mean) gamma/s + beta, s = sqrt(var + eps)); ``--batchnorm normalization`` writes lwtnn
 ``normalization`` layers instead (W * (x + b) with W = gamma/s, b = -mean + beta s/gamma; the activation
-after it then needs a layer of its own). Activations: linear, rectified, sigmoid, tanh, softmax, and the
-parametrised ones only in lwtnn's object form ``{"function": "swish"|"leakyrelu"|"elu", "alpha": a}`` (the
-plain strings give NaN in C++). Any layer or activation lwtnn cannot reproduce exactly is an error
-(exit code 2, naming the layer): never a silently wrong JSON.
+after it then needs a layer of its own) and ONNX Mul + Add. Activations: linear, rectified, sigmoid, tanh,
+softmax, and the parametrised ones only in lwtnn's object form ``{"function": "swish"|"leakyrelu"|"elu",
+"alpha": a}`` (the plain strings give NaN in C++). Any layer or activation that the formats cannot reproduce
+exactly is an error (exit code 2, one line naming the layer, neither file written): never a silently wrong file.
 
-Beside the network, ``neural_net_<...>.meta.json`` records what a consumer needs to invert the voxel
-normalisation (latent size, noise, label scheme, E_kin range, particle, slice, binning, voxel count).
+Beside the network(s), ``neural_net_<...>.meta.json`` records what a consumer needs to drive them and invert
+the voxel normalisation (latent size, noise, label scheme, E_kin range, particle, slice, binning, voxel count;
+the ONNX file's input/output names and shapes, opset and IR version).
 
 :func:`evaluate_graph` is an independent numpy evaluator of the JSON with lwtnn's definitions (clipped
-sigmoid, swish = x sigmoid(alpha x), ...). ``--check`` compares it with Keras on random inputs before
-anything is written and exits with 1 if they differ by more than ``--tolerance``.
+sigmoid, swish = x sigmoid(alpha x), ...). ``--check`` compares it, and ONNX Runtime running the ONNX model one
+row per call with [1, n] inputs, with Keras on random inputs before anything is written, and exits with 1 if
+one differs by more than ``--tolerance``.
 
 Usage
 -----
     python export_lwtnn.py --run work/demo/photon_0.20/run --best results/demo/photon_0.20/select/best.json \\
         --out results/demo/photon_0.20/lwtnn --check
     python export_lwtnn.py --run RUN_DIR --iteration 3000 --out DIR       # a given checkpoint
-    python export_lwtnn.py --run RUN_DIR --out DIR                        # the last complete checkpoint
+    python export_lwtnn.py --run RUN_DIR --out DIR --format onnx          # the last complete checkpoint, ONNX only
     python export_lwtnn.py --checkpoint RUN_DIR/ckpt_3000 --out DIR       # run dir = the checkpoint's parent
 
-Writes ``DIR/neural_net_<pid>_eta_<min>_<max>_<range>.json`` (|eta| x 100, e.g.
-``neural_net_22_eta_20_25_high.json``) and ``DIR/neural_net_<...>.meta.json``, both atomically.
+Writes ``DIR/neural_net_<pid>_eta_<min>_<max>_<range>.json`` and ``.onnx`` (|eta| x 100, e.g.
+``neural_net_22_eta_20_25_high.json``; ``--format json|onnx|both``, default both) and
+``DIR/neural_net_<...>.meta.json``, each atomically.
 """
 from __future__ import annotations
 
@@ -49,8 +70,8 @@ import sys
 
 import numpy as np
 
-from plumbing import (CKPT_RE, HelpFormatter, UserError, ensure_dir, list_checkpoints, load_generator_file,
-                      read_run_config, run_cli, write_text)
+from plumbing import (CKPT_RE, HelpFormatter, UserError, atomic_output, ensure_dir, list_checkpoints,
+                      load_generator_file, read_run_config, run_cli, write_text)
 
 # ----------------------------------------------------------------------------------------------
 # configuration: defaults of the command line
@@ -237,7 +258,7 @@ def _keras_activation(name, layer_desc):
     if isinstance(name, str) and name in KERAS_ACTIVATIONS:
         return KERAS_ACTIVATIONS[name]
     shown = name if isinstance(name, str) else json.dumps(name)[:80]
-    raise UserError(f"{layer_desc}: activation '{shown}' has no exact lwtnn equivalent "
+    raise UserError(f"{layer_desc}: activation '{shown}' has no exact lwtnn or ONNX equivalent here "
                     f"(supported: {', '.join(sorted(KERAS_ACTIVATIONS))})")
 
 
@@ -282,7 +303,7 @@ def keras_to_ops(model, source=""):
         cls, cfg = entry["class_name"], entry.get("config", {})
         desc = f"{where}layer '{name}' ({cls})"
         if tensor_index != 0:
-            raise UserError(f"{desc}: layers with several outputs are not supported by the lwtnn export")
+            raise UserError(f"{desc}: layers with several outputs are not supported by the export")
         if cls == "InputLayer":
             shape = cfg.get("batch_shape") or cfg.get("batch_input_shape")
             if shape is None or len(shape) != 2 or shape[1] is None:
@@ -327,7 +348,7 @@ def keras_to_ops(model, source=""):
                 act = _keras_activation(cfg.get("activation"), desc)
             elif cls == "ReLU":
                 if cfg.get("max_value") is not None or float(cfg.get("threshold", 0.0) or 0.0) != 0.0:
-                    raise UserError(f"{desc}: ReLU with max_value/threshold has no lwtnn equivalent")
+                    raise UserError(f"{desc}: ReLU with max_value/threshold is not exported (lwtnn has no equivalent)")
                 slope = float(cfg.get("negative_slope", 0.0) or 0.0)
                 act = ("rectified", None) if slope == 0.0 else ("leakyrelu", slope)
             elif cls == "LeakyReLU":
@@ -340,7 +361,7 @@ def keras_to_ops(model, source=""):
                 act = ("softmax", None)
             op = add({"kind": "act", "src": srcs, "size": n_in, "layer": name, "act": act})
         else:
-            raise UserError(f"{desc} is not supported by the lwtnn export (supported: Dense, "
+            raise UserError(f"{desc} is supported by neither the lwtnn nor the ONNX export (supported: Dense, "
                             "BatchNormalization, Concatenate, Activation, ReLU, LeakyReLU, ELU, Softmax, Dropout)")
         done[ref] = op
         return op
@@ -469,8 +490,12 @@ def ops_to_graph(ops, out, input_ops, output_name):
     return graph
 
 
-def export_model(model, fold=True, source=""):
-    """Keras generator (inputs ``noise``, ``condition``) -> lwtnn graph dict. UserError if not exportable."""
+def export_ops(model, fold=True, source=""):
+    """The one walk of a Keras generator (inputs ``noise``, ``condition``) that both writers read.
+
+    Returns (simplified ops, output op index, [noise op, condition op], lwtnn output name); UserError naming the
+    layer if the generator holds something neither format can reproduce exactly.
+    """
     where = f"{source}: " if source else ""
     ops, out = keras_to_ops(model, source)
     by_name = {op["layer"]: i for i, op in enumerate(ops) if op["kind"] == "input"}
@@ -481,7 +506,170 @@ def export_model(model, fold=True, source=""):
     ops, out = simplify_ops(ops, out, fold=fold)
     output_layer = model.get_config()["output_layers"]
     output_layer = output_layer[0] if isinstance(output_layer[0], (list, tuple)) else output_layer
-    return ops_to_graph(ops, out, [by_name[NOISE_NAME], by_name[CONDITION_NAME]], f"{output_layer[0]}_0")
+    return ops, out, [by_name[NOISE_NAME], by_name[CONDITION_NAME]], f"{output_layer[0]}_0"
+
+
+def export_model(model, fold=True, source=""):
+    """Keras generator (inputs ``noise``, ``condition``) -> lwtnn graph dict. UserError if not exportable."""
+    ops, out, input_ops, output_name = export_ops(model, fold, source)
+    return ops_to_graph(ops, out, input_ops, output_name)
+
+
+def export_onnx(model, fold=True, source="", dynamic_batch=False):
+    """Keras generator -> ONNX ModelProto (the same ops as :func:`export_model`). UserError if not exportable."""
+    ops, out, input_ops, _ = export_ops(model, fold, source)
+    return ops_to_onnx(ops, out, input_ops, dynamic_batch)
+
+
+# ----------------------------------------------------------------------------------------------
+# emission of the ONNX model (the same simplified ops; FastCaloSim's TFCSONNXHandler runs it with ONNX Runtime)
+
+#: Opset 13 / IR version 7: what ONNX Runtime 1.6 and every later release load (opset 13 has Gemm, Relu,
+#: LeakyRelu, Sigmoid, Tanh, Elu, Softmax over one axis, Mul, Add, Concat): new enough for everything written
+#: here, old enough for the ONNX Runtime an older ATLAS release embeds.
+ONNX_OPSET, ONNX_IR_VERSION = 13, 7
+ONNX_OUTPUT = "out"             # the handler labels the flat output "out_0", "out_1", ...: the JSON's labels
+ONNX_BATCH_DIM = "batch"        # name of the symbolic first dimension under --onnx-dynamic-batch
+
+
+class _OnnxGraph:
+    """Collects ONNX nodes and float32 initialisers under unique names."""
+
+    def __init__(self):
+        self.nodes, self.inits, self._n = [], [], 0
+
+    def name(self, stem):
+        self._n += 1
+        return f"{stem}_{self._n}"
+
+    def const(self, stem, values, what):
+        from onnx import numpy_helper
+
+        _finite(values, what)
+        name = self.name(stem)
+        self.inits.append(numpy_helper.from_array(np.asarray(values, dtype=np.float32), name))
+        return name
+
+    def node(self, op_type, inputs, stem, out=None, **attrs):
+        from onnx import helper
+
+        out = out or self.name(stem)
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=self.name(op_type), **attrs))
+        return out
+
+
+def _onnx_activation(g, act, x, layer, out=None):
+    """Append the ONNX nodes of an lwtnn activation ``(function, alpha)`` to ``x``; returns the result's name."""
+    fn, alpha = act
+    if fn == "linear":
+        return g.node("Identity", [x], "linear", out) if out else x
+    if fn == "rectified":
+        return g.node("Relu", [x], "relu", out)
+    if fn == "sigmoid":
+        return g.node("Sigmoid", [x], "sigmoid", out)
+    if fn == "tanh":
+        return g.node("Tanh", [x], "tanh", out)
+    if fn == "softmax":
+        return g.node("Softmax", [x], "softmax", out, axis=-1)
+    if fn == "leakyrelu":
+        return g.node("LeakyRelu", [x], "leakyrelu", out, alpha=float(alpha))
+    if fn == "elu":
+        return g.node("Elu", [x], "elu", out, alpha=float(alpha))
+    if fn == "swish":                                   # x * sigmoid(alpha x)
+        arg = x if float(alpha) == 1.0 else g.node("Mul", [x, g.const("swish_alpha", [alpha], layer)], "swish_ax")
+        return g.node("Mul", [x, g.node("Sigmoid", [arg], "swish_sig")], "swish", out)
+    raise UserError(f"{layer}: activation '{fn}' has no ONNX equivalent here")
+
+
+def _onnx_op(g, op, srcs, out):
+    """ONNX nodes of one simplified op (concat | dense | bn | act) on the tensors ``srcs``."""
+    where = f"layer '{op['layer']}'"
+    kind = op["kind"]
+    if kind == "concat":
+        return g.node("Concat", srcs, "concat", out, axis=1)
+    if kind == "dense":     # Gemm: x W^T + b with W stored n_out x n_in (as in the JSON), transB = 1
+        lin_out = out if op["act"][0] == "linear" else None
+        y = g.node("Gemm", [srcs[0], g.const("W", op["W"], where), g.const("b", op["b"], where)], "dense",
+                   lin_out, transB=1)
+        return y if lin_out else _onnx_activation(g, op["act"], y, where, out)
+    if kind == "bn":        # k x + (beta - mean k), k = gamma / sqrt(var + eps)
+        k = _bn_scale(op)
+        y = g.node("Mul", [srcs[0], g.const("bn_scale", k, where)], "bn_mul")
+        return g.node("Add", [y, g.const("bn_shift", op["beta"] - op["mean"] * k, where)], "bn", out)
+    if kind == "act":
+        return _onnx_activation(g, op["act"], srcs[0], where, out)
+    raise UserError(f"internal: unknown op kind {kind}")
+
+
+def ops_to_onnx(ops, out, input_ops, dynamic_batch=False, doc=""):
+    """Build the ONNX ModelProto (float32 in and out) from simplified ops.
+
+    Inputs ``node_0`` (noise) and ``node_1`` (condition) in this order with shapes [1, n] (or [batch, n] with
+    ``dynamic_batch``); one output ``out`` of shape [1, n_out]. Opset ``ONNX_OPSET``, IR ``ONNX_IR_VERSION``.
+    """
+    from onnx import TensorProto, helper
+
+    batch = ONNX_BATCH_DIM if dynamic_batch else 1
+    g, name_of, inputs = _OnnxGraph(), {}, []
+    for k, i in enumerate(input_ops):
+        name_of[i] = LWTNN_INPUTS[k]
+        inputs.append(helper.make_tensor_value_info(LWTNN_INPUTS[k], TensorProto.FLOAT, [batch, ops[i]["size"]]))
+    order = _reachable_in_order(ops, out)
+    for i in order:
+        if i in name_of:
+            continue
+        if ops[i]["kind"] == "input":
+            raise UserError(f"Keras input '{ops[i]['layer']}' is neither '{NOISE_NAME}' nor '{CONDITION_NAME}'")
+        name_of[i] = _onnx_op(g, ops[i], [name_of[s] for s in ops[i]["src"]], ONNX_OUTPUT if i == out else None)
+    if name_of[out] != ONNX_OUTPUT:                   # the output is an input tensor itself
+        g.node("Identity", [name_of[out]], "out", ONNX_OUTPUT)
+    output = helper.make_tensor_value_info(ONNX_OUTPUT, TensorProto.FLOAT, [batch, ops[out]["size"]])
+    graph = helper.make_graph(g.nodes, "calokit_generator", inputs, [output], initializer=g.inits, doc_string=doc)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
+                              producer_name="calokit export_lwtnn.py", ir_version=ONNX_IR_VERSION)
+    check_onnx(model)
+    return model
+
+
+def _reachable_in_order(ops, out):
+    """Indices of the ops the output depends on, in op (dependency) order."""
+    reach, todo = set(), [out]
+    while todo:
+        i = todo.pop()
+        if i not in reach:
+            reach.add(i)
+            todo.extend(ops[i]["src"])
+    return sorted(reach)
+
+
+def check_onnx(model):
+    """onnx.checker (full, with shape inference) on ``model``; UserError if it is rejected."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as err:
+        raise UserError(f"internal: the ONNX checker rejects the model ({str(err).splitlines()[0][:300]})") from None
+
+
+def onnx_session(model):
+    """An ONNX Runtime CPU session of a ModelProto (or serialised bytes), one thread, quiet."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def run_onnx_rows(session, noise, condition):
+    """The ONNX model on each row alone, with [1, n] inputs as FastCaloSim feeds it; float64 (N, n_out)."""
+    noise = np.asarray(noise, np.float32)
+    condition = np.asarray(condition, np.float32)
+    rows = [session.run([ONNX_OUTPUT], {LWTNN_INPUTS[0]: noise[j:j + 1], LWTNN_INPUTS[1]: condition[j:j + 1]})[0]
+            for j in range(len(noise))]
+    return np.concatenate(rows, axis=0).astype(np.float64) if rows else np.zeros((0, 0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -505,15 +693,34 @@ def random_inputs(latent_dim, n, seed, noise_mean=0.5, noise_std=0.5):
     return noise, np.stack([label, np.zeros(n)], axis=1)
 
 
+def max_difference(got, ref):
+    """max |got - ref|, relative where |ref| > 1 (the --tolerance convention)."""
+    return float(np.max(np.abs(got - ref) / np.maximum(1.0, np.abs(ref))))
+
+
 def compare_with_keras(graph, model, n=1000, seed=1, noise_mean=0.5, noise_std=0.5):
     """max |lwtnn(JSON) - keras| and max |keras| over ``n`` random inputs (as float64)."""
-    latent = len(graph["inputs"][0]["variables"])
+    diffs, scale = compare_exports(model, len(graph["inputs"][0]["variables"]), graph=graph, n=n, seed=seed,
+                                   noise_mean=noise_mean, noise_std=noise_std)
+    return diffs["json"], scale
+
+
+def compare_exports(model, latent, graph=None, onnx_model=None, n=1000, seed=1, noise_mean=0.5, noise_std=0.5):
+    """Compare the exported network(s) with Keras on ``n`` seeded random inputs.
+
+    ``graph`` (lwtnn JSON dict) is evaluated by :func:`evaluate_graph`; ``onnx_model`` (ModelProto or bytes) by
+    ONNX Runtime one row at a time with [1, n] inputs, as FastCaloSim's handler feeds it. Returns
+    ({"json": diff, "onnx": diff} for those given, max |keras|), diffs as in :func:`max_difference`.
+    """
     noise, cond = random_inputs(latent, n, seed, noise_mean, noise_std)
     noise, cond = noise.astype(np.float32), cond.astype(np.float32)   # what Keras sees exactly
     ref = keras_predict(model, noise, cond)
-    got = evaluate_graph(graph, noise, cond)
-    diff = np.abs(got - ref) / np.maximum(1.0, np.abs(ref))
-    return float(np.max(diff)), float(np.max(np.abs(ref)))
+    diffs = {}
+    if graph is not None:
+        diffs["json"] = max_difference(evaluate_graph(graph, noise, cond), ref)
+    if onnx_model is not None:
+        diffs["onnx"] = max_difference(run_onnx_rows(onnx_session(onnx_model), noise, cond), ref)
+    return diffs, float(np.max(np.abs(ref)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -608,8 +815,24 @@ def network_stem(cfg, path="config.json"):
             f"{_eta_tag(cfg['eta_max'], path, 'eta_max')}_{rng}")
 
 
-def build_metadata(cfg, graph, json_name, run, ckpt, iteration, mode, check):
-    """What a consumer needs to drive the network and invert the voxel normalisation."""
+def onnx_metadata(onnx_name, latent, n_cond, n_out, dynamic_batch):
+    """The ONNX file's interface as TFCSONNXHandler sees it (names, shapes, element type, opset, IR version)."""
+    batch = ONNX_BATCH_DIM if dynamic_batch else 1
+    return {"file": onnx_name, "opset": ONNX_OPSET, "ir_version": ONNX_IR_VERSION, "element_type": "float32",
+            "inputs": [{"name": LWTNN_INPUTS[0], "shape": [batch, latent], "content": "noise"},
+                       {"name": LWTNN_INPUTS[1], "shape": [batch, n_cond], "content": "[energy label, 0]"}],
+            "output": {"name": ONNX_OUTPUT, "shape": [batch, n_out],
+                       "labels": f"{ONNX_OUTPUT}_0..{ONNX_OUTPUT}_{n_out - 1} (flat, '<output name>_<i>')"},
+            "batch": ("symbolic first dimension 'batch' (TFCSONNXHandler takes it as 1, with a warning)"
+                      if dynamic_batch else "fixed 1 (one shower per call, as TFCSONNXHandler runs it)")}
+
+
+def build_metadata(cfg, sizes, files, run, ckpt, iteration, mode, check, onnx_info=None):
+    """What a consumer needs to drive the network(s) and invert the voxel normalisation.
+
+    ``sizes`` = (latent, condition size, n_out); ``files`` = {"json": name, "onnx": name} for those written.
+    """
+    latent, _, n_out = sizes
     scheme = cfg.get("label_scheme", "V2")
     if scheme == "V1":
         inverse = "E_kin = label * 2**max_exp"
@@ -618,23 +841,27 @@ def build_metadata(cfg, graph, json_name, run, ckpt, iteration, mode, check):
     noise = cfg.get("noise", {"mean": 0.5, "std": 0.5})
     keys = ("particle", "pid", "eta_min", "eta_max", "range", "binning", "latent_dim", "n_voxels", "label_scheme",
             "max_exp", "p_min", "p_max", "ekin_min", "ekin_max", "normalisation")
-    meta = {"network": json_name, "format": "lwtnn graph JSON (lwt::parse_json_graph)"}
+    formats = {"json": "lwtnn graph JSON (lwt::parse_json_graph)",
+               "onnx": f"ONNX (opset {ONNX_OPSET}, IR version {ONNX_IR_VERSION}, float32; ONNX Runtime)"}
+    meta = {"network": files.get("json", files.get("onnx")), "files": dict(files),
+            "format": "; ".join(formats[k] for k in files)}
     meta.update({k: cfg[k] for k in keys if k in cfg})
     meta.update({
         "slice": f"{cfg['particle']} |eta| in [{float(cfg['eta_min']) / 100:.2f}, {float(cfg['eta_max']) / 100:.2f})",
-        "inputs": {"node_0": f"noise, {len(graph['inputs'][0]['variables'])} values ~ N({noise.get('mean', 0.5)}, "
-                             f"{noise.get('std', 0.5)}), variable_0..variable_{len(graph['inputs'][0]['variables']) - 1}",
+        "inputs": {"node_0": f"noise, {latent} values ~ N({noise.get('mean', 0.5)}, "
+                             f"{noise.get('std', 0.5)}), variable_0..variable_{latent - 1}",
                    "node_1": "condition: variable_0 = energy label, variable_1 = 0"},
         "noise": noise,
         "label": {"scheme": scheme, "from_ekin": ("label = E_kin / 2**max_exp" if scheme == "V1" else
                                                   "label = log(E_kin / ekin_min) / log(ekin_max / ekin_min)"),
                   "inverse": inverse},
-        "outputs": {"labels": f"out_0..out_{len(next(iter(graph['outputs'].values()))['labels']) - 1}",
+        "outputs": {"labels": f"out_0..out_{n_out - 1}",
                     "meaning": "voxel energy / E_kin, voxel order of the binning XML slice",
                     "inverse": "voxel energy [MeV] = out_i * E_kin [MeV]"},
         "batchnorm": mode, "run": run, "checkpoint": ckpt, "iteration": iteration,
-        "n_layers": len(graph["layers"]), "n_nodes": len(graph["nodes"]),
     })
+    if onnx_info is not None:
+        meta["onnx"] = onnx_info
     if check is not None:
         meta["check"] = check
     return meta
@@ -665,9 +892,13 @@ def write_json(path, obj):
 # ----------------------------------------------------------------------------------------------
 # command line
 
+FORMATS = {"json": ("json",), "onnx": ("onnx",), "both": ("json", "onnx")}
+
+
 def build_parser():
     p = argparse.ArgumentParser(
-        description="Export a calokit generator checkpoint as the lwtnn graph JSON FastCaloSim loads.",
+        description="Export a calokit generator checkpoint as the lwtnn graph JSON and/or the ONNX model that "
+                    "FastCaloSim loads.",
         formatter_class=HelpFormatter)
     p.add_argument("--run", help="run directory of train.py (config.json, ckpt_<iteration>/)")
     which = p.add_mutually_exclusive_group()
@@ -675,57 +906,94 @@ def build_parser():
     which.add_argument("--best", help="best.json of select_epoch.py (its checkpoint)")
     which.add_argument("--checkpoint", help="checkpoint directory (holding generator.keras); run = its parent")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--format", choices=sorted(FORMATS), default="both",
+                   help="write the lwtnn graph JSON, the ONNX model, or both (same stem, one meta JSON)")
     p.add_argument("--batchnorm", choices=("fold", "normalization"), default=DEFAULTS["batchnorm"],
-                   help="fold batch-norm into the dense layer before it, or write lwtnn normalization layers")
+                   help="fold batch-norm into the dense layer before it, or keep it as its own layer "
+                        "(lwtnn normalization layer; ONNX Mul + Add)")
+    p.add_argument("--onnx-dynamic-batch", action="store_true",
+                   help="give the ONNX inputs and output a symbolic first (batch) dimension, for Python users who "
+                        "run many rows per call; default: fixed [1, n], what FastCaloSim's handler expects")
     p.add_argument("--check", action="store_true",
-                   help="compare the JSON (numpy lwtnn evaluator) with Keras before writing; exit 1 if they differ")
+                   help="before writing, compare each written format with Keras on random inputs (JSON: numpy "
+                        "lwtnn evaluator; ONNX: ONNX Runtime, one row per call); exit 1 if one differs")
     p.add_argument("--check-events", type=int, default=DEFAULTS["check_events"], help="random inputs for --check")
     p.add_argument("--tolerance", type=float, default=DEFAULTS["tolerance"],
-                   help="--check: max |json - keras| (relative where |keras| > 1)")
+                   help="--check: max |export - keras| (relative where |keras| > 1)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of the --check inputs")
     return p
+
+
+def _check_exports(args, cfg, model, model_path, latent, graph, onnx_bytes):
+    """--check: the check record for the meta JSON, or None after printing why the export is refused."""
+    noise = cfg.get("noise", {})
+    diffs, scale = compare_exports(model, latent, graph=graph, onnx_model=onnx_bytes, n=args.check_events,
+                                   seed=args.seed, noise_mean=float(noise.get("mean", 0.5)),
+                                   noise_std=float(noise.get("std", 0.5)))
+    check = {"events": args.check_events, "seed": args.seed, "max_diff": max(diffs.values()),
+             "max_abs_keras": scale, "tolerance": args.tolerance}
+    check.update({f"max_diff_{k}": v for k, v in diffs.items()})
+    for fmt, what in (("json", "lwtnn JSON"), ("onnx", "ONNX model (ONNX Runtime)")):
+        if fmt in diffs and not diffs[fmt] <= args.tolerance:
+            print(f"error: {model_path}: {what} differs from Keras by {diffs[fmt]:.3g} (> {args.tolerance:g}) "
+                  f"on {args.check_events} random inputs; nothing written", file=sys.stderr)
+            return None
+    return check
+
+
+def write_bytes(path, data):
+    """Write a binary file atomically (temporary file + rename)."""
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+    return path
 
 
 def _main(argv):
     args = build_parser().parse_args(argv)
     if args.check_events < 1:
         raise UserError("--check-events must be >= 1")
+    formats = FORMATS[args.format]
     run, ckpt, iteration = choose_checkpoint(args)
     cfg = export_config(run)
     cfg_path = os.path.join(run, "config.json")
     stem = network_stem(cfg, cfg_path)
     model_path = os.path.join(ckpt, "generator.keras")
     model = load_generator_file(model_path)
-    graph = export_model(model, fold=args.batchnorm == "fold", source=model_path)
-
-    latent, n_cond = (len(node["variables"]) for node in graph["inputs"])
-    n_out = len(next(iter(graph["outputs"].values()))["labels"])
-    for what, got, want in (("noise size", latent, cfg["latent_dim"]), ("condition size", n_cond, 2),
-                            ("output size", n_out, cfg["n_voxels"])):
+    # one walk of the Keras graph; both writers read the same simplified ops
+    ops, out, input_ops, output_name = export_ops(model, fold=args.batchnorm == "fold", source=model_path)
+    sizes = (ops[input_ops[0]]["size"], ops[input_ops[1]]["size"], ops[out]["size"])
+    for what, got, want in zip(("noise size", "condition size", "output size"), sizes,
+                               (cfg["latent_dim"], 2, cfg["n_voxels"])):
         if int(got) != int(want):
             raise UserError(f"{model_path}: generator {what} is {got} but {cfg_path} says {want}")
+    graph = ops_to_graph(ops, out, input_ops, output_name) if "json" in formats else None
+    onnx_bytes = None
+    if "onnx" in formats:
+        doc = f"calokit generator {stem}: inputs node_0 = noise, node_1 = [energy label, 0]; output out = voxels / E_kin"
+        onnx_bytes = ops_to_onnx(ops, out, input_ops, args.onnx_dynamic_batch, doc).SerializeToString()
 
     check = None
     if args.check:
-        noise = cfg.get("noise", {})
-        diff, scale = compare_with_keras(graph, model, args.check_events, args.seed,
-                                         float(noise.get("mean", 0.5)), float(noise.get("std", 0.5)))
-        check = {"events": args.check_events, "seed": args.seed, "max_diff": diff, "max_abs_keras": scale,
-                 "tolerance": args.tolerance}
-        if not diff <= args.tolerance:
-            print(f"error: {model_path}: lwtnn JSON differs from Keras by {diff:.3g} (> {args.tolerance:g}) "
-                  f"on {args.check_events} random inputs; nothing written", file=sys.stderr)
+        check = _check_exports(args, cfg, model, model_path, sizes[0], graph, onnx_bytes)
+        if check is None:
             return 1
 
     ensure_dir(args.out)
-    json_path = os.path.join(args.out, stem + ".json")
+    files = {fmt: f"{stem}.{fmt}" for fmt in formats}
+    if graph is not None:
+        write_json(os.path.join(args.out, files["json"]), graph)
+    if onnx_bytes is not None:
+        write_bytes(os.path.join(args.out, files["onnx"]), onnx_bytes)
+    onnx_info = onnx_metadata(files["onnx"], *sizes, args.onnx_dynamic_batch) if onnx_bytes is not None else None
+    meta = build_metadata(cfg, sizes, files, run, ckpt, iteration, args.batchnorm, check, onnx_info)
+    if graph is not None:
+        meta.update(n_layers=len(graph["layers"]), n_nodes=len(graph["nodes"]))
     meta_path = os.path.join(args.out, stem + ".meta.json")
-    write_json(json_path, graph)
-    write_json(meta_path, build_metadata(cfg, graph, os.path.basename(json_path), run, ckpt, iteration,
-                                         args.batchnorm, check))
+    write_json(meta_path, meta)
     checked = f"; check: max diff {check['max_diff']:.2g} on {check['events']} inputs" if check else ""
-    print(f"wrote {json_path} ({len(graph['layers'])} layers, {len(graph['nodes'])} nodes, "
-          f"iteration {iteration}{checked}) and {meta_path}")
+    written = " and ".join(os.path.join(args.out, files[f]) for f in formats)
+    print(f"wrote {written} (iteration {iteration}{checked}) and {meta_path}")
     return 0
 
 

@@ -78,6 +78,12 @@ def test_exported_json_reproduces_checkpoint(chain):
     json_out = export_lwtnn.evaluate_graph(graph, noise, cond)
     assert json_out.shape == keras_out.shape == (500, 368)
     assert np.max(np.abs(json_out - keras_out)) < 1e-5
+    # make all exports the ONNX model too (same stem), checked: ONNX Runtime, one row per call as FastCaloSim runs it
+    onnx_bytes = (results / SLICE / "lwtnn" / "neural_net_22_eta_20_25_all.onnx").read_bytes()
+    onnx_out = export_lwtnn.run_onnx_rows(export_lwtnn.onnx_session(onnx_bytes), noise, cond)
+    assert onnx_out.shape == (500, 368) and np.max(np.abs(onnx_out - keras_out)) < 1e-5
+    meta = json.loads((results / SLICE / "lwtnn" / "neural_net_22_eta_20_25_all.meta.json").read_text())
+    assert meta["check"]["max_diff_onnx"] < 1e-5 and meta["check"]["max_diff_json"] < 1e-5
 
 
 def test_second_make_all_does_nothing(chain):

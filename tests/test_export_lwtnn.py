@@ -42,7 +42,11 @@ def _activation_layer(kind):
 
 def make_generator(hidden_act="relu", batchnorm=False, out_act="relu", n_vox=N_VOX, latent=LATENT,
                    hidden=(50, 100, 200), seed=0):
-    """A FastCaloGAN-like generator with random weights and (if batchnorm) random moving statistics."""
+    """A FastCaloGAN-like generator with random weights and (if batchnorm) random moving statistics.
+
+    ``out_act`` "bn+<act>" puts a batch-norm between the output Dense and its activation (FastCaloGAN's
+    swish + BN generator: Dense(N_vox) -> BN -> swish).
+    """
     keras.utils.set_random_seed(seed)
     noise = keras.Input((latent,), name="noise")
     cond = keras.Input((2,), name="condition")
@@ -53,7 +57,9 @@ def make_generator(hidden_act="relu", batchnorm=False, out_act="relu", n_vox=N_V
             x = layers.BatchNormalization()(x)
         x = _activation_layer(hidden_act)(x)
     x = layers.Dense(n_vox)(x)
-    x = _activation_layer(out_act)(x)
+    if out_act.startswith("bn+"):
+        x = layers.BatchNormalization()(x)
+    x = _activation_layer(out_act.removeprefix("bn+"))(x)
     model = keras.Model([noise, cond], x)
     set_random_bn_statistics(model, seed)
     return model
@@ -272,6 +278,7 @@ VARIANTS = [
     ("elu0.7", False, "elu"),
     ("swish", True, "linear"),
     ("relu", False, "softmax"),
+    ("swish", True, "bn+swish"),      # FastCaloGAN swish + BN: Dense(N_vox) -> BN -> swish at the output too
 ]
 
 
@@ -288,7 +295,7 @@ def test_json_reproduces_keras(hidden_act, batchnorm, out_act):
         assert np.std(ref) > 1e-3                                 # a non-degenerate comparison
         assert np.max(np.abs(got - ref)) < TOL, (hidden_act, batchnorm, out_act, fold)
         n_norm = sum(layer["architecture"] == "normalization" for layer in graph["layers"])
-        assert n_norm == (0 if fold else 3 * batchnorm)
+        assert n_norm == (0 if fold else 3 * batchnorm + out_act.startswith("bn+"))
         # parametrised activations are always written as objects with alpha
         for layer in graph["layers"]:
             act = layer.get("activation")
@@ -298,6 +305,8 @@ def test_json_reproduces_keras(hidden_act, batchnorm, out_act):
                 assert act["function"] in ("swish", "leakyrelu", "elu") and isinstance(act["alpha"], float)
             else:
                 assert act in ("linear", "rectified", "sigmoid", "tanh", "softmax")
+    if out_act == "bn+swish":
+        assert graph["layers"][-1]["activation"] == {"function": "swish", "alpha": 1.0}
 
 
 def test_graph_structure_of_the_fastcalogan_layout():
@@ -458,7 +467,7 @@ def test_cli_default_is_last_complete_checkpoint(fake_run, tmp_path, capsys):
                        ("batchnorm", "fold")):
         assert meta[key] == value, key
     assert "slice" in meta and "inverse" in meta["label"]
-    assert sorted(os.listdir(out)) == [f"{STEM}.json", f"{STEM}.meta.json"]   # no temp files left
+    assert sorted(os.listdir(out)) == [f"{STEM}.json", f"{STEM}.meta.json", f"{STEM}.onnx"]   # no temp files left
 
 
 def test_cli_iteration_best_and_checkpoint(fake_run, tmp_path):
