@@ -435,12 +435,7 @@ def ops_to_graph(ops, out, input_ops, output_name):
     simplification becomes an lwtnn ``normalization`` layer, or, if a gamma is exactly 0 (which that
     layer cannot hold: b = beta s / gamma), an equivalent diagonal dense layer.
     """
-    reach, todo = set(), [out]
-    while todo:
-        i = todo.pop()
-        if i not in reach:
-            reach.add(i)
-            todo.extend(ops[i]["src"])
+    reach = set(_reachable_in_order(ops, out))
     graph = {"inputs": [], "input_sequences": [], "nodes": [], "layers": [], "outputs": {}}
     node_of = {}
     for k, i in enumerate(input_ops):

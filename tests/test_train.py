@@ -155,6 +155,18 @@ def test_runs_on_the_requested_backend():
 # ----------------------------------------------------------------------------------------------
 # networks and generate()
 
+def set_batchnorm_statistics(model):
+    """Non-trivial moving statistics, scale and shift in every batch-norm layer, so that folding them is tested."""
+    keras = train._keras()
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(np.linspace(-0.2, 0.3, n))
+            layer.moving_variance.assign(np.linspace(0.5, 2.0, n))
+            layer.gamma.assign(np.linspace(0.8, 1.2, n))
+            layer.beta.assign(np.linspace(-0.1, 0.1, n))
+
+
 def test_generator_contract_and_generate(monkeypatch):
     keras = train._keras()
     keras.utils.set_random_seed(0)
@@ -163,14 +175,7 @@ def test_generator_contract_and_generate(monkeypatch):
     assert tuple(g.inputs[0].shape) == (None, 50) and tuple(g.outputs[0].shape) == (None, 368)
     kinds = [type(layer).__name__ for layer in g.layers]
     assert kinds.count("Dense") == 4 and kinds.count("BatchNormalization") == 3
-    # give the batch-norm layers non-trivial statistics so that folding them is really tested
-    for layer in g.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            n = layer.moving_mean.shape[0]
-            layer.moving_mean.assign(np.linspace(-0.2, 0.3, n))
-            layer.moving_variance.assign(np.linspace(0.5, 2.0, n))
-            layer.gamma.assign(np.linspace(0.8, 1.2, n))
-            layer.beta.assign(np.linspace(-0.1, 0.1, n))
+    set_batchnorm_statistics(g)
     labels = np.linspace(0, 1, 700).astype(np.float32)
     z = plumbing.draw_noise(np.random.default_rng(7), 700, 50)
     ref = np.asarray(g([z, condition_vector(labels)], training=False))
@@ -216,12 +221,7 @@ def test_numpy_generation_path_covers_every_generator_variant():
     h = keras.layers.BatchNormalization()(h)
     out = keras.layers.Activation("swish")(h)
     g = keras.Model([noise, cond], out)
-    for layer in g.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            n = layer.moving_mean.shape[0]
-            layer.moving_mean.assign(np.linspace(-0.3, 0.2, n))
-            layer.moving_variance.assign(np.linspace(0.4, 1.5, n))
-            layer.gamma.assign(np.linspace(0.7, 1.3, n))
+    set_batchnorm_statistics(g)
     chain = plumbing.generator_chain(g)
     assert [(k.shape, act) for k, _, act, _ in chain] == [((8, 5), "leaky_relu"), ((5, 4), "swish")]
     labels = np.linspace(0, 1, 50)
