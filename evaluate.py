@@ -1,7 +1,7 @@
 """evaluate.py -- compare generated calorimeter showers with a reference (drop-in for CaloChallenge's evaluate.py).
 
 Same command line, same numbers, same output names as the CaloChallenge evaluation, plus: seeded (same inputs and
-``--seed`` give the same ``metrics.json``, byte for byte), float32 chunked reading with bounded memory, a reference
+``--seed`` give the same ``metrics.json``, byte for byte), chunked reading with bounded memory, a reference
 feature cache keyed by the reference file's content, text outputs overwritten (never appended), no LaTeX, clear errors.
 
 Usage
@@ -42,7 +42,9 @@ Reference cache: OUTPUT_DIR/reference_cache/ (or ``--cache_dir``), one .npz per 
 of the binning XML, the dataset, the threshold and of this code; nothing is ever written beside the reference file.
 Histogram PNGs are drawn by ``--jobs`` processes.
 
-Memory: both files are read in float32 chunks (``--chunk_mb``); what stays in memory is a few dozen float64 numbers
+Memory: both files are read in chunks (``--chunk_mb``), each in its own dtype (float32 or float64: the energies
+are summed in that dtype, as the reference sums them, so that the separation powers are the reference's to
+rounding, ~1e-16); what stays in memory is a few dozen float64 numbers
 per event (the high-level features), the mean showers and the histograms. The low-level classifiers (cls-low,
 cls-low-normed, and ``all``) need their inputs in memory: events x (voxels + 1) float32 per file, e.g. 100k events of
 dataset 3 = 2 x 16 GB; run ``-m cls-high`` / ``hist`` on machines with less memory.
@@ -63,8 +65,8 @@ import numpy as np
 
 from HighLevelFeatures import (DATASETS, chunk_events, compute_features, dataset_geometry, draw_layer, draw_shower,
                                separation_power)
-from plumbing import (UserError, atomic_output, ensure_dir, import_keras, iter_calo_chunks, open_calo_file, run_cli,
-                      write_text)
+from plumbing import (UserError, atomic_output, ensure_dir, import_keras, iter_calo_chunks, native_float,
+                      open_calo_file, run_cli, write_text)
 
 # ----------------------------------------------------------------------------------------------
 # facts and defaults
@@ -83,7 +85,7 @@ CLS_SPLITS = {"1-photons": (80000, 20000, 21000), "1-pions": (80000, 20000, 2080
               "2": (60000, 20000, 20000), "3": (60000, 20000, 20000)}
 
 DEFAULT_SEED = 42               # also JetNet's FPD/KPD seed, so the default reproduces the reference's FPD/KPD
-CACHE_VERSION = 1               # bump when anything stored in the reference cache changes meaning
+CACHE_VERSION = 2               # bump when anything stored in the reference cache changes meaning
 
 CHI2_HEADER = "List of chi2 of the plotted histograms, see eq. 15 of 2009.03796 for its definition.\n"
 CLS_HEADER = "Final result of classifier test (AUC / JSD):"
@@ -119,7 +121,7 @@ def build_parser():
     p.add_argument("--cache_dir", default=None,
                    help="reference feature cache folder (default OUTPUT_DIR/reference_cache)")
     p.add_argument("--no_cache", action="store_true", help="neither read nor write the reference cache")
-    p.add_argument("--chunk_mb", type=float, default=16.0, help="float32 shower MB read per chunk (default 16)")
+    p.add_argument("--chunk_mb", type=float, default=16.0, help="shower MB read per chunk (default 16)")
     p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG plots (default 100)")
     p.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
                    help="worker processes that stream the input file, hash and count, and draw the PNGs "
@@ -184,12 +186,17 @@ def fractions(counts):
 def log_bins(min_energy, max_value, n_edges):
     """The reference's logarithmic binning from the threshold to a reference maximum.
 
+    ``max_value`` must carry the dtype the reference computes it in (np.float32 for float32 files): the reference
+    takes ``np.log10`` of that maximum in its own dtype, so a float32 maximum gives a float32 logarithm, and the
+    top edge 10**log10(max) is then not the maximum itself. Reference quirk kept for equal numbers: that top edge
+    often rounds *below* the maximum (by an ulp in float64, by up to ~1e-6 relative in float32), and then the
+    event (or voxel) holding the maximum falls outside the histogram, in both files' histograms alike.
     A reference maximum at or below the threshold (nothing above threshold) would give invalid edges; a decade
     above the threshold is used then, so that such histograms are simply empty.
     """
-    hi = float(max_value)
+    hi = max_value if isinstance(max_value, np.floating) else np.float64(max_value)
     if not np.isfinite(hi) or hi <= min_energy:
-        hi = 10.0 * min_energy
+        hi = np.float64(10.0 * min_energy)
     return np.logspace(np.log10(min_energy), np.log10(hi), n_edges)
 
 
@@ -199,17 +206,19 @@ def _lims(dataset, lid, wide_layers, ds23, wide, normal):
     return wide if lid in wide_layers else normal
 
 
-def histogram_specs(dataset, geom, ref_features, min_energy):
+def histogram_specs(dataset, geom, ref_features, min_energy, ref_dtype=np.float64):
     """Per-layer histogram definitions ``(name, feature_key, layer, bins, reported)``, in the reference's order.
 
     ``reported`` marks the histograms whose separation power the reference writes to histogram_chi2_<d>.txt;
     the others (EC r, width r, sparsity) are calokit additions that only go to metrics.json and plots.
+    ``ref_dtype``: the reference showers' dtype, the dtype of its layer energies (see :func:`log_bins`).
     """
     specs = []
+    as_ref = np.dtype(ref_dtype).type
     for lid in geom.relevant_layers:
-        specs.append((f"E layer {lid}", "E_layer", lid, log_bins(min_energy, ref_features["E_layer"][lid].max()
-                                                                 if len(ref_features["E_layer"][lid]) else 0.0, 40),
-                      True))
+        e_layer = ref_features["E_layer"][lid]            # float64 copies of the reference's float32/64 sums
+        specs.append((f"E layer {lid}", "E_layer", lid, log_bins(min_energy, as_ref(e_layer.max())
+                                                                 if len(e_layer) else 0.0, 40), True))
     alpha = geom.layers_binned_in_alpha
     for label, key, lims in (("EC Eta", "EC_eta", ((-30., 30.), (-500., 500.), (-100., 100.))),
                              ("EC Phi", "EC_phi", ((-30., 30.), (-500., 500.), (-100., 100.))),
@@ -241,16 +250,23 @@ def per_energy_bins(dataset, index):
 class Scan:
     """Everything evaluate.py keeps of one file after one streamed pass (a few numbers per event)."""
 
-    def __init__(self, n_events, n_voxels, n_ranges):
+    def __init__(self, n_events, n_voxels, n_ranges, dtype=np.float32, einc_dtype=np.float64):
         self.n = n_events
+        self.dtype = np.dtype(dtype)                  # the file's shower dtype: features are summed in it
+        self.einc_dtype = np.dtype(einc_dtype)        # and its incident-energy dtype (for Etot / Einc)
         self.einc = np.zeros(n_events)
         self.features = None
         self.shower_sum = np.zeros(n_voxels)
         self.range_sums = np.zeros((n_ranges, n_voxels))
         self.range_counts = np.zeros(n_ranges, dtype=np.int64)
-        self.voxel_max = 0.0
+        self.voxel_max = self.dtype.type(0.0)        # kept in the file's dtype (see log_bins)
         self.voxel_counts = None
         self.cls_low = None
+
+    def etot_over_einc(self, sel=slice(None)):
+        """Etot / Einc computed in the dtypes the reference divides (showers' and incident energies' own)."""
+        return (self.features["Etot"][sel].astype(self.dtype, copy=False)
+                / self.einc[sel].astype(self.einc_dtype, copy=False))
 
     @property
     def mean_shower(self):
@@ -291,22 +307,44 @@ def low_level_inputs(geom, einc, showers, e_layer, kind):
     return out
 
 
+def file_dtypes(path, n_voxels):
+    """(shower dtype, incident-energy dtype) the file is computed in: its own (float32 or float64)."""
+    f, _, _ = open_calo_file(path, n_voxels)
+    with f:
+        return native_float(f["showers"].dtype), native_float(f["incident_energies"].dtype)
+
+
+def chunk_for(dtype, chunk):
+    """Events per chunk for showers of ``dtype`` (``chunk`` counts float32 events: float64 chunks are halved)."""
+    return max(1, chunk * 4 // np.dtype(dtype).itemsize)
+
+
+def threshold_showers(showers, threshold):
+    """Set voxels below the threshold to 0, in place, as the reference does: ``showers < threshold`` compares in
+    the showers' own dtype (numpy casts the Python float threshold to float32 for float32 showers)."""
+    showers[showers < showers.dtype.type(threshold)] = 0.0
+    return showers
+
+
 def scan_file(path, geom, threshold, ranges, chunk, voxel_bins=None, low_kind=None, features=True, log=None):
-    """One float32 pass over a CaloChallenge file: threshold, features, sums, voxel histogram, classifier inputs."""
+    """One pass over a CaloChallenge file in its own dtype: threshold, features, sums, voxel histogram, classifier
+    inputs. The energies are summed as the reference sums them (in that dtype), so that E_layer, Etot and the
+    binnings derived from their maxima are the reference's to the bit."""
+    dtype, einc_dtype = file_dtypes(path, geom.n_voxels)
     f, n, _ = open_calo_file(path, geom.n_voxels)
     f.close()
-    scan = Scan(n, geom.n_voxels, len(ranges) - 1)
+    scan = Scan(n, geom.n_voxels, len(ranges) - 1, dtype, einc_dtype)
     if voxel_bins is not None:
         scan.voxel_counts = np.zeros(len(voxel_bins) - 1, dtype=np.int64)
     if low_kind:
         scan.cls_low = np.empty((n, low_level_width(geom, low_kind)), dtype=np.float32)
     parts = []
-    thr = np.float32(threshold)
-    for start, einc, showers in iter_calo_chunks(path, geom.n_voxels, chunk):
+    for start, einc, showers in iter_calo_chunks(path, geom.n_voxels, chunk_for(dtype, chunk), dtype=None):
         stop = start + len(einc)
-        showers[showers < thr] = 0.0
+        threshold_showers(showers, threshold)
         scan.einc[start:stop] = einc
-        feats = compute_features(geom, showers) if (features or low_kind == "cls-low-normed") else None
+        feats = (compute_features(geom, showers, native_sums=True) if (features or low_kind == "cls-low-normed")
+                 else None)
         if features:
             parts.append(feats)
         scan.shower_sum += showers.sum(axis=0, dtype=np.float64)
@@ -317,7 +355,7 @@ def scan_file(path, geom, threshold, ranges, chunk, voxel_bins=None, low_kind=No
                 scan.range_sums[k] += showers[sel].sum(axis=0, dtype=np.float64)
                 scan.range_counts[k] += int(sel.sum())
         if showers.size:
-            scan.voxel_max = max(scan.voxel_max, float(showers.max()))
+            scan.voxel_max = max(scan.voxel_max, showers.max())
         if voxel_bins is not None:     # values below the first edge (the threshold) are not counted
             scan.voxel_counts += np.histogram(showers, bins=voxel_bins)[0]
         if low_kind:
@@ -334,10 +372,10 @@ def voxel_histogram(path, geom, threshold, bins, chunk, start=0, stop=None):
     """Counts of thresholded voxel energies of events [start, stop) of a file in ``bins`` (a second pass, once the
     reference maximum has fixed the bins)."""
     counts = np.zeros(len(bins) - 1, dtype=np.int64)
-    thr = np.float32(threshold)
-    for _, _, showers in iter_calo_chunks(path, geom.n_voxels, chunk, check=False, start=start, stop=stop):
-        if thr > bins[0]:
-            showers[showers < thr] = 0.0
+    dtype, _ = file_dtypes(path, geom.n_voxels)
+    for _, _, showers in iter_calo_chunks(path, geom.n_voxels, chunk_for(dtype, chunk), check=False, start=start,
+                                          stop=stop, dtype=None):
+        threshold_showers(showers, threshold)
         counts += np.histogram(showers, bins=bins)[0]    # values below the first edge are not counted
     return counts
 
@@ -388,6 +426,7 @@ def save_cache(path, key, scan):
     arrays = {"key": np.array(key), "n": np.array(scan.n), "einc": scan.einc, "shower_sum": scan.shower_sum,
               "range_sums": scan.range_sums, "range_counts": scan.range_counts,
               "voxel_max": np.array(scan.voxel_max), "voxel_counts": scan.voxel_counts,
+              "dtypes": np.array([scan.dtype.str, scan.einc_dtype.str]),
               "f__Etot": scan.features["Etot"]}
     for name, val in scan.features.items():
         if isinstance(val, dict):
@@ -407,12 +446,12 @@ def load_cache(path, key, n_voxels):
         with np.load(path, allow_pickle=False) as z:
             if str(z["key"]) != key:
                 return None
-            scan = Scan(int(z["n"]), n_voxels, len(z["range_counts"]))
+            scan = Scan(int(z["n"]), n_voxels, len(z["range_counts"]), *[str(t) for t in z["dtypes"]])
             scan.einc = z["einc"]
             scan.shower_sum = z["shower_sum"]
             scan.range_sums = z["range_sums"]
             scan.range_counts = z["range_counts"]
-            scan.voxel_max = float(z["voxel_max"])
+            scan.voxel_max = z["voxel_max"][()]
             scan.voxel_counts = z["voxel_counts"]
             feats = {"Etot": z["f__Etot"]}
             for name in z.files:
@@ -669,10 +708,10 @@ def build_histograms(dataset, geom, ref, gen, threshold, ranges, voxel_bins):
                     file=file, xlabel=xlabel, logx=logx, reported=reported, **extra)
 
     etot_bins = np.linspace(0.5, 1.5, 101)
-    out = [item("Etot / Einc", etot_bins, ref.features["Etot"] / ref.einc, gen.features["Etot"] / gen.einc,
+    out = [item("Etot / Einc", etot_bins, ref.etot_over_einc(), gen.etot_over_einc(),
                 f"Etot_Einc_dataset_{d}.png", "Etot / Einc")]
     extras = []
-    for name, key, lid, bins, reported in histogram_specs(d, geom, ref.features, threshold):
+    for name, key, lid, bins, reported in histogram_specs(d, geom, ref.features, threshold, ref.dtype):
         xlabel = "E (MeV)" if key == "E_layer" else ("fraction of empty voxels" if key == "sparsity" else "mm")
         if key in grids:
             h = item(name, bins, ref.features[key][lid], gen.features[key][lid], None, xlabel, reported=reported,
@@ -687,7 +726,7 @@ def build_histograms(dataset, geom, ref, gen, threshold, ranges, voxel_bins):
             sr = (ref.einc >= lo) & (ref.einc < hi)
             sg = (gen.einc >= lo) & (gen.einc < hi)
             out.append(item(f"Etot / Einc at E = {float(lo)}", per_energy_bins(d, i),
-                            ref.features["Etot"][sr] / ref.einc[sr], gen.features["Etot"][sg] / gen.einc[sg],
+                            ref.etot_over_einc(sr), gen.etot_over_einc(sg),
                             None, "Etot / Einc", grid=f"Etot_Einc_dataset_{d}_E_i.png",
                             panel=energy_label(float(lo))))
     out.append(dict(name="Voxel distribution", bins=voxel_bins, ref=fractions(ref.voxel_counts),

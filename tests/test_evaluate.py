@@ -418,3 +418,59 @@ def test_input_scanned_in_a_worker_equals_serial_scan(tmp_path, ds1):
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
         f"error: {bad}: 'showers' has NaN/inf values (first at event 590)"], res.stderr
     assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------------------------------------- parity
+
+def _reference_e_layer_seps(ref, gen, geom, thr, old_path=False):
+    """E layer separation powers computed the way CaloChallenge's evaluate.py does (numpy sums in the file's
+    dtype, np.log10 of the maximum in that dtype, np.histogram densities x bin widths); ``old_path``: how
+    calokit computed them before (showers cast to float32, float64 sums and logarithm)."""
+    out = {}
+    for lid in geom.relevant_layers:
+        a, b = geom.offsets[lid]
+        sums = []
+        for x in (ref, gen):
+            x = x.astype(np.float32) if old_path else x
+            x = np.where(x < x.dtype.type(thr), 0, x)[:, a:b]
+            sums.append(x.astype(np.float64).sum(-1) if old_path else x.sum(-1))
+        bins = np.logspace(np.log10(thr), np.log10(sums[0].max()), 40)
+        h1, h2 = (np.histogram(s, bins, density=True)[0] * np.diff(bins) for s in sums)
+        out[f"E layer {lid}"] = 0.5 * np.sum((h1 - h2) ** 2 / (h1 + h2 + 1e-16))
+    return out
+
+
+def _quirk_case(geom, dtype, n=200):
+    """Seeded showers whose largest reference layer energy has a top edge 10**log10(max) below the maximum in
+    the reference's arithmetic, but not in the old float32-cast/float64-sum path (so the two disagree)."""
+    t = evalutils.template(geom)
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        einc = 2.0 ** rng.integers(8, 23, size=(2, n))
+        ref, gen = ((e[:, None] * t * rng.gamma(3.0, 1 / 3.0, size=(n, geom.n_voxels))).astype(dtype) for e in einc)
+        new, old = (_reference_e_layer_seps(ref, gen, geom, 1.0, old_path=p) for p in (False, True))
+        if max(abs(new[k] - old[k]) for k in new) > 1e-4:
+            return einc, ref, gen, new
+    raise AssertionError("no seed gives the top-edge case")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_e_layer_separation_powers_equal_the_reference_arithmetic(tmp_path, capsys, dtype):
+    """Regression: the E layer blocks differed from CaloChallenge's by up to 0.5/N. Cause: the top edge of the
+    log binning, 10**log10(max E_layer), often rounds below the maximum, so the reference drops that event; the
+    maximum (and whether it rounds down) depends on the exact bits of E_layer, which the reference sums in the
+    file's dtype (float32 sums and a float32 log10 for float32 files) while calokit cast to float32 and summed in
+    float64. Now the sums follow the reference, so the blocks agree to rounding."""
+    geom = dataset_geometry("1-photons")
+    einc, ref, gen, expected = _quirk_case(geom, dtype)
+    for name, x, e in (("ref.h5", ref, einc[0]), ("gen.h5", gen, einc[1])):
+        with h5py.File(tmp_path / name, "w") as f:
+            f.create_dataset("incident_energies", data=e.reshape(-1, 1))
+            f.create_dataset("showers", data=x)
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, "-i", tmp_path / "gen.h5", "-r", tmp_path / "ref.h5", "-m", "hist-chi", "-d",
+                      "1-photons", "--output_dir", out, "--no_cache", "--jobs", "1", "--chunk_mb", "0.05")
+    assert rc == 0, err
+    got = ev.read_chi2_file(out / "histogram_chi2_1-photons.txt")
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, abs=1e-15), name
