@@ -38,6 +38,9 @@ Facts kept from the reference
   batch sizes from 10k to 50k, KPD = median over 10 batches of 10k of the unbiased MMD^2 with kernel
   (x.y/d + 1)^4, both reported x 1e3 with their errors.
 
+Binning: ``--binning``, else binning_dataset_<d>.xml in the current directory (as the reference), else the kit's
+binning/ folder beside this script; the error names every place tried.
+
 Reference cache: OUTPUT_DIR/reference_cache/ (or ``--cache_dir``), one .npz per key = sha256 of the reference's bytes,
 of the binning XML, the dataset, the threshold and of this code; nothing is ever written beside the reference file.
 Histogram PNGs are drawn by ``--jobs`` processes.
@@ -63,7 +66,7 @@ import warnings
 
 import numpy as np
 
-from HighLevelFeatures import (DATASETS, chunk_events, compute_features, dataset_geometry, draw_layer, draw_shower,
+from HighLevelFeatures import (BINNING_DIR, DATASETS, chunk_events, compute_features, dataset_geometry, draw_layer, draw_shower,
                                separation_power)
 from plumbing import (UserError, atomic_output, ensure_dir, import_keras, iter_calo_chunks, native_float,
                       open_calo_file, run_cli, write_text)
@@ -115,7 +118,9 @@ def build_parser():
     p.add_argument("-m", "--mode", default="all", help="what to evaluate (default all): " + ", ".join(MODES))
     p.add_argument("-d", "--dataset", required=True, help="1-photons, 1-pions, 2 or 3")
     p.add_argument("--output_dir", default="evaluation_results/", help="where plots and scores go")
-    p.add_argument("--binning", default=None, help="binning XML overriding the dataset's")
+    p.add_argument("--binning", default=None,
+                   help="binning XML (default: binning_dataset_<d>.xml in the current directory, as the reference "
+                        "finds it, else the kit's binning/ folder beside this script)")
     p.add_argument("--json", default=None, help="metrics file (default OUTPUT_DIR/metrics.json)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default {DEFAULT_SEED})")
     p.add_argument("--cache_dir", default=None,
@@ -151,6 +156,32 @@ def build_parser():
     g.add_argument("--prdc_k", type=int, default=5, help="for prdc (not available yet)")
     g.add_argument("--prdc_ext", default=None, help="for prdc (not available yet)")
     return p
+
+
+def binning_places(dataset, binning=None):
+    """Where the binning XML is looked for, in order: ``--binning``; else the reference's file name
+    (binning_dataset_1_photons.xml, binning_dataset_1_pions.xml, binning_dataset_2.xml, binning_dataset_3.xml) in
+    the current directory, as CaloChallenge's evaluate.py finds it; else the kit's binning/ beside this script
+    (and beside HighLevelFeatures.py, if that lives elsewhere)."""
+    if binning:
+        return [binning]
+    fname = DATASETS[dataset][0]
+    places = [os.path.join(os.getcwd(), fname),
+              os.path.join(os.path.dirname(os.path.abspath(__file__)), "binning", fname),
+              os.path.join(BINNING_DIR, fname)]
+    return list(dict.fromkeys(os.path.abspath(p) for p in places))
+
+
+def find_binning(dataset, binning=None):
+    """The first existing place of :func:`binning_places`; UserError naming every place tried otherwise."""
+    places = binning_places(dataset, binning)
+    for path in places:
+        if os.path.isfile(path):
+            return path
+    if binning:
+        raise UserError(f"--binning {binning}: binning file not found")
+    raise UserError(f"binning file {DATASETS[dataset][0]} for dataset {dataset} not found; tried: "
+                    + ", ".join(places) + " (give one with --binning)")
 
 
 def what_to_do(mode):
@@ -1109,7 +1140,7 @@ def _main(argv):
     _validate_args(args)
     log = _progress if args.verbose else None
     todo = what_to_do(args.mode)
-    geom = dataset_geometry(args.dataset, args.binning)
+    geom = dataset_geometry(args.dataset, find_binning(args.dataset, args.binning))
     n_events = _check_pair(args, geom)
     _check_output_place(args.output_dir, "outputs")                  # fail now, not after reading the files
     if not args.no_cache:

@@ -474,3 +474,30 @@ def test_e_layer_separation_powers_equal_the_reference_arithmetic(tmp_path, caps
     got = ev.read_chi2_file(out / "histogram_chi2_1-photons.txt")
     for name, value in expected.items():
         assert got[name] == pytest.approx(value, abs=1e-15), name
+
+
+# ---------------------------------------------------------------------------------------------- any folder
+
+def test_runs_from_an_analysis_folder_with_the_xml_in_the_working_directory(tmp_path, ds1):
+    """Copied into an empty folder beside the CaloChallenge XML (no binning/ folder, no --binning), evaluate.py
+    finds the XML in the working directory as the reference does; without it, the error names every place."""
+    _, gen, ref = ds1
+    work = tmp_path / "analysis"
+    work.mkdir()
+    for name in ("evaluate.py", "HighLevelFeatures.py", "plumbing.py"):
+        if os.path.isfile(os.path.join(ROOT, name)):
+            with open(os.path.join(ROOT, name), "rb") as src, open(work / name, "wb") as dst:
+                dst.write(src.read())
+    cmd = [sys.executable, "evaluate.py", "-i", gen, "-r", ref, "-m", "hist-p", "-d", "1-photons", "--jobs", "1"]
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH="")
+    missing = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert str(work / "binning_dataset_1_photons.xml") in missing.stderr
+    assert str(work / "binning" / "binning_dataset_1_photons.xml") in missing.stderr
+    with open(os.path.join(ROOT, "binning", "binning_dataset_1_photons.xml"), "rb") as src:
+        (work / "binning_dataset_1_photons.xml").write_bytes(src.read())
+    done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (work / "evaluation_results" / "E_layer_0_dataset_1-photons.png").is_file()
+    with open(work / "evaluation_results" / "metrics.json") as fh:
+        assert json.load(fh)["binning"] == str(work / "binning_dataset_1_photons.xml")
