@@ -11,7 +11,7 @@ Usage
 
 Modes (``-m``)
 --------------
-all             everything below (classifiers: cls-low and cls-high; plus FPD/KPD)
+all             everything below (classifiers: cls-low and cls-high; plus FPD/KPD and prdc)
 avg, avg-E      average shower (per layer, next to the reference) / average showers in incident-energy ranges
 hist-p          histograms of the high-level features (PNG)
 hist-chi        separation powers of those histograms -> histogram_chi2_<d>.txt (+ metrics.json)
@@ -20,7 +20,8 @@ cls-low         classifier on voxels/E_inc and log10 E_inc
 cls-low-normed  classifier on voxels normalised to their layer energy and log10 layer energies
 cls-high        classifier on the high-level features
 fpd, kpd        Frechet / kernel physics distance of the high-level features (both are computed, x 1e3)
-prdc, cls-resnet  accepted names, not available yet in calokit (exit code 2 with a message)
+prdc            precision, recall, density, coverage (k-NN, ``--prdc_k``) of log10 voxel energies -> prdc_<d>.txt
+cls-resnet      accepted name, not available yet in calokit (exit code 2 with a message)
 
 Facts kept from the reference
 -----------------------------
@@ -33,6 +34,15 @@ Facts kept from the reference
   units, LeakyReLU(0.01), optional dropout, sigmoid output, binary cross-entropy, Adam), trained for
   ``--cls_n_epochs`` epochs; the epoch with the best test accuracy is kept, calibrated with isotonic regression on the
   test split, and AUC and JSD = (ln 2 - BCE) / ln 2 are measured on the validation split.
+* prdc follows the ``prdc`` package the reference calls: on the thresholded showers with zeros replaced by 0.1 MeV,
+  log10, Euclidean; r_k(x) = distance to the k-th nearest other row of the same set (the (k+1)-th smallest
+  including itself); precision = fraction of generated rows within some reference radius, recall = fraction of
+  reference rows within some generated radius, density = pairs (reference i, generated j) with d < r_k(i) / (k M),
+  coverage = fraction of reference rows whose nearest generated row is within r_k; strict "<". The reference
+  builds N x N matrices (tens of GB for 121k events); calokit takes blocks of float32 distance products and
+  recomputes exactly, in float64, every comparison closer to its threshold than the products' error bound, so the
+  numbers equal a full-matrix computation on float64 distances. Datasets 2/3 use a seeded subsample by default
+  (``--prdc_max_events``; metrics.json records it).
 * FPD / KPD follow JetNet's definitions as the reference calls them: features normalised by the maximum |value| of the
   reference, FPD = intercept of a linear fit in 1/N of the mean Frechet distance over 20 bootstrap batches for 10
   batch sizes from 10k to 50k, KPD = median over 10 batches of 10k of the unbiased MMD^2 with kernel
@@ -74,9 +84,9 @@ from plumbing import (UserError, atomic_output, ensure_dir, import_keras, iter_c
 # ----------------------------------------------------------------------------------------------
 # facts and defaults
 
-MODES = ("all", "avg", "avg-E", "hist-p", "hist-chi", "hist", "cls-low", "cls-low-normed", "cls-high", "fpd", "kpd")
+MODES = ("all", "avg", "avg-E", "hist-p", "hist-chi", "hist", "cls-low", "cls-low-normed", "cls-high", "fpd", "kpd",
+         "prdc")
 PLANNED_MODES = {
-    "prdc": "precision/recall/density/coverage (k-NN based)",
     "cls-resnet": "the convolutional (ResNet) classifier on the voxel image",
 }
 
@@ -86,6 +96,9 @@ MIN_ENERGY = {"1-photons": 1.0, "1-pions": 1.0, "2": 0.5e-3 / 0.033, "3": 0.5e-3
 #: classifier (train, test, validation) events per sample, scaled down proportionally for smaller files
 CLS_SPLITS = {"1-photons": (80000, 20000, 21000), "1-pions": (80000, 20000, 20800),
               "2": (60000, 20000, 20000), "3": (60000, 20000, 20000)}
+
+#: default --prdc_max_events (0 = every event): the k-NN cost grows as events^2 x voxels; these finish in minutes
+PRDC_MAX_EVENTS = {"1-photons": 0, "1-pions": 0, "2": 10000, "3": 3000}
 
 DEFAULT_SEED = 42               # also JetNet's FPD/KPD seed, so the default reproduces the reference's FPD/KPD
 CACHE_VERSION = 2               # bump when anything stored in the reference cache changes meaning
@@ -153,8 +166,12 @@ def build_parser():
     g.add_argument("--which_cuda", type=int, default=0, help="ignored (use CUDA_VISIBLE_DEVICES)")
     g.add_argument("--save_mem", action="store_true", help="ignored (memory is always bounded)")
     g.add_argument("--cls_resnet_layers", type=int, default=18, help="for cls-resnet (not available yet)")
-    g.add_argument("--prdc_k", type=int, default=5, help="for prdc (not available yet)")
-    g.add_argument("--prdc_ext", default=None, help="for prdc (not available yet)")
+    g.add_argument("--prdc_ext", action="store_true", help="ignored (the extended reference files are not read)")
+    g = p.add_argument_group("prdc (precision, recall, density, coverage)")
+    g.add_argument("--prdc_k", type=int, default=5, help="nearest neighbours (default 5)")
+    g.add_argument("--prdc_max_events", type=int, default=None,
+                   help="seeded subsample of events per file, the same for both (0: all; default: all for dataset 1, "
+                        + ", ".join(f"{v} for {k}" for k, v in PRDC_MAX_EVENTS.items() if v) + ")")
     return p
 
 
@@ -196,6 +213,7 @@ def what_to_do(mode):
         "hist": mode in ("all", "hist-p", "hist-chi", "hist"),
         "classifiers": classifiers,
         "fpd": mode in ("all", "fpd", "kpd"),
+        "prdc": mode in ("all", "prdc"),
     }
 
 
@@ -293,6 +311,7 @@ class Scan:
         self.voxel_max = self.dtype.type(0.0)        # kept in the file's dtype (see log_bins)
         self.voxel_counts = None
         self.cls_low = None
+        self.prdc = None
 
     def etot_over_einc(self, sel=slice(None)):
         """Etot / Einc computed in the dtypes the reference divides (showers' and incident energies' own)."""
@@ -357,10 +376,12 @@ def threshold_showers(showers, threshold):
     return showers
 
 
-def scan_file(path, geom, threshold, ranges, chunk, voxel_bins=None, low_kind=None, features=True, log=None):
+def scan_file(path, geom, threshold, ranges, chunk, voxel_bins=None, low_kind=None, features=True, log=None,
+              prdc_rows=None):
     """One pass over a CaloChallenge file in its own dtype: threshold, features, sums, voxel histogram, classifier
     inputs. The energies are summed as the reference sums them (in that dtype), so that E_layer, Etot and the
-    binnings derived from their maxima are the reference's to the bit."""
+    binnings derived from their maxima are the reference's to the bit. ``prdc_rows`` (sorted event indices): keep
+    their prdc inputs (:func:`prdc_features`) in ``scan.prdc``."""
     dtype, einc_dtype = file_dtypes(path, geom.n_voxels)
     f, n, _ = open_calo_file(path, geom.n_voxels)
     f.close()
@@ -369,6 +390,8 @@ def scan_file(path, geom, threshold, ranges, chunk, voxel_bins=None, low_kind=No
         scan.voxel_counts = np.zeros(len(voxel_bins) - 1, dtype=np.int64)
     if low_kind:
         scan.cls_low = np.empty((n, low_level_width(geom, low_kind)), dtype=np.float32)
+    if prdc_rows is not None:
+        scan.prdc = np.empty((len(prdc_rows), geom.n_voxels), dtype=dtype)
     parts = []
     for start, einc, showers in iter_calo_chunks(path, geom.n_voxels, chunk_for(dtype, chunk), dtype=None):
         stop = start + len(einc)
@@ -389,6 +412,9 @@ def scan_file(path, geom, threshold, ranges, chunk, voxel_bins=None, low_kind=No
             scan.voxel_max = max(scan.voxel_max, showers.max())
         if voxel_bins is not None:     # values below the first edge (the threshold) are not counted
             scan.voxel_counts += np.histogram(showers, bins=voxel_bins)[0]
+        if prdc_rows is not None:
+            a, b = np.searchsorted(prdc_rows, [start, stop])
+            scan.prdc[a:b] = prdc_features(showers[prdc_rows[a:b] - start])
         if low_kind:
             scan.cls_low[start:stop] = low_level_inputs(geom, einc, showers, feats["E_layer"] if feats else None,
                                                         low_kind)
@@ -720,6 +746,157 @@ def kpd(real, gen, num_batches=10, batch_size=10000, seed=DEFAULT_SEED, normalis
         b = y[rng.choice(len(y), size=batch_size)]
         vals.append(mmd2_poly_unbiased(a, b))
     return float(np.median(vals)), float(iqr(vals, rng=(16.275, 83.725)) / 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# precision, recall, density, coverage (Naeem et al. 2020) with bounded memory
+
+#: the distance products are float32 up to this many features (dataset 1), float64 above (datasets 2, 3): the
+#: float32 error bound grows with the features, and with it the share of comparisons that must be recomputed
+PRDC_FLOAT32_MAX_FEATURES = 1024
+PRDC_BLOCK_MB = 256            # float32 distance rows held at once (one block of rows x all columns)
+PRDC_RECOMPUTE_MB = 32         # float64 differences of the pairs recomputed exactly per batch
+
+
+def prdc_features(showers):
+    """The reference's prdc inputs for thresholded ``showers``: log10 of the energies, zeros replaced by 0.1 MeV
+    (in the showers' dtype, as the reference computes them)."""
+    return np.log10(np.where(showers == 0, showers.dtype.type(0.1), showers))
+
+
+def exact_sq_distances(x, y, rows, cols):
+    """Squared Euclidean distances of the pairs (x[rows], y[cols]) as ``sum((x - y)^2)`` in float64, in batches.
+
+    This is the definition the prdc numbers follow: every decision that the fast float32 products cannot settle
+    is taken on these values, so results equal a straightforward full-matrix implementation on them.
+    """
+    out = np.empty(len(rows))
+    batch = max(1, PRDC_RECOMPUTE_MB * 2**20 // (16 * x.shape[1]))
+    for s in range(0, len(rows), batch):
+        r, c = rows[s:s + batch], cols[s:s + batch]
+        out[s:s + len(r)] = ((x[r].astype(np.float64) - y[c].astype(np.float64)) ** 2).sum(axis=-1)
+    return out
+
+
+class _DistanceBlocks:
+    """Approximate squared distances of row blocks of ``x`` to all of ``y`` as one matrix product per block.
+
+    Both sets are centred on the mean of ``x`` (distances do not change, the norms and hence the rounding shrink)
+    and augmented so that the product gives the distance directly:
+    [-2 x, |x|^2, 1] . [y, 1, |y|^2] = |x - y|^2. The product is float32 for up to
+    :data:`PRDC_FLOAT32_MAX_FEATURES` features, else float64. ``tol_rows`` / ``tol_cols`` bound the error of an
+    entry: the dot-product bound (d + 2) u sum|terms| <= 2 (d + 2) u (|x|^2 + |y|^2), with a factor 2 for the
+    rounding of the inputs and as margin.
+    """
+
+    def __init__(self, x, y, centre, block_mb=PRDC_BLOCK_MB):
+        self.x, self.y, self.centre = x, y, centre
+        self.dtype = np.dtype(np.float32 if x.shape[1] <= PRDC_FLOAT32_MAX_FEATURES else np.float64)
+        budget = block_mb * 2**20                 # the block of products, and the float64 temporaries of a row block
+        self.rows = max(1, int(min(budget // (self.dtype.itemsize * max(len(y), 1)),
+                                   budget // (24 * (y.shape[1] + 2)))))
+        self.y_aug = np.empty((len(y), y.shape[1] + 2), dtype=self.dtype)
+        ny = np.empty(len(y))
+        for s in range(0, len(y), self.rows):                 # block by block: no float64 copy of a whole set
+            self.y_aug[s:s + self.rows], ny[s:s + self.rows] = self._augment(y[s:s + self.rows], right=True)
+        nx = ny if x is y else np.concatenate([self._augment(x[s:s + self.rows], False)[1]
+                                               for s in range(0, len(x), self.rows)])
+        tol = 4 * (x.shape[1] + 8) * float(np.finfo(self.dtype).eps) / 2
+        self.tol_rows = tol * (nx + ny.max(initial=0.0))
+        self.tol_cols = tol * (ny + nx.max(initial=0.0))
+
+    def _augment(self, a, right):
+        """[a, 1, |a|^2] (right) or [-2 a, |a|^2, 1] (left) of the centred rows ``a`` in the product dtype, and
+        the norms."""
+        c = a.astype(np.float64) - self.centre
+        n = np.einsum("ij,ij->i", c, c)
+        ones = np.ones((len(c), 1))
+        parts = [c, ones, n[:, None]] if right else [-2.0 * c, n[:, None], ones]
+        return np.concatenate(parts, axis=1).astype(self.dtype), n
+
+    def __iter__(self):
+        """Yield (start, stop, approximate squared distances (stop - start, len(y)))."""
+        for s in range(0, len(self.x), self.rows):
+            e = min(s + self.rows, len(self.x))
+            yield s, e, self._augment(self.x[s:e], right=False)[0] @ self.y_aug.T
+
+
+def _decide_less(blocks, a, s, thresholds, tol, axis):
+    """Exact ``d^2 < threshold`` for a block of approximate distances ``a``: settled where the product entry is
+    farther than ``tol`` from the threshold, recomputed exactly where it is not. ``axis`` 1: thresholds per row
+    of the block (indices s..), 0: per column."""
+    shape = (-1, 1) if axis == 1 else (1, -1)
+    thr, t = (thresholds[s:s + len(a)], tol[s:s + len(a)]) if axis == 1 else (thresholds, tol)
+    less = a < (thr - t).astype(a.dtype).reshape(shape)
+    maybe = a <= (thr + t).astype(a.dtype).reshape(shape)
+    maybe &= ~less
+    r, c = np.nonzero(maybe)
+    if len(r):
+        below = exact_sq_distances(blocks.x, blocks.y, r + s, c) < thr[r if axis == 1 else c]
+        less[r[below], c[below]] = True
+    return less
+
+
+def knn_radii(x, k, centre=None, block_mb=PRDC_BLOCK_MB, n_probe=4096):
+    """Squared distance of each row of ``x`` to its k-th nearest *other* row: the (k+1)-th smallest of
+    ``exact_sq_distances`` to all rows including itself (at distance 0), the reference's rule (duplicates count).
+
+    Per block of rows, on the approximate distances a: an upper bound of the (k+1)-th smallest from ``n_probe``
+    seeded columns (``np.partition`` on those only); the entries below it (a few per row); among them the (k+1)-th
+    smallest t of the row; every entry within twice the error bound above t recomputed exactly; the (k+1)-th
+    smallest of those exact values is the radius (every entry that can be at or below it was recomputed).
+    """
+    if len(x) <= k:
+        raise UserError(f"prdc needs more than k = {k} events per sample, got {len(x)}")
+    blocks = _DistanceBlocks(x, x, np.mean(x, axis=0, dtype=np.float64) if centre is None else centre, block_mb)
+    probe = np.sort(np.random.default_rng(0).permutation(len(x))[:max(n_probe, k + 1)])
+    radii = np.empty(len(x))
+    for s, e, a in blocks:
+        tol2 = 2.0 * blocks.tol_rows[s:e]
+        bound = np.partition(a[:, probe], k, axis=1)[:, k] + tol2
+        r, c = np.nonzero(a <= bound.astype(a.dtype)[:, None])
+        v = a[r, c]
+        t = _kth_per_row(r, v, k, e - s)                      # the (k+1)-th smallest approximate entry of each row
+        near = v <= (t + tol2).astype(a.dtype)[r]
+        r, c = r[near], c[near]
+        radii[s:e] = _kth_per_row(r, exact_sq_distances(x, x, r + s, c), k, e - s)
+    return radii
+
+
+def _kth_per_row(rows, values, k, n_rows):
+    """The (k+1)-th smallest of ``values`` per row index (each row 0..n_rows-1 has more than k entries)."""
+    order = np.lexsort((values, rows))
+    return values[order][np.searchsorted(rows[order], np.arange(n_rows)) + k]
+
+
+def prdc(real, fake, k=5, block_mb=PRDC_BLOCK_MB):
+    """Precision, recall, density and coverage of ``fake`` (M rows) against ``real`` (N rows), k-NN radii as in
+    the reference (prdc package): r_k(X_i) = distance to the k-th nearest other row of the same set.
+
+    precision = fraction of fake rows within some real row's radius; recall = fraction of real rows within some
+    fake row's radius; density = (1 / (k M)) * #pairs (real i, fake j) with d < r_k(real i); coverage = fraction of
+    real rows whose nearest fake row is within their radius. Strict ``<`` on squared distances throughout.
+    Memory: the two feature sets, an augmented copy of one (float32; float64 above 1024 features) and one block of
+    products (``block_mb``).
+    """
+    real, fake = np.asarray(real), np.asarray(fake)
+    centre = np.mean(real, axis=0, dtype=np.float64)
+    r_real = knn_radii(real, k, centre, block_mb)
+    r_fake = knn_radii(fake, k, centre, block_mb)
+    blocks = _DistanceBlocks(real, fake, centre, block_mb)
+    precise = np.zeros(len(fake), dtype=bool)           # fake j inside some real radius
+    recalled = np.zeros(len(real), dtype=bool)          # real i with some fake radius around it
+    covered = np.zeros(len(real), dtype=bool)
+    pairs = 0
+    for s, e, a in blocks:
+        inside_real = _decide_less(blocks, a, s, r_real, blocks.tol_rows, axis=1)
+        precise |= inside_real.any(axis=0)
+        pairs += int(np.count_nonzero(inside_real))
+        covered[s:e] = inside_real.any(axis=1)
+        del inside_real
+        recalled[s:e] = _decide_less(blocks, a, s, r_fake, blocks.tol_cols, axis=0).any(axis=1)
+    return {"precision": float(precise.mean()), "recall": float(recalled.mean()),
+            "density": (1.0 / float(k)) * (pairs / len(fake)), "coverage": float(covered.mean())}
 
 
 def build_histograms(dataset, geom, ref, gen, threshold, ranges, voxel_bins):
@@ -1086,6 +1263,8 @@ def _validate_args(args):
         raise UserError(f"unknown mode '{args.mode}' (choose from {', '.join(MODES)})")
     if args.dataset not in DATASETS:
         raise UserError(f"unknown dataset '{args.dataset}' (choose from {', '.join(DATASETS)})")
+    if args.prdc_k < 1 or (args.prdc_max_events is not None and args.prdc_max_events < 0):
+        raise UserError("--prdc_k must be >= 1 and --prdc_max_events >= 0")
     for name in ("cls_n_layer", "cls_n_hidden", "cls_batch_size", "cls_n_epochs", "fpd_min_samples",
                  "fpd_max_samples", "fpd_num_batches", "fpd_num_points", "kpd_batch_size", "kpd_num_batches"):
         low = 0 if name == "cls_n_layer" else 1
@@ -1131,6 +1310,33 @@ def histogram_outputs(args, todo, geom, ref, gen, threshold, ranges, voxel_bins,
     return written
 
 
+def prdc_subsample(n_events, args):
+    """Sorted event indices used for prdc (the same in both files): all, or a seeded subsample of
+    ``--prdc_max_events`` (default per dataset: :data:`PRDC_MAX_EVENTS`)."""
+    m = PRDC_MAX_EVENTS[args.dataset] if args.prdc_max_events is None else args.prdc_max_events
+    if m <= 0 or m >= n_events:
+        return np.arange(n_events)
+    return np.sort(np.random.default_rng(args.seed).choice(n_events, size=m, replace=False))
+
+
+def prdc_text(values):
+    """prdc_<d>.txt: one ``name: value`` line per metric (the reference writes the same names, unseparated)."""
+    return "".join(f"{name}: {values[name]!r}\n" for name in ("precision", "recall", "density", "coverage"))
+
+
+def prdc_outputs(args, ref, gen, rows, n_events, metrics, log=None):
+    """prdc of the generated vs the reference rows, into ``metrics['prdc']`` and prdc_<d>.txt; returns the path."""
+    if log:
+        log(f"prdc: {len(rows)} events per file, k = {args.prdc_k}")
+    values = prdc(ref.prdc, gen.prdc, args.prdc_k)
+    ref.prdc = gen.prdc = None                    # the largest arrays of the run: free them now
+    metrics["prdc"] = dict(values, k=args.prdc_k, n_events=len(rows), subsampled=len(rows) < n_events,
+                           max_events=int(PRDC_MAX_EVENTS[args.dataset] if args.prdc_max_events is None
+                                          else args.prdc_max_events))
+    ensure_dir(args.output_dir)
+    return write_text(os.path.join(args.output_dir, f"prdc_{args.dataset}.txt"), prdc_text(values))
+
+
 def _progress(msg):
     print(f"[evaluate] {msg}", file=sys.stderr, flush=True)
 
@@ -1152,6 +1358,8 @@ def _main(argv):
     ranges = energy_ranges(args.dataset)
     chunk = chunk_events(geom.n_voxels, int(args.chunk_mb * 2**20))
     low_kind = next((k for k in todo["classifiers"] if k.startswith("cls-low")), None)
+    prdc_rows = prdc_subsample(n_events, args) if todo["prdc"] else None
+    voxels = bool(low_kind) or prdc_rows is not None      # per-event voxel inputs kept in memory
     out_dir = args.output_dir
     d = args.dataset
 
@@ -1159,7 +1367,7 @@ def _main(argv):
     # this process reads the reference (big files without low-level classifier inputs, which would be too large to
     # ship back; otherwise the input is read here, after the reference); the others hash the reference, count half
     # of each voxel histogram and draw the PNGs
-    in_worker = n_events > chunk and not low_kind
+    in_worker = n_events > chunk and not voxels
     n_workers = (args.jobs if todo["hist_plots"] else 1 if in_worker else 0) if args.jobs > 1 else 0
     pool = worker_pool(n_workers)
     in_worker = in_worker and pool is not None
@@ -1181,10 +1389,12 @@ def _main(argv):
         ref = load_cache(*cache_entry(cache_dir, ref_sha, geom, d, threshold), geom.n_voxels) if may_hit else None
         cache_hit = ref is not None
         if ref is None:
-            ref = scan_file(args.reference_file, geom, threshold, ranges, chunk, low_kind=low_kind, log=log)
-        elif low_kind:   # the low-level classifier needs the reference voxels themselves
-            ref.cls_low = scan_file(args.reference_file, geom, threshold, ranges, chunk, low_kind=low_kind,
-                                    features=False, log=log).cls_low
+            ref = scan_file(args.reference_file, geom, threshold, ranges, chunk, low_kind=low_kind, log=log,
+                            prdc_rows=prdc_rows)
+        elif voxels:     # the low-level classifier and prdc need the reference voxels themselves
+            again = scan_file(args.reference_file, geom, threshold, ranges, chunk, low_kind=low_kind,
+                              features=False, log=log, prdc_rows=prdc_rows)
+            ref.cls_low, ref.prdc = again.cls_low, again.prdc
         voxel_bins = log_bins(threshold, ref.voxel_max, 50)   # both voxel histograms need the reference max
         if not cache_hit:
             ref.voxel_counts = split_voxel_histogram(pool, args.reference_file, geom, threshold, voxel_bins, chunk,
@@ -1200,7 +1410,7 @@ def _main(argv):
             gen.voxel_counts = counts
         else:
             gen = scan_file(args.input_file, geom, threshold, ranges, chunk, voxel_bins=voxel_bins,
-                            low_kind=low_kind, log=log)
+                            low_kind=low_kind, log=log, prdc_rows=prdc_rows)
         metrics = {
             "dataset": d, "mode": args.mode, "seed": args.seed,
             "input_file": os.path.abspath(args.input_file), "reference_file": os.path.abspath(args.reference_file),
@@ -1268,6 +1478,9 @@ def _main(argv):
         metrics["kpd_err_x1e3"] = ke * 1e3
         ensure_dir(out_dir)
         written.append(write_text(os.path.join(out_dir, f"fpd_kpd_{d}.txt"), fpd_text(fv, fe, kv, ke)))
+
+    if todo["prdc"]:
+        written.append(prdc_outputs(args, ref, gen, prdc_rows, n_events, metrics, log))
 
     # --- cache (only now: a bad input file leaves nothing behind) and metrics.json
     if not cache_hit and not args.no_cache:

@@ -501,3 +501,72 @@ def test_runs_from_an_analysis_folder_with_the_xml_in_the_working_directory(tmp_
     assert (work / "evaluation_results" / "E_layer_0_dataset_1-photons.png").is_file()
     with open(work / "evaluation_results" / "metrics.json") as fh:
         assert json.load(fh)["binning"] == str(work / "binning_dataset_1_photons.xml")
+
+
+# ---------------------------------------------------------------------------------------------- prdc
+
+def _prdc_full_matrix(real, fake, k):
+    """The definition table, straightforwardly: full float64 distance matrices, sorted rows."""
+    x, y = real.astype(np.float64), fake.astype(np.float64)
+    dxy = ((x[:, None] - y[None]) ** 2).sum(-1)
+    r_x = np.sort(((x[:, None] - x[None]) ** 2).sum(-1), axis=1)[:, k]      # (k+1)-th smallest, self included
+    r_y = np.sort(((y[:, None] - y[None]) ** 2).sum(-1), axis=1)[:, k]
+    inside = dxy < r_x[:, None]
+    return {"precision": float(inside.any(axis=0).mean()), "recall": float((dxy < r_y[None]).any(axis=1).mean()),
+            "density": (1.0 / k) * (int(inside.sum()) / len(y)), "coverage": float((dxy.min(axis=1) < r_x).mean())}
+
+
+@pytest.mark.parametrize("dtype, dim", [(np.float32, 40), (np.float64, 40), (np.float32, 1100)])
+def test_prdc_equals_the_full_matrix_definition_exactly(dtype, dim):
+    """Blocked float32/float64 products with exact recomputation near the thresholds = the plain definition, to
+    the bit, on data with duplicate rows (zero distances, ties at the radius) and many blocks."""
+    rng = np.random.default_rng(dim)
+    real = rng.normal(size=(300, dim)).astype(dtype)
+    fake = (rng.normal(size=(260, dim)) * 1.2 + 0.15).astype(dtype)
+    fake[:7] = real[:7]                     # shared rows
+    real[20:30] = real[20]                  # ten identical rows: radius 0 for them
+    fake[50:53] = fake[50]
+    for k in (1, 5):
+        got = ev.prdc(real, fake, k, block_mb=0.02)
+        assert got == _prdc_full_matrix(real, fake, k), k
+    x = real.astype(np.float64)
+    expected = np.sort(((x[:, None] - x[None]) ** 2).sum(-1), axis=1)[:, 5]
+    assert np.array_equal(ev.knn_radii(real, 5, block_mb=0.02, n_probe=16), expected)
+
+
+def test_prdc_analytic_cases():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(400, 12))
+    same = ev.prdc(x, x.copy(), 5)
+    # identical distinct points: everything recalled and covered; each reference radius holds exactly k rows
+    # strictly inside (itself and its k - 1 nearest), so density = k N / (k N) = 1
+    assert same == {"precision": 1.0, "recall": 1.0, "density": 1.0, "coverage": 1.0}
+    far = ev.prdc(x, x + 1e3, 5)
+    assert far == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+    with pytest.raises(ev.UserError):
+        ev.prdc(x[:5], x[:5], 5)
+
+
+def test_prdc_mode_writes_text_and_metrics(tmp_path, capsys, ds1):
+    _, gen, ref = ds1
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, "-i", gen, "-r", ref, "-m", "prdc", "-d", "1-photons", "--output_dir", out,
+                      "--prdc_max_events", "250", "--prdc_k", "3", "--jobs", "1")
+    assert rc == 0, err
+    lines = (out / "prdc_1-photons.txt").read_text().splitlines()
+    assert [ln.split(":")[0] for ln in lines] == ["precision", "recall", "density", "coverage"]
+    with open(out / "metrics.json") as fh:
+        m = json.load(fh)["prdc"]
+    assert m["k"] == 3 and m["n_events"] == 250 and m["subsampled"] and m["max_events"] == 250
+    assert [float(ln.split(": ")[1]) for ln in lines] == [m[k] for k in ("precision", "recall", "density",
+                                                                           "coverage")]
+    assert 0.0 < m["precision"] <= 1.0 and 0.0 < m["coverage"] <= 1.0        # same toy distribution
+    # the subsample is seeded: the same rows of both files, recomputed here from the files
+    rows = np.sort(np.random.default_rng(ev.DEFAULT_SEED).choice(600, size=250, replace=False))
+    feats = []
+    for path in (ref, gen):
+        with h5py.File(path) as f:
+            s = f["showers"][:][rows]
+        feats.append(ev.prdc_features(ev.threshold_showers(s, 1.0)))
+    expected = ev.prdc(feats[0], feats[1], 3)
+    assert all(m[k] == expected[k] for k in expected)
