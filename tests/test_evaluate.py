@@ -337,7 +337,7 @@ def _bad_files(tmp, ds1):
         "nan": (["-i", nan, "-r", ref, "-m", "hist", "-d", "1-photons"], "NaN/inf values (first at event 450)"),
         "nan_ref": (["-i", gen, "-r", nan, "-m", "cls-high", "-d", "1-photons"], "NaN/inf"),
         "mode": (["-i", gen, "-r", ref, "-m", "histo", "-d", "1-photons"], "unknown mode 'histo'"),
-        "prdc": (["-i", gen, "-r", ref, "-m", "prdc", "-d", "1-photons"], "not implemented yet"),
+        "prdc_k": (["-i", gen, "-r", ref, "-m", "prdc", "-d", "1-photons", "--prdc_k", "0"], "--prdc_k must be >= 1"),
         "resnet": (["-i", gen, "-r", ref, "-m", "cls-resnet", "-d", "2"], "not implemented yet"),
         "flag": (["-i", gen, "-r", ref, "-m", "hist", "-d", "1-photons", "--cls_n_hidden", "x"], "invalid int"),
     }
