@@ -21,7 +21,7 @@ cls-low-normed  classifier on voxels normalised to their layer energy and log10 
 cls-high        classifier on the high-level features
 fpd, kpd        Frechet / kernel physics distance of the high-level features (both are computed, x 1e3)
 prdc            precision, recall, density, coverage (k-NN, ``--prdc_k``) of log10 voxel energies -> prdc_<d>.txt
-cls-resnet      accepted name, not available yet in calokit (exit code 2 with a message)
+cls-resnet      the reference's 3D ResNet classifier on the voxel image (datasets 2, 3; ``--cls_resnet_layers``)
 
 Facts kept from the reference
 -----------------------------
@@ -84,11 +84,8 @@ from plumbing import (UserError, atomic_output, ensure_dir, import_keras, iter_c
 # ----------------------------------------------------------------------------------------------
 # facts and defaults
 
-MODES = ("all", "avg", "avg-E", "hist-p", "hist-chi", "hist", "cls-low", "cls-low-normed", "cls-high", "fpd", "kpd",
-         "prdc")
-PLANNED_MODES = {
-    "cls-resnet": "the convolutional (ResNet) classifier on the voxel image",
-}
+MODES = ("all", "avg", "avg-E", "hist-p", "hist-chi", "hist", "cls-low", "cls-low-normed", "cls-high", "cls-resnet",
+         "fpd", "kpd", "prdc")
 
 #: readout threshold per voxel in MeV: values strictly below are set to 0 (also the low edge of the log binnings)
 MIN_ENERGY = {"1-photons": 1.0, "1-pions": 1.0, "2": 0.5e-3 / 0.033, "3": 0.5e-3 / 0.033}
@@ -124,7 +121,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser():
     p = _Parser(description="Evaluate generated calorimeter showers against a reference "
                             "(CaloChallenge-compatible).", formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog="Modes: " + ", ".join(MODES) + "; " + ", ".join(PLANNED_MODES) + " (not available yet).")
+                epilog="Modes: " + ", ".join(MODES) + ".")
     p.add_argument("-i", "--input_file", required=True, help="generated showers (CaloChallenge HDF5)")
     p.add_argument("-r", "--reference_file", required=True,
                    help="reference showers (CaloChallenge HDF5), never modified")
@@ -165,7 +162,8 @@ def build_parser():
     g.add_argument("--no_cuda", action="store_true", help="ignored (device chosen by the Keras backend)")
     g.add_argument("--which_cuda", type=int, default=0, help="ignored (use CUDA_VISIBLE_DEVICES)")
     g.add_argument("--save_mem", action="store_true", help="ignored (memory is always bounded)")
-    g.add_argument("--cls_resnet_layers", type=int, default=18, help="for cls-resnet (not available yet)")
+    g.add_argument("--cls_resnet_layers", type=int, default=18,
+                   help="cls-resnet depth: 10, 18 (default) or 34 (same training flags as the other classifiers)")
     g.add_argument("--prdc_ext", action="store_true", help="ignored (the extended reference files are not read)")
     g = p.add_argument_group("prdc (precision, recall, density, coverage)")
     g.add_argument("--prdc_k", type=int, default=5, help="nearest neighbours (default 5)")
@@ -204,7 +202,7 @@ def find_binning(dataset, binning=None):
 def what_to_do(mode):
     """Which parts of the evaluation a mode runs."""
     classifiers = {"all": ["cls-low", "cls-high"], "cls-low": ["cls-low"], "cls-low-normed": ["cls-low-normed"],
-                   "cls-high": ["cls-high"]}.get(mode, [])
+                   "cls-high": ["cls-high"], "cls-resnet": ["cls-resnet"]}.get(mode, [])
     return {
         "avg": mode in ("all", "avg"),
         "avg_e": mode in ("all", "avg-E"),
@@ -583,7 +581,7 @@ def _keras(seed):
     return keras
 
 
-def build_classifier(keras, input_dim, n_layer, n_hidden, dropout):
+def build_classifier(keras, input_dim, n_layer=2, n_hidden=2048, dropout=0.0):
     """The reference DNN: input layer + ``n_layer`` hidden layers (LeakyReLU 0.01, dropout), one logit out."""
     inp = keras.Input((input_dim,), name="features")
     x = inp
@@ -594,6 +592,69 @@ def build_classifier(keras, input_dim, n_layer, n_hidden, dropout):
             x = keras.layers.Dropout(dropout)(x)
     out = keras.layers.Dense(1)(x)
     return keras.Model(inp, out, name="calokit_classifier")
+
+
+#: ResNet depth -> basic blocks per stage (the reference's depths 10, 18, 34)
+RESNET_BLOCKS = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+RESNET_FILTERS = (32, 64, 64, 128)
+RESNET_STRIDES = (1, 2, 2, 2)
+
+
+def resnet_image_shape(geom):
+    """(layers, alpha bins, r bins) of a dataset whose layers share one binning (datasets 2, 3), else None.
+
+    The voxels of a file run layer by layer, alpha bin by alpha bin, r fastest, so a C-order reshape of the
+    voxel columns gives this image."""
+    layers = [lay for lay in geom.layers if lay.n_voxels]
+    first = layers[0]
+    if any(lay.n_alpha != first.n_alpha or lay.n_voxels != first.n_voxels for lay in layers):
+        return None
+    return len(layers), first.n_alpha, first.n_voxels // first.n_alpha
+
+
+def build_resnet(keras, input_dim, image_shape, depth=18):
+    """The reference's 3D ResNet classifier on [log10 E_inc term, voxels / E_inc] rows, one logit out.
+
+    The first column goes through a batch-norm; the voxels become one channel of ``image_shape`` (layers, alpha,
+    r); stem: 7x7x7 convolution, stride 2, padding 3, no bias, batch-norm, ReLU, 3x3x3 max-pool, stride 2,
+    padding 1; four stages of basic residual blocks (filters 32, 64, 64, 128; strides 1, 2, 2, 2; blocks per
+    stage by depth: 10 -> 1,1,1,1, 18 -> 2,2,2,2, 34 -> 3,4,6,3); global average pool; a dense layer on
+    [pooled features, normalised energy]. Symmetric paddings are explicit ZeroPadding3D before 'valid' layers
+    (Keras 'same' pads asymmetrically for stride 2); the max-pool's zero padding equals the reference's -inf
+    padding because it follows a ReLU. Batch-norms use the reference's epsilon 1e-5 and momentum (0.9 here).
+    """
+    if depth not in RESNET_BLOCKS:
+        raise UserError(f"--cls_resnet_layers must be one of {', '.join(map(str, RESNET_BLOCKS))}, got {depth}")
+    L = keras.layers
+    init = keras.initializers.VarianceScaling(2.0, mode="fan_out", distribution="untruncated_normal")
+
+    def conv(x, filters, size, stride, pad):
+        if pad:
+            x = L.ZeroPadding3D(pad)(x)
+        return L.Conv3D(filters, size, strides=stride, padding="valid", use_bias=False, kernel_initializer=init)(x)
+
+    def norm(x):
+        return L.BatchNormalization(epsilon=1e-5, momentum=0.9)(x)
+
+    def basic_block(x, filters, stride):
+        y = L.ReLU()(norm(conv(x, filters, 3, stride, 1)))
+        y = norm(conv(y, filters, 3, 1, 1))
+        if stride != 1 or x.shape[-1] != filters:
+            x = norm(conv(x, filters, 1, stride, 0))
+        return L.ReLU()(L.Add()([y, x]))
+
+    inp = keras.Input((input_dim,), name="features")
+    energy = norm(L.Lambda(lambda t: t[:, :1], output_shape=(1,))(inp))
+    x = L.Lambda(lambda t: t[:, 1:], output_shape=(input_dim - 1,))(inp)
+    x = L.Reshape(tuple(image_shape) + (1,))(x)
+    x = L.ReLU()(norm(conv(x, RESNET_FILTERS[0], 7, 2, 3)))
+    x = L.MaxPooling3D(3, strides=2, padding="valid")(L.ZeroPadding3D(1)(x))
+    for filters, stride, blocks in zip(RESNET_FILTERS, RESNET_STRIDES, RESNET_BLOCKS[depth]):
+        for i in range(blocks):
+            x = basic_block(x, filters, stride if i == 0 else 1)
+    x = L.GlobalAveragePooling3D()(x)
+    out = L.Dense(1)(L.Concatenate()([x, energy]))
+    return keras.Model(inp, out, name=f"calokit_resnet{depth}")
 
 
 def _sigmoid(z):
@@ -612,8 +673,11 @@ def _bce(p, y):
 
 
 def train_classifier(x_gen, x_ref, sizes, n_layer=2, n_hidden=2048, dropout=0.0, batch_size=1000, n_epochs=50,
-                     lr=2e-4, seed=DEFAULT_SEED, log=None):
+                     lr=2e-4, seed=DEFAULT_SEED, log=None, builder=None):
     """Train the generated-vs-reference classifier and return its calibrated validation scores.
+
+    ``builder(keras, input_dim)`` makes the model (one logit out); default the reference MLP
+    (:func:`build_classifier` with ``n_layer``, ``n_hidden``, ``dropout``).
 
     Returns a dict: auc, jsd (calibrated, validation), auc_uncalibrated, jsd_uncalibrated, accuracy, best_epoch,
     n_train/n_test/n_val (events per sample).
@@ -624,7 +688,8 @@ def train_classifier(x_gen, x_ref, sizes, n_layer=2, n_hidden=2048, dropout=0.0,
     rng = np.random.default_rng(seed)
     (xtr, ytr), (xte, yte), (xva, yva) = _split(x_gen, x_ref, sizes, rng)
     keras = _keras(seed)
-    model = build_classifier(keras, xtr.shape[1], n_layer, n_hidden, dropout)
+    model = (builder or functools.partial(build_classifier, n_layer=n_layer, n_hidden=n_hidden,
+                                          dropout=dropout))(keras, xtr.shape[1])
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr),
                   loss=keras.losses.BinaryCrossentropy(from_logits=True))
     best_acc, best_epoch, best_weights = -np.inf, 0, model.get_weights()
@@ -656,6 +721,7 @@ def train_classifier(x_gen, x_ref, sizes, n_layer=2, n_hidden=2048, dropout=0.0,
         "best_epoch": int(best_epoch),
         "best_test_accuracy": float(best_acc),
         "n_train": int(sizes[0]), "n_test": int(sizes[1]), "n_val": int(sizes[2]),
+        "n_parameters": int(sum(int(np.prod(w.shape)) for w in model.trainable_weights)),
     }
 
 
@@ -1256,9 +1322,10 @@ def _check_output_place(path, what):
 
 
 def _validate_args(args):
-    if args.mode in PLANNED_MODES:
-        raise UserError(f"mode '{args.mode}' ({PLANNED_MODES[args.mode]}) is not implemented yet in calokit; "
-                        f"available modes: {', '.join(MODES)}")
+    if args.mode == "cls-resnet" and args.dataset not in ("2", "3"):
+        raise UserError(f"cls-resnet is defined for datasets 2 and 3 (voxel images), not {args.dataset}")
+    if args.cls_resnet_layers not in RESNET_BLOCKS:
+        raise UserError(f"--cls_resnet_layers must be one of {', '.join(map(str, RESNET_BLOCKS))}")
     if args.mode not in MODES:
         raise UserError(f"unknown mode '{args.mode}' (choose from {', '.join(MODES)})")
     if args.dataset not in DATASETS:
@@ -1357,7 +1424,7 @@ def _main(argv):
     threshold = MIN_ENERGY[args.dataset]
     ranges = energy_ranges(args.dataset)
     chunk = chunk_events(geom.n_voxels, int(args.chunk_mb * 2**20))
-    low_kind = next((k for k in todo["classifiers"] if k.startswith("cls-low")), None)
+    low_kind = next(("cls-low" if k == "cls-resnet" else k for k in todo["classifiers"] if k != "cls-high"), None)
     prdc_rows = prdc_subsample(n_events, args) if todo["prdc"] else None
     voxels = bool(low_kind) or prdc_rows is not None      # per-event voxel inputs kept in memory
     out_dir = args.output_dir
@@ -1448,16 +1515,22 @@ def _main(argv):
 
     # --- classifiers
     if todo["classifiers"]:
+        if "cls-resnet" in todo["classifiers"]:
+            # TensorFlow's own CPU Conv3D gradients (oneDNN off, the quieter default of _keras) take minutes per
+            # batch; oneDNN's take a fraction of a second. Only effective before TensorFlow is imported.
+            os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
         metrics["classifier"] = {}
         for kind in todo["classifiers"]:
             if kind == "cls-high":
                 x_gen = high_level_inputs(gen.features, gen.einc, geom)
                 x_ref = high_level_inputs(ref.features, ref.einc, geom)
-            else:
+            else:                     # cls-low, cls-low-normed, and cls-resnet (on the cls-low inputs)
                 x_gen, x_ref = gen.cls_low, ref.cls_low
+            builder = (functools.partial(build_resnet, image_shape=resnet_image_shape(geom),
+                                         depth=args.cls_resnet_layers) if kind == "cls-resnet" else None)
             res = train_classifier(x_gen, x_ref, sizes, args.cls_n_layer, args.cls_n_hidden,
                                    args.cls_dropout_probability, args.cls_batch_size, args.cls_n_epochs, args.cls_lr,
-                                   args.seed, log)
+                                   args.seed, log, builder=builder)
             metrics["classifier"][kind] = res
             ensure_dir(out_dir)
             text = classifier_text(res["auc"], res["jsd"])

@@ -570,3 +570,76 @@ def test_prdc_mode_writes_text_and_metrics(tmp_path, capsys, ds1):
         feats.append(ev.prdc_features(ev.threshold_showers(s, 1.0)))
     expected = ev.prdc(feats[0], feats[1], 3)
     assert all(m[k] == expected[k] for k in expected)
+
+
+# ---------------------------------------------------------------------------------------------- cls-resnet
+
+def _resnet_parameters(depth, filters=(32, 64, 64, 128), strides=(1, 2, 2, 2)):
+    """Trainable parameters of the reference ResNet, counted from its description: stem 7^3 conv (1 -> 32, no
+    bias) + batch-norm; basic blocks of two 3^3 convs (no bias) + batch-norms, a 1^3 conv + batch-norm shortcut
+    where the shape changes; batch-norm of the energy; dense on 128 + 1 inputs (weights and a bias)."""
+    blocks = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}[depth]
+    bn = lambda c: 2 * c                                        # gamma and beta
+    total = 7 ** 3 * 1 * filters[0] + bn(filters[0])
+    c_in = filters[0]
+    for c, s, n in zip(filters, strides, blocks):
+        for i in range(n):
+            total += 27 * c_in * c + bn(c) + 27 * c * c + bn(c)
+            if (s if i == 0 else 1) != 1 or c_in != c:
+                total += c_in * c + bn(c)
+            c_in = c
+    return total + bn(1) + (filters[-1] + 1) + 1
+
+
+def test_resnet_parameter_count_matches_the_architecture():
+    keras = ev._keras(0)
+    counts = {}
+    for depth in (10, 18):
+        model = ev.build_resnet(keras, 1 + 6480, (45, 16, 9), depth)
+        counts[depth] = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    print(f"cls-resnet trainable parameters: depth 10 {counts[10]}, depth 18 {counts[18]}")
+    assert counts[18] == _resnet_parameters(18) == 2516644      # also the reference's PyTorch count
+    assert counts[10] == _resnet_parameters(10) == 1133092
+    assert ev.resnet_image_shape(dataset_geometry("2")) == (45, 16, 9)
+    assert ev.resnet_image_shape(dataset_geometry("3")) == (45, 50, 18)
+    assert ev.resnet_image_shape(dataset_geometry("1-pions")) is None
+
+
+@pytest.fixture(scope="module")
+def ds2_small(tmp_path_factory):
+    """Dataset-2-shaped files of 500 events: two from one distribution, one clearly different (energies x 3)."""
+    d = tmp_path_factory.mktemp("ds2")
+    return {name: evalutils.write_synthetic(str(d / f"{name}.h5"), "2", 500, seed, scale=scale)
+            for name, seed, scale in (("ref", 1, 1.0), ("same", 2, 1.0), ("other", 3, 3.0))}
+
+
+def test_cls_resnet_half_for_one_distribution_and_high_for_different(tmp_path, ds2_small):
+    """In a fresh process, as from the command line (TensorFlow's Conv3D needs oneDNN, chosen before import).
+    Batches of 10: the inputs (voxels / E_inc) are ~1e-4, so the batch-norm moving variances (momentum 0.9, from
+    1) need a few hundred steps before inference-mode predictions separate anything, as in the reference."""
+    aucs = {}
+    for name in ("same", "other"):
+        out = tmp_path / name
+        cmd = [sys.executable, os.path.join(ROOT, "evaluate.py"), "-i", ds2_small[name], "-r", ds2_small["ref"],
+               "-m", "cls-resnet", "-d", "2", "--cls_resnet_layers", "10", "--cls_n_epochs", "3",
+               "--cls_batch_size", "10", "--cls_lr", "1e-3", "--output_dir", str(out)]
+        env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+        res = subprocess.run(cmd, env=dict(env, TF_CPP_MIN_LOG_LEVEL="2"), capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-2000:]
+        text = (out / "classifier_cls-resnet_2.txt").read_text()
+        assert text.startswith(ev.CLS_HEADER)
+        with open(out / "metrics.json") as fh:
+            res = json.load(fh)["classifier"]["cls-resnet"]
+        assert text.split("\n")[1] == f"{res['auc']:.4f} / {res['jsd']:.4f}"
+        assert (res["n_train"], res["n_test"], res["n_val"]) == (300, 100, 100)
+        assert res["n_parameters"] == _resnet_parameters(10)
+        aucs[name] = res["auc"]
+    assert abs(aucs["same"] - 0.5) < 0.15, aucs
+    assert aucs["other"] > 0.9, aucs
+
+
+def test_cls_resnet_refuses_dataset_1(tmp_path, capsys, ds1):
+    _, gen, ref = ds1
+    rc, _, err = _run(capsys, "-i", gen, "-r", ref, "-m", "cls-resnet", "-d", "1-photons", "--output_dir",
+                      tmp_path / "o")
+    assert rc == 2 and "datasets 2 and 3" in err
