@@ -76,8 +76,8 @@ import warnings
 
 import numpy as np
 
-from HighLevelFeatures import (BINNING_DIR, DATASETS, chunk_events, compute_features, dataset_geometry, draw_layer, draw_shower,
-                               separation_power)
+from HighLevelFeatures import (BINNING_DIR, DATASETS, chunk_events, compute_features, dataset_geometry, draw_layer,
+                               draw_shower, separation_power)
 from plumbing import (UserError, atomic_output, ensure_dir, import_keras, iter_calo_chunks, native_float,
                       open_calo_file, run_cli, write_text)
 
