@@ -338,7 +338,8 @@ def _bad_files(tmp, ds1):
         "nan_ref": (["-i", gen, "-r", nan, "-m", "cls-high", "-d", "1-photons"], "NaN/inf"),
         "mode": (["-i", gen, "-r", ref, "-m", "histo", "-d", "1-photons"], "unknown mode 'histo'"),
         "prdc_k": (["-i", gen, "-r", ref, "-m", "prdc", "-d", "1-photons", "--prdc_k", "0"], "--prdc_k must be >= 1"),
-        "resnet": (["-i", gen, "-r", ref, "-m", "cls-resnet", "-d", "2"], "not implemented yet"),
+        "resnet": (["-i", gen, "-r", ref, "-m", "cls-resnet", "-d", "2", "--cls_resnet_layers", "12"],
+                   "--cls_resnet_layers must be one of 10, 18, 34"),
         "flag": (["-i", gen, "-r", ref, "-m", "hist", "-d", "1-photons", "--cls_n_hidden", "x"], "invalid int"),
     }
 
