@@ -72,6 +72,7 @@ import json
 import math
 import os
 import sys
+import types
 import warnings
 
 import numpy as np
@@ -1408,6 +1409,61 @@ def _progress(msg):
     print(f"[evaluate] {msg}", file=sys.stderr, flush=True)
 
 
+def scan_both(args, todo, geom, n_events, run, pool, n_workers, in_worker):
+    """Read both files once: the reference from the cache or a streamed pass, its content hash, both voxel
+    histograms (their bins need the reference maximum) and the input's pass, spread over ``pool``.
+
+    With ``in_worker`` a worker streams the input file while this process reads the reference; the reference is
+    hashed first where a cache entry may match, else in a worker; the other workers count half of each voxel
+    histogram, then load matplotlib for the plots to come. ``run`` holds threshold, ranges, chunk, low_kind,
+    prdc_rows, voxels and log. Returns a namespace: ref, gen, ref_sha, cache_hit, cache_dir, voxel_bins.
+    """
+    threshold, ranges, chunk, low_kind, prdc_rows, voxels, log = (run.threshold, run.ranges, run.chunk, run.low_kind,
+                                                                   run.prdc_rows, run.voxels, run.log)
+    d, out_dir = args.dataset, args.output_dir
+    if in_worker:
+        gen_scan = pool.submit(scan_in_worker, todo["hist_plots"], args.input_file, geom, threshold, ranges,
+                               chunk, log=log)
+    # the reference's content hash (cache key): first where a cache entry may match, else in a worker
+    cache_dir = args.cache_dir or os.path.join(out_dir, "reference_cache")
+    may_hit = not args.no_cache and bool(glob.glob(os.path.join(glob.escape(cache_dir), "reference_*.npz")))
+    ref_sha = None if pool and not may_hit else file_sha256(args.reference_file)
+    hashing = pool.submit(file_sha256, args.reference_file) if ref_sha is None else None
+    # the other workers get ready to plot: now, or once they have helped with the voxel histograms
+    warm_ups = n_workers - in_worker if pool and todo["hist_plots"] else 0
+    for _ in range(0 if in_worker else warm_ups):
+        pool.submit(load_matplotlib)
+
+    # --- reference: from the cache, or one streamed pass and the voxel histogram (its bins need the maximum)
+    ref = load_cache(*cache_entry(cache_dir, ref_sha, geom, d, threshold), geom.n_voxels) if may_hit else None
+    cache_hit = ref is not None
+    if ref is None:
+        ref = scan_file(args.reference_file, geom, threshold, ranges, chunk, low_kind=low_kind, log=log,
+                        prdc_rows=prdc_rows)
+    elif voxels:     # the low-level classifier and prdc need the reference voxels themselves
+        again = scan_file(args.reference_file, geom, threshold, ranges, chunk, low_kind=low_kind,
+                          features=False, log=log, prdc_rows=prdc_rows)
+        ref.cls_low, ref.prdc = again.cls_low, again.prdc
+    voxel_bins = log_bins(threshold, ref.voxel_max, 50)   # both voxel histograms need the reference max
+    if not cache_hit:
+        ref.voxel_counts = split_voxel_histogram(pool, args.reference_file, geom, threshold, voxel_bins, chunk,
+                                                 n_events)
+    ref_sha = ref_sha or hashing.result()
+
+    # --- input: one streamed pass here, or the worker's pass plus its voxel histogram in the reference bins
+    if in_worker:
+        counts = split_voxel_histogram(pool, args.input_file, geom, threshold, voxel_bins, chunk, n_events)
+        for _ in range(warm_ups):
+            pool.submit(load_matplotlib)
+        gen = gen_scan.result()
+        gen.voxel_counts = counts
+    else:
+        gen = scan_file(args.input_file, geom, threshold, ranges, chunk, voxel_bins=voxel_bins,
+                        low_kind=low_kind, log=log, prdc_rows=prdc_rows)
+    return types.SimpleNamespace(ref=ref, gen=gen, ref_sha=ref_sha, cache_hit=cache_hit, cache_dir=cache_dir,
+                                 voxel_bins=voxel_bins)
+
+
 def _main(argv):
     args = build_parser().parse_args(argv)
     _validate_args(args)
@@ -1431,53 +1487,19 @@ def _main(argv):
     d = args.dataset
 
     # --- worker processes (--jobs > 1), forked now while this process is small: one streams the input file while
-    # this process reads the reference (big files without low-level classifier inputs, which would be too large to
-    # ship back; otherwise the input is read here, after the reference); the others hash the reference, count half
-    # of each voxel histogram and draw the PNGs
+    # this process reads the reference (big files without per-event voxel inputs, which would be too large to ship
+    # back; otherwise the input is read here, after the reference); the others hash the reference, count half of
+    # each voxel histogram and draw the PNGs
     in_worker = n_events > chunk and not voxels
     n_workers = (args.jobs if todo["hist_plots"] else 1 if in_worker else 0) if args.jobs > 1 else 0
     pool = worker_pool(n_workers)
     in_worker = in_worker and pool is not None
     try:
-        if in_worker:
-            gen_scan = pool.submit(scan_in_worker, todo["hist_plots"], args.input_file, geom, threshold, ranges,
-                                   chunk, log=log)
-        # the reference's content hash (cache key): first where a cache entry may match, else in a worker
-        cache_dir = args.cache_dir or os.path.join(out_dir, "reference_cache")
-        may_hit = not args.no_cache and bool(glob.glob(os.path.join(glob.escape(cache_dir), "reference_*.npz")))
-        ref_sha = None if pool and not may_hit else file_sha256(args.reference_file)
-        hashing = pool.submit(file_sha256, args.reference_file) if ref_sha is None else None
-        # the other workers get ready to plot: now, or once they have helped with the voxel histograms
-        warm_ups = n_workers - in_worker if pool and todo["hist_plots"] else 0
-        for _ in range(0 if in_worker else warm_ups):
-            pool.submit(load_matplotlib)
-
-        # --- reference: from the cache, or one streamed pass and the voxel histogram (its bins need the maximum)
-        ref = load_cache(*cache_entry(cache_dir, ref_sha, geom, d, threshold), geom.n_voxels) if may_hit else None
-        cache_hit = ref is not None
-        if ref is None:
-            ref = scan_file(args.reference_file, geom, threshold, ranges, chunk, low_kind=low_kind, log=log,
-                            prdc_rows=prdc_rows)
-        elif voxels:     # the low-level classifier and prdc need the reference voxels themselves
-            again = scan_file(args.reference_file, geom, threshold, ranges, chunk, low_kind=low_kind,
-                              features=False, log=log, prdc_rows=prdc_rows)
-            ref.cls_low, ref.prdc = again.cls_low, again.prdc
-        voxel_bins = log_bins(threshold, ref.voxel_max, 50)   # both voxel histograms need the reference max
-        if not cache_hit:
-            ref.voxel_counts = split_voxel_histogram(pool, args.reference_file, geom, threshold, voxel_bins, chunk,
-                                                     n_events)
-        ref_sha = ref_sha or hashing.result()
-
-        # --- input: one streamed pass here, or the worker's pass plus its voxel histogram in the reference bins
-        if in_worker:
-            counts = split_voxel_histogram(pool, args.input_file, geom, threshold, voxel_bins, chunk, n_events)
-            for _ in range(warm_ups):
-                pool.submit(load_matplotlib)
-            gen = gen_scan.result()
-            gen.voxel_counts = counts
-        else:
-            gen = scan_file(args.input_file, geom, threshold, ranges, chunk, voxel_bins=voxel_bins,
-                            low_kind=low_kind, log=log, prdc_rows=prdc_rows)
+        run = types.SimpleNamespace(threshold=threshold, ranges=ranges, chunk=chunk, low_kind=low_kind,
+                                    prdc_rows=prdc_rows, voxels=voxels, log=log)
+        scans = scan_both(args, todo, geom, n_events, run, pool, n_workers, in_worker)
+        ref, gen, ref_sha, cache_hit, cache_dir, voxel_bins = (scans.ref, scans.gen, scans.ref_sha, scans.cache_hit,
+                                                               scans.cache_dir, scans.voxel_bins)
         metrics = {
             "dataset": d, "mode": args.mode, "seed": args.seed,
             "input_file": os.path.abspath(args.input_file), "reference_file": os.path.abspath(args.reference_file),
