@@ -422,9 +422,17 @@ class _LayerPlan:
     When all voxelised layers share one binning (datasets 2 and 3) the showers are viewed as
     (events x layers, voxels of a layer) and a single product serves every layer.
     Blocks of ``block_voxels`` voxels keep the work in cache; buffers are reused between blocks.
+
+    With ``native_sums`` the layer energies, the total energy and the energy denominators of the centres and
+    widths are instead summed as CaloChallenge's HighLevelFeatures sums them: numpy's (pairwise) ``sum`` over each
+    event's voxels *in the input's own dtype* (float32 sums for float32 showers), the denominator being
+    ``E_layer + 1e-16`` in that dtype. That is what makes the reference's log binnings, whose top edge comes from the
+    maximum layer energy, bit-for-bit reproducible (see evaluate.py); the energy-weighted numerators stay float64
+    products, as in the reference.
     """
 
-    def __init__(self, geom, block_voxels=FEATURE_BLOCK_VOXELS):
+    def __init__(self, geom, block_voxels=FEATURE_BLOCK_VOXELS, native_sums=False):
+        self.native_sums = bool(native_sums)
         rel = [lay for lay in geom.layers if lay.n_voxels]
         self.n_voxels = geom.n_voxels
         self.layer_ids = [lay.id for lay in rel]
@@ -454,16 +462,27 @@ class _LayerPlan:
         return x64[:m], mask[:m], mom[:8 * len(self.layer_ids) * m]
 
     def new_table(self, n):
-        """The (8, layers, events) float64 table that :meth:`fill` writes (rows as ``_FEATURE_ROWS``)."""
-        return np.empty((8, len(self.layer_ids), n))
+        """What :meth:`fill` writes: the (8, layers, events) float64 table (rows as ``_FEATURE_ROWS``) and the
+        (events,) total energies (filled with ``native_sums`` only; else the sum of the layer energies)."""
+        return np.empty((8, len(self.layer_ids), n)), np.empty(n if self.native_sums else 0)
 
     def fill(self, table, first, showers, threshold=0.0):
-        """Write the features of ``showers`` (float32 or float64, (m, n_voxels)) to ``table[:, :, first:first+m]``."""
+        """Write the features of ``showers`` (float32 or float64, (m, n_voxels)) to events first..first+m of
+        ``table`` (from :meth:`new_table`)."""
+        rows, etot = table
+        if self.native_sums:
+            etot[first:first + showers.shape[0]] = showers.sum(axis=-1)     # the reference's E_tot, input dtype
         nl = len(self.layer_ids)
         if nl == 0:
             return
         with one_blas_thread():
-            self._fill(table, first, showers, threshold, nl)
+            self._fill(rows, first, showers, threshold, nl)
+
+    def _native_layer_sums(self, xb, nl):
+        """(m, layers) layer energies summed like the reference: ``x[:, a:b].sum(-1)`` in the input dtype."""
+        if self.shared:
+            return xb.reshape(xb.shape[0] * nl, -1).sum(axis=-1).reshape(xb.shape[0], nl)
+        return np.stack([xb[:, a:b].sum(axis=-1) for a, b in self.spans], axis=1)
 
     def _fill(self, table, first, showers, threshold, nl):
         for s in range(0, showers.shape[0], self.block):
@@ -482,10 +501,18 @@ class _LayerPlan:
                 for li, ((a, b), w) in enumerate(zip(self.spans, self.weights)):
                     np.matmul(w, x64[:, a:b].T, out=mom[:, li, :])
             # mom[0] = sum E; mom[1:4] = sum x E -> EC; mom[4:7] = sum x^2 E -> width (x = r, eta, phi)
-            inv = 1.0 / (mom[0] + 1e-16)
             centre, width = mom[1:4], mom[4:7]
-            centre *= inv
-            width *= inv
+            if self.native_sums:
+                e_layer = self._native_layer_sums(np.ascontiguousarray(xb), nl)        # (m, nl), input dtype
+                denom = (e_layer + e_layer.dtype.type(1e-16)).astype(np.float64)
+                denom = denom if self.shared else denom.T                             # as mom: (m, nl) / (nl, m)
+                mom[0] = e_layer if self.shared else e_layer.T
+                centre /= denom
+                width /= denom
+            else:
+                inv = 1.0 / (mom[0] + 1e-16)
+                centre *= inv
+                width *= inv
             width -= centre * centre
             np.maximum(width, 0.0, out=width)
             np.sqrt(width, out=width)
@@ -497,12 +524,13 @@ class _LayerPlan:
 
     def as_dict(self, table):
         """Feature dict (``Etot`` and per-layer dicts) of views into ``table``."""
+        table, etot = table
         out = {k: {} for k in ("E_layer", "EC_eta", "EC_phi", "width_eta", "width_phi", "EC_r", "width_r", "sparsity")}
         for li, lid in enumerate(self.layer_ids):
             for row, key in enumerate(_FEATURE_ROWS):
                 if lid in self.alpha_ids or key not in _ALPHA_ONLY:
                     out[key][lid] = table[row, li]
-        out["Etot"] = table[0].sum(axis=0)
+        out["Etot"] = etot if self.native_sums else table[0].sum(axis=0)
         return out
 
 
@@ -514,14 +542,16 @@ def _float_block(block):
     return block if block.dtype in (np.float32, np.float64) else block.astype(np.float64)
 
 
-def compute_features(geom, showers, threshold=0.0, plan=None):
+def compute_features(geom, showers, threshold=0.0, plan=None, native_sums=False):
     """High-level features of ``showers`` (events, n_voxels) in MeV, as a dict of float64 arrays.
 
     Keys: ``Etot`` (events,), and per layer id dicts ``E_layer``, ``EC_eta``, ``EC_phi``, ``width_eta``,
     ``width_phi`` (layers binned in alpha only), ``EC_r``, ``width_r`` and ``sparsity`` (all voxelised layers).
     Definitions (s = layer energy): EC = sum(x E)/(s + 1e-16); width = sqrt(max(sum(x^2 E)/(s + 1e-16) - EC^2, 0));
     sparsity = 1 - mean(E > threshold). Sums are accumulated in float64 whatever the input dtype
-    (float32 and float64 inputs are read as they are, other dtypes converted to float64).
+    (float32 and float64 inputs are read as they are, other dtypes converted to float64); with ``native_sums``
+    the energies (E_layer, Etot, the denominators) are summed as CaloChallenge's class does, in the input dtype
+    (see :class:`_LayerPlan`).
 
     >>> g = read_geometry("binning/binning_dataset_1_photons.xml", "photon")
     >>> x = np.zeros((1, g.n_voxels)); x[0, g.voxel_index(2, 0, 1)] = 1; x[0, g.voxel_index(2, 5, 1)] = 1
@@ -532,7 +562,7 @@ def compute_features(geom, showers, threshold=0.0, plan=None):
     x = _float_block(showers)
     if x.ndim != 2 or x.shape[1] != geom.n_voxels:
         raise UserError(f"showers have shape {x.shape}, expected (events, {geom.n_voxels}) for {geom.filename}")
-    plan = plan or _LayerPlan(geom)
+    plan = plan or _LayerPlan(geom, native_sums=native_sums)
     table = plan.new_table(x.shape[0])
     plan.fill(table, 0, x, threshold)
     return plan.as_dict(table)
@@ -543,7 +573,7 @@ def chunk_events(n_voxels, chunk_bytes=DEFAULT_CHUNK_BYTES):
     return max(1, int(chunk_bytes // (4 * max(n_voxels, 1))))
 
 
-def features_streaming(geom, showers, threshold=0.0, chunk=None, plan=None):
+def features_streaming(geom, showers, threshold=0.0, chunk=None, plan=None, native_sums=False):
     """:func:`compute_features` over an array-like (numpy, h5py dataset) read in chunks of ``chunk`` events.
 
     Memory stays at one chunk of showers plus the per-event features (8 floats per layer and event).
@@ -552,7 +582,7 @@ def features_streaming(geom, showers, threshold=0.0, chunk=None, plan=None):
         raise UserError(f"showers have shape {showers.shape}, expected (events, {geom.n_voxels}) for {geom.filename}")
     n = showers.shape[0]
     chunk = chunk or chunk_events(geom.n_voxels)
-    plan = plan or _LayerPlan(geom)
+    plan = plan or _LayerPlan(geom, native_sums=native_sums)
     table = plan.new_table(n)
     for i in range(0, n, chunk):
         plan.fill(table, i, _float_block(showers[i:i + chunk]), threshold)
@@ -604,7 +634,8 @@ class HighLevelFeatures:
         self.phi_all_layers = [c[3] for c in coords]
         self.Einc = None
         self._f = None
-        self._plan = _LayerPlan(geom)
+        # energies summed in the input's dtype, as CaloChallenge's class does: the same E_layer and E_tot bits
+        self._plan = _LayerPlan(geom, native_sums=True)
 
     def CalculateFeatures(self, data, threshold=0.0):
         """Compute all features of ``data`` (events, voxels): numpy array or h5py dataset (streamed)."""

@@ -1,7 +1,7 @@
 """evaluate.py -- compare generated calorimeter showers with a reference (drop-in for CaloChallenge's evaluate.py).
 
 Same command line, same numbers, same output names as the CaloChallenge evaluation, plus: seeded (same inputs and
-``--seed`` give the same ``metrics.json``, byte for byte), float32 chunked reading with bounded memory, a reference
+``--seed`` give the same ``metrics.json``, byte for byte), chunked reading with bounded memory, a reference
 feature cache keyed by the reference file's content, text outputs overwritten (never appended), no LaTeX, clear errors.
 
 Usage
@@ -11,7 +11,7 @@ Usage
 
 Modes (``-m``)
 --------------
-all             everything below (classifiers: cls-low and cls-high; plus FPD/KPD)
+all             everything below (classifiers: cls-low and cls-high; plus FPD/KPD and prdc)
 avg, avg-E      average shower (per layer, next to the reference) / average showers in incident-energy ranges
 hist-p          histograms of the high-level features (PNG)
 hist-chi        separation powers of those histograms -> histogram_chi2_<d>.txt (+ metrics.json)
@@ -20,7 +20,8 @@ cls-low         classifier on voxels/E_inc and log10 E_inc
 cls-low-normed  classifier on voxels normalised to their layer energy and log10 layer energies
 cls-high        classifier on the high-level features
 fpd, kpd        Frechet / kernel physics distance of the high-level features (both are computed, x 1e3)
-prdc, cls-resnet  accepted names, not available yet in calokit (exit code 2 with a message)
+prdc            precision, recall, density, coverage (k-NN, ``--prdc_k``) of log10 voxel energies -> prdc_<d>.txt
+cls-resnet      the reference's 3D ResNet classifier on the voxel image (datasets 2, 3; ``--cls_resnet_layers``)
 
 Facts kept from the reference
 -----------------------------
@@ -33,16 +34,30 @@ Facts kept from the reference
   units, LeakyReLU(0.01), optional dropout, sigmoid output, binary cross-entropy, Adam), trained for
   ``--cls_n_epochs`` epochs; the epoch with the best test accuracy is kept, calibrated with isotonic regression on the
   test split, and AUC and JSD = (ln 2 - BCE) / ln 2 are measured on the validation split.
+* prdc follows the ``prdc`` package the reference calls: on the thresholded showers with zeros replaced by 0.1 MeV,
+  log10, Euclidean; r_k(x) = distance to the k-th nearest other row of the same set (the (k+1)-th smallest
+  including itself); precision = fraction of generated rows within some reference radius, recall = fraction of
+  reference rows within some generated radius, density = pairs (reference i, generated j) with d < r_k(i) / (k M),
+  coverage = fraction of reference rows whose nearest generated row is within r_k; strict "<". The reference
+  builds N x N matrices (tens of GB for 121k events); calokit takes blocks of float32 distance products and
+  recomputes exactly, in float64, every comparison closer to its threshold than the products' error bound, so the
+  numbers equal a full-matrix computation on float64 distances. Datasets 2/3 use a seeded subsample by default
+  (``--prdc_max_events``; metrics.json records it).
 * FPD / KPD follow JetNet's definitions as the reference calls them: features normalised by the maximum |value| of the
   reference, FPD = intercept of a linear fit in 1/N of the mean Frechet distance over 20 bootstrap batches for 10
   batch sizes from 10k to 50k, KPD = median over 10 batches of 10k of the unbiased MMD^2 with kernel
   (x.y/d + 1)^4, both reported x 1e3 with their errors.
 
+Binning: ``--binning``, else binning_dataset_<d>.xml in the current directory (as the reference), else the kit's
+binning/ folder beside this script; the error names every place tried.
+
 Reference cache: OUTPUT_DIR/reference_cache/ (or ``--cache_dir``), one .npz per key = sha256 of the reference's bytes,
 of the binning XML, the dataset, the threshold and of this code; nothing is ever written beside the reference file.
 Histogram PNGs are drawn by ``--jobs`` processes.
 
-Memory: both files are read in float32 chunks (``--chunk_mb``); what stays in memory is a few dozen float64 numbers
+Memory: both files are read in chunks (``--chunk_mb``), each in its own dtype (float32 or float64: the energies
+are summed in that dtype, as the reference sums them, so that the separation powers are the reference's to
+rounding, ~1e-16); what stays in memory is a few dozen float64 numbers
 per event (the high-level features), the mean showers and the histograms. The low-level classifiers (cls-low,
 cls-low-normed, and ``all``) need their inputs in memory: events x (voxels + 1) float32 per file, e.g. 100k events of
 dataset 3 = 2 x 16 GB; run ``-m cls-high`` / ``hist`` on machines with less memory.
@@ -57,23 +72,21 @@ import json
 import math
 import os
 import sys
+import types
 import warnings
 
 import numpy as np
 
-from HighLevelFeatures import (DATASETS, chunk_events, compute_features, dataset_geometry, draw_layer, draw_shower,
-                               separation_power)
-from plumbing import (UserError, atomic_output, ensure_dir, import_keras, iter_calo_chunks, open_calo_file, run_cli,
-                      write_text)
+from HighLevelFeatures import (BINNING_DIR, DATASETS, chunk_events, compute_features, dataset_geometry, draw_layer,
+                               draw_shower, separation_power)
+from plumbing import (UserError, atomic_output, ensure_dir, import_keras, iter_calo_chunks, native_float,
+                      open_calo_file, run_cli, write_text)
 
 # ----------------------------------------------------------------------------------------------
 # facts and defaults
 
-MODES = ("all", "avg", "avg-E", "hist-p", "hist-chi", "hist", "cls-low", "cls-low-normed", "cls-high", "fpd", "kpd")
-PLANNED_MODES = {
-    "prdc": "precision/recall/density/coverage (k-NN based)",
-    "cls-resnet": "the convolutional (ResNet) classifier on the voxel image",
-}
+MODES = ("all", "avg", "avg-E", "hist-p", "hist-chi", "hist", "cls-low", "cls-low-normed", "cls-high", "cls-resnet",
+         "fpd", "kpd", "prdc")
 
 #: readout threshold per voxel in MeV: values strictly below are set to 0 (also the low edge of the log binnings)
 MIN_ENERGY = {"1-photons": 1.0, "1-pions": 1.0, "2": 0.5e-3 / 0.033, "3": 0.5e-3 / 0.033}
@@ -82,8 +95,11 @@ MIN_ENERGY = {"1-photons": 1.0, "1-pions": 1.0, "2": 0.5e-3 / 0.033, "3": 0.5e-3
 CLS_SPLITS = {"1-photons": (80000, 20000, 21000), "1-pions": (80000, 20000, 20800),
               "2": (60000, 20000, 20000), "3": (60000, 20000, 20000)}
 
+#: default --prdc_max_events (0 = every event): the k-NN cost grows as events^2 x voxels; these finish in minutes
+PRDC_MAX_EVENTS = {"1-photons": 0, "1-pions": 0, "2": 10000, "3": 3000}
+
 DEFAULT_SEED = 42               # also JetNet's FPD/KPD seed, so the default reproduces the reference's FPD/KPD
-CACHE_VERSION = 1               # bump when anything stored in the reference cache changes meaning
+CACHE_VERSION = 2               # bump when anything stored in the reference cache changes meaning
 
 CHI2_HEADER = "List of chi2 of the plotted histograms, see eq. 15 of 2009.03796 for its definition.\n"
 CLS_HEADER = "Final result of classifier test (AUC / JSD):"
@@ -106,20 +122,22 @@ class _Parser(argparse.ArgumentParser):
 def build_parser():
     p = _Parser(description="Evaluate generated calorimeter showers against a reference "
                             "(CaloChallenge-compatible).", formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog="Modes: " + ", ".join(MODES) + "; " + ", ".join(PLANNED_MODES) + " (not available yet).")
+                epilog="Modes: " + ", ".join(MODES) + ".")
     p.add_argument("-i", "--input_file", required=True, help="generated showers (CaloChallenge HDF5)")
     p.add_argument("-r", "--reference_file", required=True,
                    help="reference showers (CaloChallenge HDF5), never modified")
     p.add_argument("-m", "--mode", default="all", help="what to evaluate (default all): " + ", ".join(MODES))
     p.add_argument("-d", "--dataset", required=True, help="1-photons, 1-pions, 2 or 3")
     p.add_argument("--output_dir", default="evaluation_results/", help="where plots and scores go")
-    p.add_argument("--binning", default=None, help="binning XML overriding the dataset's")
+    p.add_argument("--binning", default=None,
+                   help="binning XML (default: binning_dataset_<d>.xml in the current directory, as the reference "
+                        "finds it, else the kit's binning/ folder beside this script)")
     p.add_argument("--json", default=None, help="metrics file (default OUTPUT_DIR/metrics.json)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default {DEFAULT_SEED})")
     p.add_argument("--cache_dir", default=None,
                    help="reference feature cache folder (default OUTPUT_DIR/reference_cache)")
     p.add_argument("--no_cache", action="store_true", help="neither read nor write the reference cache")
-    p.add_argument("--chunk_mb", type=float, default=16.0, help="float32 shower MB read per chunk (default 16)")
+    p.add_argument("--chunk_mb", type=float, default=16.0, help="shower MB read per chunk (default 16)")
     p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG plots (default 100)")
     p.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
                    help="worker processes that stream the input file, hash and count, and draw the PNGs "
@@ -145,16 +163,47 @@ def build_parser():
     g.add_argument("--no_cuda", action="store_true", help="ignored (device chosen by the Keras backend)")
     g.add_argument("--which_cuda", type=int, default=0, help="ignored (use CUDA_VISIBLE_DEVICES)")
     g.add_argument("--save_mem", action="store_true", help="ignored (memory is always bounded)")
-    g.add_argument("--cls_resnet_layers", type=int, default=18, help="for cls-resnet (not available yet)")
-    g.add_argument("--prdc_k", type=int, default=5, help="for prdc (not available yet)")
-    g.add_argument("--prdc_ext", default=None, help="for prdc (not available yet)")
+    g.add_argument("--cls_resnet_layers", type=int, default=18,
+                   help="cls-resnet depth: 10, 18 (default) or 34 (same training flags as the other classifiers)")
+    g.add_argument("--prdc_ext", action="store_true", help="ignored (the extended reference files are not read)")
+    g = p.add_argument_group("prdc (precision, recall, density, coverage)")
+    g.add_argument("--prdc_k", type=int, default=5, help="nearest neighbours (default 5)")
+    g.add_argument("--prdc_max_events", type=int, default=None,
+                   help="seeded subsample of events per file, the same for both (0: all; default: all for dataset 1, "
+                        + ", ".join(f"{v} for {k}" for k, v in PRDC_MAX_EVENTS.items() if v) + ")")
     return p
+
+
+def binning_places(dataset, binning=None):
+    """Where the binning XML is looked for, in order: ``--binning``; else the reference's file name
+    (binning_dataset_1_photons.xml, binning_dataset_1_pions.xml, binning_dataset_2.xml, binning_dataset_3.xml) in
+    the current directory, as CaloChallenge's evaluate.py finds it; else the kit's binning/ beside this script
+    (and beside HighLevelFeatures.py, if that lives elsewhere)."""
+    if binning:
+        return [binning]
+    fname = DATASETS[dataset][0]
+    places = [os.path.join(os.getcwd(), fname),
+              os.path.join(os.path.dirname(os.path.abspath(__file__)), "binning", fname),
+              os.path.join(BINNING_DIR, fname)]
+    return list(dict.fromkeys(os.path.abspath(p) for p in places))
+
+
+def find_binning(dataset, binning=None):
+    """The first existing place of :func:`binning_places`; UserError naming every place tried otherwise."""
+    places = binning_places(dataset, binning)
+    for path in places:
+        if os.path.isfile(path):
+            return path
+    if binning:
+        raise UserError(f"--binning {binning}: binning file not found")
+    raise UserError(f"binning file {DATASETS[dataset][0]} for dataset {dataset} not found; tried: "
+                    + ", ".join(places) + " (give one with --binning)")
 
 
 def what_to_do(mode):
     """Which parts of the evaluation a mode runs."""
     classifiers = {"all": ["cls-low", "cls-high"], "cls-low": ["cls-low"], "cls-low-normed": ["cls-low-normed"],
-                   "cls-high": ["cls-high"]}.get(mode, [])
+                   "cls-high": ["cls-high"], "cls-resnet": ["cls-resnet"]}.get(mode, [])
     return {
         "avg": mode in ("all", "avg"),
         "avg_e": mode in ("all", "avg-E"),
@@ -163,6 +212,7 @@ def what_to_do(mode):
         "hist": mode in ("all", "hist-p", "hist-chi", "hist"),
         "classifiers": classifiers,
         "fpd": mode in ("all", "fpd", "kpd"),
+        "prdc": mode in ("all", "prdc"),
     }
 
 
@@ -184,12 +234,17 @@ def fractions(counts):
 def log_bins(min_energy, max_value, n_edges):
     """The reference's logarithmic binning from the threshold to a reference maximum.
 
+    ``max_value`` must carry the dtype the reference computes it in (np.float32 for float32 files): the reference
+    takes ``np.log10`` of that maximum in its own dtype, so a float32 maximum gives a float32 logarithm, and the
+    top edge 10**log10(max) is then not the maximum itself. Reference quirk kept for equal numbers: that top edge
+    often rounds *below* the maximum (by an ulp in float64, by up to ~1e-6 relative in float32), and then the
+    event (or voxel) holding the maximum falls outside the histogram, in both files' histograms alike.
     A reference maximum at or below the threshold (nothing above threshold) would give invalid edges; a decade
     above the threshold is used then, so that such histograms are simply empty.
     """
-    hi = float(max_value)
+    hi = max_value if isinstance(max_value, np.floating) else np.float64(max_value)
     if not np.isfinite(hi) or hi <= min_energy:
-        hi = 10.0 * min_energy
+        hi = np.float64(10.0 * min_energy)
     return np.logspace(np.log10(min_energy), np.log10(hi), n_edges)
 
 
@@ -199,17 +254,19 @@ def _lims(dataset, lid, wide_layers, ds23, wide, normal):
     return wide if lid in wide_layers else normal
 
 
-def histogram_specs(dataset, geom, ref_features, min_energy):
+def histogram_specs(dataset, geom, ref_features, min_energy, ref_dtype=np.float64):
     """Per-layer histogram definitions ``(name, feature_key, layer, bins, reported)``, in the reference's order.
 
     ``reported`` marks the histograms whose separation power the reference writes to histogram_chi2_<d>.txt;
     the others (EC r, width r, sparsity) are calokit additions that only go to metrics.json and plots.
+    ``ref_dtype``: the reference showers' dtype, the dtype of its layer energies (see :func:`log_bins`).
     """
     specs = []
+    as_ref = np.dtype(ref_dtype).type
     for lid in geom.relevant_layers:
-        specs.append((f"E layer {lid}", "E_layer", lid, log_bins(min_energy, ref_features["E_layer"][lid].max()
-                                                                 if len(ref_features["E_layer"][lid]) else 0.0, 40),
-                      True))
+        e_layer = ref_features["E_layer"][lid]            # float64 copies of the reference's float32/64 sums
+        specs.append((f"E layer {lid}", "E_layer", lid, log_bins(min_energy, as_ref(e_layer.max())
+                                                                 if len(e_layer) else 0.0, 40), True))
     alpha = geom.layers_binned_in_alpha
     for label, key, lims in (("EC Eta", "EC_eta", ((-30., 30.), (-500., 500.), (-100., 100.))),
                              ("EC Phi", "EC_phi", ((-30., 30.), (-500., 500.), (-100., 100.))),
@@ -241,16 +298,24 @@ def per_energy_bins(dataset, index):
 class Scan:
     """Everything evaluate.py keeps of one file after one streamed pass (a few numbers per event)."""
 
-    def __init__(self, n_events, n_voxels, n_ranges):
+    def __init__(self, n_events, n_voxels, n_ranges, dtype=np.float32, einc_dtype=np.float64):
         self.n = n_events
+        self.dtype = np.dtype(dtype)                  # the file's shower dtype: features are summed in it
+        self.einc_dtype = np.dtype(einc_dtype)        # and its incident-energy dtype (for Etot / Einc)
         self.einc = np.zeros(n_events)
         self.features = None
         self.shower_sum = np.zeros(n_voxels)
         self.range_sums = np.zeros((n_ranges, n_voxels))
         self.range_counts = np.zeros(n_ranges, dtype=np.int64)
-        self.voxel_max = 0.0
+        self.voxel_max = self.dtype.type(0.0)        # kept in the file's dtype (see log_bins)
         self.voxel_counts = None
         self.cls_low = None
+        self.prdc = None
+
+    def etot_over_einc(self, sel=slice(None)):
+        """Etot / Einc computed in the dtypes the reference divides (showers' and incident energies' own)."""
+        return (self.features["Etot"][sel].astype(self.dtype, copy=False)
+                / self.einc[sel].astype(self.einc_dtype, copy=False))
 
     @property
     def mean_shower(self):
@@ -291,22 +356,48 @@ def low_level_inputs(geom, einc, showers, e_layer, kind):
     return out
 
 
-def scan_file(path, geom, threshold, ranges, chunk, voxel_bins=None, low_kind=None, features=True, log=None):
-    """One float32 pass over a CaloChallenge file: threshold, features, sums, voxel histogram, classifier inputs."""
+def file_dtypes(path, n_voxels):
+    """(shower dtype, incident-energy dtype) the file is computed in: its own (float32 or float64)."""
+    f, _, _ = open_calo_file(path, n_voxels)
+    with f:
+        return native_float(f["showers"].dtype), native_float(f["incident_energies"].dtype)
+
+
+def chunk_for(dtype, chunk):
+    """Events per chunk for showers of ``dtype`` (``chunk`` counts float32 events: float64 chunks are halved)."""
+    return max(1, chunk * 4 // np.dtype(dtype).itemsize)
+
+
+def threshold_showers(showers, threshold):
+    """Set voxels below the threshold to 0, in place, as the reference does: ``showers < threshold`` compares in
+    the showers' own dtype (numpy casts the Python float threshold to float32 for float32 showers)."""
+    showers[showers < showers.dtype.type(threshold)] = 0.0
+    return showers
+
+
+def scan_file(path, geom, threshold, ranges, chunk, voxel_bins=None, low_kind=None, features=True, log=None,
+              prdc_rows=None):
+    """One pass over a CaloChallenge file in its own dtype: threshold, features, sums, voxel histogram, classifier
+    inputs. The energies are summed as the reference sums them (in that dtype), so that E_layer, Etot and the
+    binnings derived from their maxima are the reference's to the bit. ``prdc_rows`` (sorted event indices): keep
+    their prdc inputs (:func:`prdc_features`) in ``scan.prdc``."""
+    dtype, einc_dtype = file_dtypes(path, geom.n_voxels)
     f, n, _ = open_calo_file(path, geom.n_voxels)
     f.close()
-    scan = Scan(n, geom.n_voxels, len(ranges) - 1)
+    scan = Scan(n, geom.n_voxels, len(ranges) - 1, dtype, einc_dtype)
     if voxel_bins is not None:
         scan.voxel_counts = np.zeros(len(voxel_bins) - 1, dtype=np.int64)
     if low_kind:
         scan.cls_low = np.empty((n, low_level_width(geom, low_kind)), dtype=np.float32)
+    if prdc_rows is not None:
+        scan.prdc = np.empty((len(prdc_rows), geom.n_voxels), dtype=dtype)
     parts = []
-    thr = np.float32(threshold)
-    for start, einc, showers in iter_calo_chunks(path, geom.n_voxels, chunk):
+    for start, einc, showers in iter_calo_chunks(path, geom.n_voxels, chunk_for(dtype, chunk), dtype=None):
         stop = start + len(einc)
-        showers[showers < thr] = 0.0
+        threshold_showers(showers, threshold)
         scan.einc[start:stop] = einc
-        feats = compute_features(geom, showers) if (features or low_kind == "cls-low-normed") else None
+        feats = (compute_features(geom, showers, native_sums=True) if (features or low_kind == "cls-low-normed")
+                 else None)
         if features:
             parts.append(feats)
         scan.shower_sum += showers.sum(axis=0, dtype=np.float64)
@@ -317,9 +408,12 @@ def scan_file(path, geom, threshold, ranges, chunk, voxel_bins=None, low_kind=No
                 scan.range_sums[k] += showers[sel].sum(axis=0, dtype=np.float64)
                 scan.range_counts[k] += int(sel.sum())
         if showers.size:
-            scan.voxel_max = max(scan.voxel_max, float(showers.max()))
+            scan.voxel_max = max(scan.voxel_max, showers.max())
         if voxel_bins is not None:     # values below the first edge (the threshold) are not counted
             scan.voxel_counts += np.histogram(showers, bins=voxel_bins)[0]
+        if prdc_rows is not None:
+            a, b = np.searchsorted(prdc_rows, [start, stop])
+            scan.prdc[a:b] = prdc_features(showers[prdc_rows[a:b] - start])
         if low_kind:
             scan.cls_low[start:stop] = low_level_inputs(geom, einc, showers, feats["E_layer"] if feats else None,
                                                         low_kind)
@@ -334,10 +428,10 @@ def voxel_histogram(path, geom, threshold, bins, chunk, start=0, stop=None):
     """Counts of thresholded voxel energies of events [start, stop) of a file in ``bins`` (a second pass, once the
     reference maximum has fixed the bins)."""
     counts = np.zeros(len(bins) - 1, dtype=np.int64)
-    thr = np.float32(threshold)
-    for _, _, showers in iter_calo_chunks(path, geom.n_voxels, chunk, check=False, start=start, stop=stop):
-        if thr > bins[0]:
-            showers[showers < thr] = 0.0
+    dtype, _ = file_dtypes(path, geom.n_voxels)
+    for _, _, showers in iter_calo_chunks(path, geom.n_voxels, chunk_for(dtype, chunk), check=False, start=start,
+                                          stop=stop, dtype=None):
+        threshold_showers(showers, threshold)
         counts += np.histogram(showers, bins=bins)[0]    # values below the first edge are not counted
     return counts
 
@@ -388,6 +482,7 @@ def save_cache(path, key, scan):
     arrays = {"key": np.array(key), "n": np.array(scan.n), "einc": scan.einc, "shower_sum": scan.shower_sum,
               "range_sums": scan.range_sums, "range_counts": scan.range_counts,
               "voxel_max": np.array(scan.voxel_max), "voxel_counts": scan.voxel_counts,
+              "dtypes": np.array([scan.dtype.str, scan.einc_dtype.str]),
               "f__Etot": scan.features["Etot"]}
     for name, val in scan.features.items():
         if isinstance(val, dict):
@@ -407,12 +502,12 @@ def load_cache(path, key, n_voxels):
         with np.load(path, allow_pickle=False) as z:
             if str(z["key"]) != key:
                 return None
-            scan = Scan(int(z["n"]), n_voxels, len(z["range_counts"]))
+            scan = Scan(int(z["n"]), n_voxels, len(z["range_counts"]), *[str(t) for t in z["dtypes"]])
             scan.einc = z["einc"]
             scan.shower_sum = z["shower_sum"]
             scan.range_sums = z["range_sums"]
             scan.range_counts = z["range_counts"]
-            scan.voxel_max = float(z["voxel_max"])
+            scan.voxel_max = z["voxel_max"][()]
             scan.voxel_counts = z["voxel_counts"]
             feats = {"Etot": z["f__Etot"]}
             for name in z.files:
@@ -487,7 +582,7 @@ def _keras(seed):
     return keras
 
 
-def build_classifier(keras, input_dim, n_layer, n_hidden, dropout):
+def build_classifier(keras, input_dim, n_layer=2, n_hidden=2048, dropout=0.0):
     """The reference DNN: input layer + ``n_layer`` hidden layers (LeakyReLU 0.01, dropout), one logit out."""
     inp = keras.Input((input_dim,), name="features")
     x = inp
@@ -498,6 +593,69 @@ def build_classifier(keras, input_dim, n_layer, n_hidden, dropout):
             x = keras.layers.Dropout(dropout)(x)
     out = keras.layers.Dense(1)(x)
     return keras.Model(inp, out, name="calokit_classifier")
+
+
+#: ResNet depth -> basic blocks per stage (the reference's depths 10, 18, 34)
+RESNET_BLOCKS = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+RESNET_FILTERS = (32, 64, 64, 128)
+RESNET_STRIDES = (1, 2, 2, 2)
+
+
+def resnet_image_shape(geom):
+    """(layers, alpha bins, r bins) of a dataset whose layers share one binning (datasets 2, 3), else None.
+
+    The voxels of a file run layer by layer, alpha bin by alpha bin, r fastest, so a C-order reshape of the
+    voxel columns gives this image."""
+    layers = [lay for lay in geom.layers if lay.n_voxels]
+    first = layers[0]
+    if any(lay.n_alpha != first.n_alpha or lay.n_voxels != first.n_voxels for lay in layers):
+        return None
+    return len(layers), first.n_alpha, first.n_voxels // first.n_alpha
+
+
+def build_resnet(keras, input_dim, image_shape, depth=18):
+    """The reference's 3D ResNet classifier on [log10 E_inc term, voxels / E_inc] rows, one logit out.
+
+    The first column goes through a batch-norm; the voxels become one channel of ``image_shape`` (layers, alpha,
+    r); stem: 7x7x7 convolution, stride 2, padding 3, no bias, batch-norm, ReLU, 3x3x3 max-pool, stride 2,
+    padding 1; four stages of basic residual blocks (filters 32, 64, 64, 128; strides 1, 2, 2, 2; blocks per
+    stage by depth: 10 -> 1,1,1,1, 18 -> 2,2,2,2, 34 -> 3,4,6,3); global average pool; a dense layer on
+    [pooled features, normalised energy]. Symmetric paddings are explicit ZeroPadding3D before 'valid' layers
+    (Keras 'same' pads asymmetrically for stride 2); the max-pool's zero padding equals the reference's -inf
+    padding because it follows a ReLU. Batch-norms use the reference's epsilon 1e-5 and momentum (0.9 here).
+    """
+    if depth not in RESNET_BLOCKS:
+        raise UserError(f"--cls_resnet_layers must be one of {', '.join(map(str, RESNET_BLOCKS))}, got {depth}")
+    L = keras.layers
+    init = keras.initializers.VarianceScaling(2.0, mode="fan_out", distribution="untruncated_normal")
+
+    def conv(x, filters, size, stride, pad):
+        if pad:
+            x = L.ZeroPadding3D(pad)(x)
+        return L.Conv3D(filters, size, strides=stride, padding="valid", use_bias=False, kernel_initializer=init)(x)
+
+    def norm(x):
+        return L.BatchNormalization(epsilon=1e-5, momentum=0.9)(x)
+
+    def basic_block(x, filters, stride):
+        y = L.ReLU()(norm(conv(x, filters, 3, stride, 1)))
+        y = norm(conv(y, filters, 3, 1, 1))
+        if stride != 1 or x.shape[-1] != filters:
+            x = norm(conv(x, filters, 1, stride, 0))
+        return L.ReLU()(L.Add()([y, x]))
+
+    inp = keras.Input((input_dim,), name="features")
+    energy = norm(L.Lambda(lambda t: t[:, :1], output_shape=(1,))(inp))
+    x = L.Lambda(lambda t: t[:, 1:], output_shape=(input_dim - 1,))(inp)
+    x = L.Reshape(tuple(image_shape) + (1,))(x)
+    x = L.ReLU()(norm(conv(x, RESNET_FILTERS[0], 7, 2, 3)))
+    x = L.MaxPooling3D(3, strides=2, padding="valid")(L.ZeroPadding3D(1)(x))
+    for filters, stride, blocks in zip(RESNET_FILTERS, RESNET_STRIDES, RESNET_BLOCKS[depth]):
+        for i in range(blocks):
+            x = basic_block(x, filters, stride if i == 0 else 1)
+    x = L.GlobalAveragePooling3D()(x)
+    out = L.Dense(1)(L.Concatenate()([x, energy]))
+    return keras.Model(inp, out, name=f"calokit_resnet{depth}")
 
 
 def _sigmoid(z):
@@ -516,8 +674,11 @@ def _bce(p, y):
 
 
 def train_classifier(x_gen, x_ref, sizes, n_layer=2, n_hidden=2048, dropout=0.0, batch_size=1000, n_epochs=50,
-                     lr=2e-4, seed=DEFAULT_SEED, log=None):
+                     lr=2e-4, seed=DEFAULT_SEED, log=None, builder=None):
     """Train the generated-vs-reference classifier and return its calibrated validation scores.
+
+    ``builder(keras, input_dim)`` makes the model (one logit out); default the reference MLP
+    (:func:`build_classifier` with ``n_layer``, ``n_hidden``, ``dropout``).
 
     Returns a dict: auc, jsd (calibrated, validation), auc_uncalibrated, jsd_uncalibrated, accuracy, best_epoch,
     n_train/n_test/n_val (events per sample).
@@ -528,7 +689,8 @@ def train_classifier(x_gen, x_ref, sizes, n_layer=2, n_hidden=2048, dropout=0.0,
     rng = np.random.default_rng(seed)
     (xtr, ytr), (xte, yte), (xva, yva) = _split(x_gen, x_ref, sizes, rng)
     keras = _keras(seed)
-    model = build_classifier(keras, xtr.shape[1], n_layer, n_hidden, dropout)
+    model = (builder or functools.partial(build_classifier, n_layer=n_layer, n_hidden=n_hidden,
+                                          dropout=dropout))(keras, xtr.shape[1])
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr),
                   loss=keras.losses.BinaryCrossentropy(from_logits=True))
     best_acc, best_epoch, best_weights = -np.inf, 0, model.get_weights()
@@ -560,6 +722,7 @@ def train_classifier(x_gen, x_ref, sizes, n_layer=2, n_hidden=2048, dropout=0.0,
         "best_epoch": int(best_epoch),
         "best_test_accuracy": float(best_acc),
         "n_train": int(sizes[0]), "n_test": int(sizes[1]), "n_val": int(sizes[2]),
+        "n_parameters": int(sum(int(np.prod(w.shape)) for w in model.trainable_weights)),
     }
 
 
@@ -652,6 +815,157 @@ def kpd(real, gen, num_batches=10, batch_size=10000, seed=DEFAULT_SEED, normalis
     return float(np.median(vals)), float(iqr(vals, rng=(16.275, 83.725)) / 2)
 
 
+# ----------------------------------------------------------------------------------------------
+# precision, recall, density, coverage (Naeem et al. 2020) with bounded memory
+
+#: the distance products are float32 up to this many features (dataset 1), float64 above (datasets 2, 3): the
+#: float32 error bound grows with the features, and with it the share of comparisons that must be recomputed
+PRDC_FLOAT32_MAX_FEATURES = 1024
+PRDC_BLOCK_MB = 256            # float32 distance rows held at once (one block of rows x all columns)
+PRDC_RECOMPUTE_MB = 32         # float64 differences of the pairs recomputed exactly per batch
+
+
+def prdc_features(showers):
+    """The reference's prdc inputs for thresholded ``showers``: log10 of the energies, zeros replaced by 0.1 MeV
+    (in the showers' dtype, as the reference computes them)."""
+    return np.log10(np.where(showers == 0, showers.dtype.type(0.1), showers))
+
+
+def exact_sq_distances(x, y, rows, cols):
+    """Squared Euclidean distances of the pairs (x[rows], y[cols]) as ``sum((x - y)^2)`` in float64, in batches.
+
+    This is the definition the prdc numbers follow: every decision that the fast float32 products cannot settle
+    is taken on these values, so results equal a straightforward full-matrix implementation on them.
+    """
+    out = np.empty(len(rows))
+    batch = max(1, PRDC_RECOMPUTE_MB * 2**20 // (16 * x.shape[1]))
+    for s in range(0, len(rows), batch):
+        r, c = rows[s:s + batch], cols[s:s + batch]
+        out[s:s + len(r)] = ((x[r].astype(np.float64) - y[c].astype(np.float64)) ** 2).sum(axis=-1)
+    return out
+
+
+class _DistanceBlocks:
+    """Approximate squared distances of row blocks of ``x`` to all of ``y`` as one matrix product per block.
+
+    Both sets are centred on the mean of ``x`` (distances do not change, the norms and hence the rounding shrink)
+    and augmented so that the product gives the distance directly:
+    [-2 x, |x|^2, 1] . [y, 1, |y|^2] = |x - y|^2. The product is float32 for up to
+    :data:`PRDC_FLOAT32_MAX_FEATURES` features, else float64. ``tol_rows`` / ``tol_cols`` bound the error of an
+    entry: the dot-product bound (d + 2) u sum|terms| <= 2 (d + 2) u (|x|^2 + |y|^2), with a factor 2 for the
+    rounding of the inputs and as margin.
+    """
+
+    def __init__(self, x, y, centre, block_mb=PRDC_BLOCK_MB):
+        self.x, self.y, self.centre = x, y, centre
+        self.dtype = np.dtype(np.float32 if x.shape[1] <= PRDC_FLOAT32_MAX_FEATURES else np.float64)
+        budget = block_mb * 2**20                 # the block of products, and the float64 temporaries of a row block
+        self.rows = max(1, int(min(budget // (self.dtype.itemsize * max(len(y), 1)),
+                                   budget // (24 * (y.shape[1] + 2)))))
+        self.y_aug = np.empty((len(y), y.shape[1] + 2), dtype=self.dtype)
+        ny = np.empty(len(y))
+        for s in range(0, len(y), self.rows):                 # block by block: no float64 copy of a whole set
+            self.y_aug[s:s + self.rows], ny[s:s + self.rows] = self._augment(y[s:s + self.rows], right=True)
+        nx = ny if x is y else np.concatenate([self._augment(x[s:s + self.rows], False)[1]
+                                               for s in range(0, len(x), self.rows)])
+        tol = 4 * (x.shape[1] + 8) * float(np.finfo(self.dtype).eps) / 2
+        self.tol_rows = tol * (nx + ny.max(initial=0.0))
+        self.tol_cols = tol * (ny + nx.max(initial=0.0))
+
+    def _augment(self, a, right):
+        """[a, 1, |a|^2] (right) or [-2 a, |a|^2, 1] (left) of the centred rows ``a`` in the product dtype, and
+        the norms."""
+        c = a.astype(np.float64) - self.centre
+        n = np.einsum("ij,ij->i", c, c)
+        ones = np.ones((len(c), 1))
+        parts = [c, ones, n[:, None]] if right else [-2.0 * c, n[:, None], ones]
+        return np.concatenate(parts, axis=1).astype(self.dtype), n
+
+    def __iter__(self):
+        """Yield (start, stop, approximate squared distances (stop - start, len(y)))."""
+        for s in range(0, len(self.x), self.rows):
+            e = min(s + self.rows, len(self.x))
+            yield s, e, self._augment(self.x[s:e], right=False)[0] @ self.y_aug.T
+
+
+def _decide_less(blocks, a, s, thresholds, tol, axis):
+    """Exact ``d^2 < threshold`` for a block of approximate distances ``a``: settled where the product entry is
+    farther than ``tol`` from the threshold, recomputed exactly where it is not. ``axis`` 1: thresholds per row
+    of the block (indices s..), 0: per column."""
+    shape = (-1, 1) if axis == 1 else (1, -1)
+    thr, t = (thresholds[s:s + len(a)], tol[s:s + len(a)]) if axis == 1 else (thresholds, tol)
+    less = a < (thr - t).astype(a.dtype).reshape(shape)
+    maybe = a <= (thr + t).astype(a.dtype).reshape(shape)
+    maybe &= ~less
+    r, c = np.nonzero(maybe)
+    if len(r):
+        below = exact_sq_distances(blocks.x, blocks.y, r + s, c) < thr[r if axis == 1 else c]
+        less[r[below], c[below]] = True
+    return less
+
+
+def knn_radii(x, k, centre=None, block_mb=PRDC_BLOCK_MB, n_probe=4096):
+    """Squared distance of each row of ``x`` to its k-th nearest *other* row: the (k+1)-th smallest of
+    ``exact_sq_distances`` to all rows including itself (at distance 0), the reference's rule (duplicates count).
+
+    Per block of rows, on the approximate distances a: an upper bound of the (k+1)-th smallest from ``n_probe``
+    seeded columns (``np.partition`` on those only); the entries below it (a few per row); among them the (k+1)-th
+    smallest t of the row; every entry within twice the error bound above t recomputed exactly; the (k+1)-th
+    smallest of those exact values is the radius (every entry that can be at or below it was recomputed).
+    """
+    if len(x) <= k:
+        raise UserError(f"prdc needs more than k = {k} events per sample, got {len(x)}")
+    blocks = _DistanceBlocks(x, x, np.mean(x, axis=0, dtype=np.float64) if centre is None else centre, block_mb)
+    probe = np.sort(np.random.default_rng(0).permutation(len(x))[:max(n_probe, k + 1)])
+    radii = np.empty(len(x))
+    for s, e, a in blocks:
+        tol2 = 2.0 * blocks.tol_rows[s:e]
+        bound = np.partition(a[:, probe], k, axis=1)[:, k] + tol2
+        r, c = np.nonzero(a <= bound.astype(a.dtype)[:, None])
+        v = a[r, c]
+        t = _kth_per_row(r, v, k, e - s)                      # the (k+1)-th smallest approximate entry of each row
+        near = v <= (t + tol2).astype(a.dtype)[r]
+        r, c = r[near], c[near]
+        radii[s:e] = _kth_per_row(r, exact_sq_distances(x, x, r + s, c), k, e - s)
+    return radii
+
+
+def _kth_per_row(rows, values, k, n_rows):
+    """The (k+1)-th smallest of ``values`` per row index (each row 0..n_rows-1 has more than k entries)."""
+    order = np.lexsort((values, rows))
+    return values[order][np.searchsorted(rows[order], np.arange(n_rows)) + k]
+
+
+def prdc(real, fake, k=5, block_mb=PRDC_BLOCK_MB):
+    """Precision, recall, density and coverage of ``fake`` (M rows) against ``real`` (N rows), k-NN radii as in
+    the reference (prdc package): r_k(X_i) = distance to the k-th nearest other row of the same set.
+
+    precision = fraction of fake rows within some real row's radius; recall = fraction of real rows within some
+    fake row's radius; density = (1 / (k M)) * #pairs (real i, fake j) with d < r_k(real i); coverage = fraction of
+    real rows whose nearest fake row is within their radius. Strict ``<`` on squared distances throughout.
+    Memory: the two feature sets, an augmented copy of one (float32; float64 above 1024 features) and one block of
+    products (``block_mb``).
+    """
+    real, fake = np.asarray(real), np.asarray(fake)
+    centre = np.mean(real, axis=0, dtype=np.float64)
+    r_real = knn_radii(real, k, centre, block_mb)
+    r_fake = knn_radii(fake, k, centre, block_mb)
+    blocks = _DistanceBlocks(real, fake, centre, block_mb)
+    precise = np.zeros(len(fake), dtype=bool)           # fake j inside some real radius
+    recalled = np.zeros(len(real), dtype=bool)          # real i with some fake radius around it
+    covered = np.zeros(len(real), dtype=bool)
+    pairs = 0
+    for s, e, a in blocks:
+        inside_real = _decide_less(blocks, a, s, r_real, blocks.tol_rows, axis=1)
+        precise |= inside_real.any(axis=0)
+        pairs += int(np.count_nonzero(inside_real))
+        covered[s:e] = inside_real.any(axis=1)
+        del inside_real
+        recalled[s:e] = _decide_less(blocks, a, s, r_fake, blocks.tol_cols, axis=0).any(axis=1)
+    return {"precision": float(precise.mean()), "recall": float(recalled.mean()),
+            "density": (1.0 / float(k)) * (pairs / len(fake)), "coverage": float(covered.mean())}
+
+
 def build_histograms(dataset, geom, ref, gen, threshold, ranges, voxel_bins):
     """Every histogram of the evaluation as dicts (name, bins, ref/gen bin fractions, plot file, reported flag).
 
@@ -669,10 +983,10 @@ def build_histograms(dataset, geom, ref, gen, threshold, ranges, voxel_bins):
                     file=file, xlabel=xlabel, logx=logx, reported=reported, **extra)
 
     etot_bins = np.linspace(0.5, 1.5, 101)
-    out = [item("Etot / Einc", etot_bins, ref.features["Etot"] / ref.einc, gen.features["Etot"] / gen.einc,
+    out = [item("Etot / Einc", etot_bins, ref.etot_over_einc(), gen.etot_over_einc(),
                 f"Etot_Einc_dataset_{d}.png", "Etot / Einc")]
     extras = []
-    for name, key, lid, bins, reported in histogram_specs(d, geom, ref.features, threshold):
+    for name, key, lid, bins, reported in histogram_specs(d, geom, ref.features, threshold, ref.dtype):
         xlabel = "E (MeV)" if key == "E_layer" else ("fraction of empty voxels" if key == "sparsity" else "mm")
         if key in grids:
             h = item(name, bins, ref.features[key][lid], gen.features[key][lid], None, xlabel, reported=reported,
@@ -687,7 +1001,7 @@ def build_histograms(dataset, geom, ref, gen, threshold, ranges, voxel_bins):
             sr = (ref.einc >= lo) & (ref.einc < hi)
             sg = (gen.einc >= lo) & (gen.einc < hi)
             out.append(item(f"Etot / Einc at E = {float(lo)}", per_energy_bins(d, i),
-                            ref.features["Etot"][sr] / ref.einc[sr], gen.features["Etot"][sg] / gen.einc[sg],
+                            ref.etot_over_einc(sr), gen.etot_over_einc(sg),
                             None, "Etot / Einc", grid=f"Etot_Einc_dataset_{d}_E_i.png",
                             panel=energy_label(float(lo))))
     out.append(dict(name="Voxel distribution", bins=voxel_bins, ref=fractions(ref.voxel_counts),
@@ -1009,13 +1323,16 @@ def _check_output_place(path, what):
 
 
 def _validate_args(args):
-    if args.mode in PLANNED_MODES:
-        raise UserError(f"mode '{args.mode}' ({PLANNED_MODES[args.mode]}) is not implemented yet in calokit; "
-                        f"available modes: {', '.join(MODES)}")
+    if args.mode == "cls-resnet" and args.dataset not in ("2", "3"):
+        raise UserError(f"cls-resnet is defined for datasets 2 and 3 (voxel images), not {args.dataset}")
+    if args.cls_resnet_layers not in RESNET_BLOCKS:
+        raise UserError(f"--cls_resnet_layers must be one of {', '.join(map(str, RESNET_BLOCKS))}")
     if args.mode not in MODES:
         raise UserError(f"unknown mode '{args.mode}' (choose from {', '.join(MODES)})")
     if args.dataset not in DATASETS:
         raise UserError(f"unknown dataset '{args.dataset}' (choose from {', '.join(DATASETS)})")
+    if args.prdc_k < 1 or (args.prdc_max_events is not None and args.prdc_max_events < 0):
+        raise UserError("--prdc_k must be >= 1 and --prdc_max_events >= 0")
     for name in ("cls_n_layer", "cls_n_hidden", "cls_batch_size", "cls_n_epochs", "fpd_min_samples",
                  "fpd_max_samples", "fpd_num_batches", "fpd_num_points", "kpd_batch_size", "kpd_num_batches"):
         low = 0 if name == "cls_n_layer" else 1
@@ -1061,8 +1378,90 @@ def histogram_outputs(args, todo, geom, ref, gen, threshold, ranges, voxel_bins,
     return written
 
 
+def prdc_subsample(n_events, args):
+    """Sorted event indices used for prdc (the same in both files): all, or a seeded subsample of
+    ``--prdc_max_events`` (default per dataset: :data:`PRDC_MAX_EVENTS`)."""
+    m = PRDC_MAX_EVENTS[args.dataset] if args.prdc_max_events is None else args.prdc_max_events
+    if m <= 0 or m >= n_events:
+        return np.arange(n_events)
+    return np.sort(np.random.default_rng(args.seed).choice(n_events, size=m, replace=False))
+
+
+def prdc_text(values):
+    """prdc_<d>.txt: one ``name: value`` line per metric (the reference writes the same names, unseparated)."""
+    return "".join(f"{name}: {values[name]!r}\n" for name in ("precision", "recall", "density", "coverage"))
+
+
+def prdc_outputs(args, ref, gen, rows, n_events, metrics, log=None):
+    """prdc of the generated vs the reference rows, into ``metrics['prdc']`` and prdc_<d>.txt; returns the path."""
+    if log:
+        log(f"prdc: {len(rows)} events per file, k = {args.prdc_k}")
+    values = prdc(ref.prdc, gen.prdc, args.prdc_k)
+    ref.prdc = gen.prdc = None                    # the largest arrays of the run: free them now
+    metrics["prdc"] = dict(values, k=args.prdc_k, n_events=len(rows), subsampled=len(rows) < n_events,
+                           max_events=int(PRDC_MAX_EVENTS[args.dataset] if args.prdc_max_events is None
+                                          else args.prdc_max_events))
+    ensure_dir(args.output_dir)
+    return write_text(os.path.join(args.output_dir, f"prdc_{args.dataset}.txt"), prdc_text(values))
+
+
 def _progress(msg):
     print(f"[evaluate] {msg}", file=sys.stderr, flush=True)
+
+
+def scan_both(args, todo, geom, n_events, run, pool, n_workers, in_worker):
+    """Read both files once: the reference from the cache or a streamed pass, its content hash, both voxel
+    histograms (their bins need the reference maximum) and the input's pass, spread over ``pool``.
+
+    With ``in_worker`` a worker streams the input file while this process reads the reference; the reference is
+    hashed first where a cache entry may match, else in a worker; the other workers count half of each voxel
+    histogram, then load matplotlib for the plots to come. ``run`` holds threshold, ranges, chunk, low_kind,
+    prdc_rows, voxels and log. Returns a namespace: ref, gen, ref_sha, cache_hit, cache_dir, voxel_bins.
+    """
+    threshold, ranges, chunk, low_kind, prdc_rows, voxels, log = (run.threshold, run.ranges, run.chunk, run.low_kind,
+                                                                   run.prdc_rows, run.voxels, run.log)
+    d, out_dir = args.dataset, args.output_dir
+    if in_worker:
+        gen_scan = pool.submit(scan_in_worker, todo["hist_plots"], args.input_file, geom, threshold, ranges,
+                               chunk, log=log)
+    # the reference's content hash (cache key): first where a cache entry may match, else in a worker
+    cache_dir = args.cache_dir or os.path.join(out_dir, "reference_cache")
+    may_hit = not args.no_cache and bool(glob.glob(os.path.join(glob.escape(cache_dir), "reference_*.npz")))
+    ref_sha = None if pool and not may_hit else file_sha256(args.reference_file)
+    hashing = pool.submit(file_sha256, args.reference_file) if ref_sha is None else None
+    # the other workers get ready to plot: now, or once they have helped with the voxel histograms
+    warm_ups = n_workers - in_worker if pool and todo["hist_plots"] else 0
+    for _ in range(0 if in_worker else warm_ups):
+        pool.submit(load_matplotlib)
+
+    # --- reference: from the cache, or one streamed pass and the voxel histogram (its bins need the maximum)
+    ref = load_cache(*cache_entry(cache_dir, ref_sha, geom, d, threshold), geom.n_voxels) if may_hit else None
+    cache_hit = ref is not None
+    if ref is None:
+        ref = scan_file(args.reference_file, geom, threshold, ranges, chunk, low_kind=low_kind, log=log,
+                        prdc_rows=prdc_rows)
+    elif voxels:     # the low-level classifier and prdc need the reference voxels themselves
+        again = scan_file(args.reference_file, geom, threshold, ranges, chunk, low_kind=low_kind,
+                          features=False, log=log, prdc_rows=prdc_rows)
+        ref.cls_low, ref.prdc = again.cls_low, again.prdc
+    voxel_bins = log_bins(threshold, ref.voxel_max, 50)   # both voxel histograms need the reference max
+    if not cache_hit:
+        ref.voxel_counts = split_voxel_histogram(pool, args.reference_file, geom, threshold, voxel_bins, chunk,
+                                                 n_events)
+    ref_sha = ref_sha or hashing.result()
+
+    # --- input: one streamed pass here, or the worker's pass plus its voxel histogram in the reference bins
+    if in_worker:
+        counts = split_voxel_histogram(pool, args.input_file, geom, threshold, voxel_bins, chunk, n_events)
+        for _ in range(warm_ups):
+            pool.submit(load_matplotlib)
+        gen = gen_scan.result()
+        gen.voxel_counts = counts
+    else:
+        gen = scan_file(args.input_file, geom, threshold, ranges, chunk, voxel_bins=voxel_bins,
+                        low_kind=low_kind, log=log, prdc_rows=prdc_rows)
+    return types.SimpleNamespace(ref=ref, gen=gen, ref_sha=ref_sha, cache_hit=cache_hit, cache_dir=cache_dir,
+                                 voxel_bins=voxel_bins)
 
 
 def _main(argv):
@@ -1070,7 +1469,7 @@ def _main(argv):
     _validate_args(args)
     log = _progress if args.verbose else None
     todo = what_to_do(args.mode)
-    geom = dataset_geometry(args.dataset, args.binning)
+    geom = dataset_geometry(args.dataset, find_binning(args.dataset, args.binning))
     n_events = _check_pair(args, geom)
     _check_output_place(args.output_dir, "outputs")                  # fail now, not after reading the files
     if not args.no_cache:
@@ -1081,56 +1480,26 @@ def _main(argv):
     threshold = MIN_ENERGY[args.dataset]
     ranges = energy_ranges(args.dataset)
     chunk = chunk_events(geom.n_voxels, int(args.chunk_mb * 2**20))
-    low_kind = next((k for k in todo["classifiers"] if k.startswith("cls-low")), None)
+    low_kind = next(("cls-low" if k == "cls-resnet" else k for k in todo["classifiers"] if k != "cls-high"), None)
+    prdc_rows = prdc_subsample(n_events, args) if todo["prdc"] else None
+    voxels = bool(low_kind) or prdc_rows is not None      # per-event voxel inputs kept in memory
     out_dir = args.output_dir
     d = args.dataset
 
     # --- worker processes (--jobs > 1), forked now while this process is small: one streams the input file while
-    # this process reads the reference (big files without low-level classifier inputs, which would be too large to
-    # ship back; otherwise the input is read here, after the reference); the others hash the reference, count half
-    # of each voxel histogram and draw the PNGs
-    in_worker = n_events > chunk and not low_kind
+    # this process reads the reference (big files without per-event voxel inputs, which would be too large to ship
+    # back; otherwise the input is read here, after the reference); the others hash the reference, count half of
+    # each voxel histogram and draw the PNGs
+    in_worker = n_events > chunk and not voxels
     n_workers = (args.jobs if todo["hist_plots"] else 1 if in_worker else 0) if args.jobs > 1 else 0
     pool = worker_pool(n_workers)
     in_worker = in_worker and pool is not None
     try:
-        if in_worker:
-            gen_scan = pool.submit(scan_in_worker, todo["hist_plots"], args.input_file, geom, threshold, ranges,
-                                   chunk, log=log)
-        # the reference's content hash (cache key): first where a cache entry may match, else in a worker
-        cache_dir = args.cache_dir or os.path.join(out_dir, "reference_cache")
-        may_hit = not args.no_cache and bool(glob.glob(os.path.join(glob.escape(cache_dir), "reference_*.npz")))
-        ref_sha = None if pool and not may_hit else file_sha256(args.reference_file)
-        hashing = pool.submit(file_sha256, args.reference_file) if ref_sha is None else None
-        # the other workers get ready to plot: now, or once they have helped with the voxel histograms
-        warm_ups = n_workers - in_worker if pool and todo["hist_plots"] else 0
-        for _ in range(0 if in_worker else warm_ups):
-            pool.submit(load_matplotlib)
-
-        # --- reference: from the cache, or one streamed pass and the voxel histogram (its bins need the maximum)
-        ref = load_cache(*cache_entry(cache_dir, ref_sha, geom, d, threshold), geom.n_voxels) if may_hit else None
-        cache_hit = ref is not None
-        if ref is None:
-            ref = scan_file(args.reference_file, geom, threshold, ranges, chunk, low_kind=low_kind, log=log)
-        elif low_kind:   # the low-level classifier needs the reference voxels themselves
-            ref.cls_low = scan_file(args.reference_file, geom, threshold, ranges, chunk, low_kind=low_kind,
-                                    features=False, log=log).cls_low
-        voxel_bins = log_bins(threshold, ref.voxel_max, 50)   # both voxel histograms need the reference max
-        if not cache_hit:
-            ref.voxel_counts = split_voxel_histogram(pool, args.reference_file, geom, threshold, voxel_bins, chunk,
-                                                     n_events)
-        ref_sha = ref_sha or hashing.result()
-
-        # --- input: one streamed pass here, or the worker's pass plus its voxel histogram in the reference bins
-        if in_worker:
-            counts = split_voxel_histogram(pool, args.input_file, geom, threshold, voxel_bins, chunk, n_events)
-            for _ in range(warm_ups):
-                pool.submit(load_matplotlib)
-            gen = gen_scan.result()
-            gen.voxel_counts = counts
-        else:
-            gen = scan_file(args.input_file, geom, threshold, ranges, chunk, voxel_bins=voxel_bins,
-                            low_kind=low_kind, log=log)
+        run = types.SimpleNamespace(threshold=threshold, ranges=ranges, chunk=chunk, low_kind=low_kind,
+                                    prdc_rows=prdc_rows, voxels=voxels, log=log)
+        scans = scan_both(args, todo, geom, n_events, run, pool, n_workers, in_worker)
+        ref, gen, ref_sha, cache_hit, cache_dir, voxel_bins = (scans.ref, scans.gen, scans.ref_sha, scans.cache_hit,
+                                                               scans.cache_dir, scans.voxel_bins)
         metrics = {
             "dataset": d, "mode": args.mode, "seed": args.seed,
             "input_file": os.path.abspath(args.input_file), "reference_file": os.path.abspath(args.reference_file),
@@ -1168,16 +1537,22 @@ def _main(argv):
 
     # --- classifiers
     if todo["classifiers"]:
+        if "cls-resnet" in todo["classifiers"]:
+            # TensorFlow's own CPU Conv3D gradients (oneDNN off, the quieter default of _keras) take minutes per
+            # batch; oneDNN's take a fraction of a second. Only effective before TensorFlow is imported.
+            os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
         metrics["classifier"] = {}
         for kind in todo["classifiers"]:
             if kind == "cls-high":
                 x_gen = high_level_inputs(gen.features, gen.einc, geom)
                 x_ref = high_level_inputs(ref.features, ref.einc, geom)
-            else:
+            else:                     # cls-low, cls-low-normed, and cls-resnet (on the cls-low inputs)
                 x_gen, x_ref = gen.cls_low, ref.cls_low
+            builder = (functools.partial(build_resnet, image_shape=resnet_image_shape(geom),
+                                         depth=args.cls_resnet_layers) if kind == "cls-resnet" else None)
             res = train_classifier(x_gen, x_ref, sizes, args.cls_n_layer, args.cls_n_hidden,
                                    args.cls_dropout_probability, args.cls_batch_size, args.cls_n_epochs, args.cls_lr,
-                                   args.seed, log)
+                                   args.seed, log, builder=builder)
             metrics["classifier"][kind] = res
             ensure_dir(out_dir)
             text = classifier_text(res["auc"], res["jsd"])
@@ -1198,6 +1573,9 @@ def _main(argv):
         metrics["kpd_err_x1e3"] = ke * 1e3
         ensure_dir(out_dir)
         written.append(write_text(os.path.join(out_dir, f"fpd_kpd_{d}.txt"), fpd_text(fv, fe, kv, ke)))
+
+    if todo["prdc"]:
+        written.append(prdc_outputs(args, ref, gen, prdc_rows, n_events, metrics, log))
 
     # --- cache (only now: a bad input file leaves nothing behind) and metrics.json
     if not cache_hit and not args.no_cache:

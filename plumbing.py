@@ -264,8 +264,10 @@ def open_calo_file(path, n_voxels=None):
         raise
 
 
-def iter_calo_chunks(path, n_voxels=None, chunk=None, check=True, start=0, stop=None):
+def iter_calo_chunks(path, n_voxels=None, chunk=None, check=True, start=0, stop=None, dtype=np.float32):
     """Yield (start_index, incident_energies (n,) float64, showers (n, V) float32) chunks of a CaloChallenge file.
+
+    ``dtype=None`` keeps the showers in the file's own dtype (float32 or float64; other dtypes become float64).
 
     With ``check``, NaN/inf or negative values raise a :class:`UserError` naming file, dataset and event.
     """
@@ -277,13 +279,19 @@ def iter_calo_chunks(path, n_voxels=None, chunk=None, check=True, start=0, stop=
             j = min(i + chunk, stop)
             try:
                 e = np.asarray(f["incident_energies"][i:j], dtype=np.float64).reshape(-1)
-                s = np.asarray(f["showers"][i:j], dtype=np.float32)
+                s = np.asarray(f["showers"][i:j], dtype=dtype or native_float(f["showers"].dtype))
             except OSError as err:
                 raise UserError(f"{path}: cannot read events {i}..{j} (truncated or corrupt file: {err})") from None
             if check:
                 check_finite(path, "incident_energies", e, i, positive=True)
                 check_finite(path, "showers", s, i)
             yield i, e, s
+
+
+def native_float(dtype):
+    """The float dtype showers of ``dtype`` are computed in without a cast: float32 or float64 as they are, else
+    float64."""
+    return np.dtype(dtype) if np.dtype(dtype) in (np.float32, np.float64) else np.dtype(np.float64)
 
 
 def check_finite(path, name, arr, first_event=0, positive=False):

@@ -6,8 +6,12 @@ peak_rss_mb is the largest resident set of the evaluate.py processes of that dat
 hist_rss_mb / cls_high_rss_mb split it by mode, tensorflow_rss_mb is a process that only runs one Keras layer
 (the floor of cls-high), file_float64_mb the size of one input file's showers in float64 (the memory target).
 
-Full mode: two 100k-event dataset-1 photon files and two 20k-event dataset-2 files (the issue's sizes).
---quick: 10k and 2k events. Every measurement is a fresh ``python evaluate.py`` subprocess with a fresh output
+prdc_s / prdc_peak_rss_mb (under ds1_photons): ``-m prdc`` on two dataset-1 photon files of full CaloChallenge
+size, 121k events each (every event: the dataset-1 default), separate from peak_rss_mb (hist and cls-high).
+
+Full mode: two 100k-event dataset-1 photon files and two 20k-event dataset-2 files (the issue's sizes), and the
+two 121k-event files for prdc. --quick: 10k and 2k events, 5k for prdc. --prdc_only: only the prdc measurement.
+Every measurement is a fresh ``python evaluate.py`` subprocess with a fresh output
 directory (no reference cache), so the times include reading, features, histograms and all PNG plots.
 cls-high runs with a reduced classifier (--cls_n_hidden 256, --cls_n_epochs 5; quick: 64 and 2) because the default
 2048-unit, 50-epoch MLP takes hours on a 2-core CPU; the flags are part of the command, see CLS_FLAGS.
@@ -74,38 +78,53 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small files (< 60 s)")
     ap.add_argument("--keep", default=None, help="folder for the synthetic files (reused when present)")
+    ap.add_argument("--prdc_only", action="store_true", help="only the prdc measurement")
     args = ap.parse_args(argv)
     import evalutils
 
     size = "quick" if args.quick else "full"
-    n1, n2 = (10000, 2000) if args.quick else (100000, 20000)
     work = args.keep or tempfile.mkdtemp(prefix="bench_evaluate_")
     os.makedirs(work, exist_ok=True)
     try:
-        files = {}
-        for tag, dataset, n in (("ds1_photons", "1-photons", n1), ("ds2", "2", n2)):
-            gen = evalutils.ensure_file(os.path.join(work, f"{tag}_{n}_gen.h5"), dataset, n, 1, scale=1.02)
-            ref = evalutils.ensure_file(os.path.join(work, f"{tag}_{n}_ref.h5"), dataset, n, 2)
-            files[tag] = (dataset, gen, ref)
-        result = {}
-        for tag, (dataset, gen, ref) in files.items():
-            out = tempfile.mkdtemp(prefix=f"out_{tag}_", dir=work)
-            hist_s, rss = run_measured(evaluate_cmd(gen, ref, "hist", dataset, os.path.join(out, "hist")))
-            result[tag] = {"hist_s": round(hist_s, 2), "hist_rss_mb": round(rss, 1)}
-            if tag == "ds1_photons":
-                cls_s, rss_cls = run_measured(evaluate_cmd(gen, ref, "cls-high", dataset, os.path.join(out, "cls"),
-                                                           CLS_FLAGS[size]))
-                result[tag].update(cls_high_s=round(cls_s, 2), cls_high_rss_mb=round(rss_cls, 1),
-                                   tensorflow_rss_mb=round(run_measured([sys.executable, "-c", KERAS_ONLY])[1], 1))
-                rss = max(rss, rss_cls)
-            result[tag]["peak_rss_mb"] = round(rss, 1)
-            result[tag]["file_float64_mb"] = round(n_events(gen) * evalutils.n_voxels(dataset) * 8 / 2**20, 1)
-            shutil.rmtree(out, ignore_errors=True)
+        result = {} if args.prdc_only else measure_modes(size, work)
+        n_prdc = 5000 if args.quick else 121000
+        gen = evalutils.ensure_file(os.path.join(work, f"ds1_photons_{n_prdc}_gen.h5"), "1-photons", n_prdc, 1,
+                                    scale=1.02)
+        ref = evalutils.ensure_file(os.path.join(work, f"ds1_photons_{n_prdc}_ref.h5"), "1-photons", n_prdc, 2)
+        out = tempfile.mkdtemp(prefix="out_prdc_", dir=work)
+        prdc_s, rss = run_measured(evaluate_cmd(gen, ref, "prdc", "1-photons", out))
+        result.setdefault("ds1_photons", {}).update(prdc_s=round(prdc_s, 2), prdc_peak_rss_mb=round(rss, 1),
+                                                    prdc_events=n_prdc)
+        shutil.rmtree(out, ignore_errors=True)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))
     return 0
+
+
+def measure_modes(size, work):
+    """hist (all datasets) and cls-high (dataset 1) wall times and peak RSS."""
+    import evalutils
+
+    n1, n2 = (10000, 2000) if size == "quick" else (100000, 20000)
+    result = {}
+    for tag, dataset, n in (("ds1_photons", "1-photons", n1), ("ds2", "2", n2)):
+        gen = evalutils.ensure_file(os.path.join(work, f"{tag}_{n}_gen.h5"), dataset, n, 1, scale=1.02)
+        ref = evalutils.ensure_file(os.path.join(work, f"{tag}_{n}_ref.h5"), dataset, n, 2)
+        out = tempfile.mkdtemp(prefix=f"out_{tag}_", dir=work)
+        hist_s, rss = run_measured(evaluate_cmd(gen, ref, "hist", dataset, os.path.join(out, "hist")))
+        result[tag] = {"hist_s": round(hist_s, 2), "hist_rss_mb": round(rss, 1)}
+        if tag == "ds1_photons":
+            cls_s, rss_cls = run_measured(evaluate_cmd(gen, ref, "cls-high", dataset, os.path.join(out, "cls"),
+                                                       CLS_FLAGS[size]))
+            result[tag].update(cls_high_s=round(cls_s, 2), cls_high_rss_mb=round(rss_cls, 1),
+                               tensorflow_rss_mb=round(run_measured([sys.executable, "-c", KERAS_ONLY])[1], 1))
+            rss = max(rss, rss_cls)
+        result[tag]["peak_rss_mb"] = round(rss, 1)
+        result[tag]["file_float64_mb"] = round(n_events(gen) * evalutils.n_voxels(dataset) * 8 / 2**20, 1)
+        shutil.rmtree(out, ignore_errors=True)
+    return result
 
 
 if __name__ == "__main__":

@@ -337,8 +337,9 @@ def _bad_files(tmp, ds1):
         "nan": (["-i", nan, "-r", ref, "-m", "hist", "-d", "1-photons"], "NaN/inf values (first at event 450)"),
         "nan_ref": (["-i", gen, "-r", nan, "-m", "cls-high", "-d", "1-photons"], "NaN/inf"),
         "mode": (["-i", gen, "-r", ref, "-m", "histo", "-d", "1-photons"], "unknown mode 'histo'"),
-        "prdc": (["-i", gen, "-r", ref, "-m", "prdc", "-d", "1-photons"], "not implemented yet"),
-        "resnet": (["-i", gen, "-r", ref, "-m", "cls-resnet", "-d", "2"], "not implemented yet"),
+        "prdc_k": (["-i", gen, "-r", ref, "-m", "prdc", "-d", "1-photons", "--prdc_k", "0"], "--prdc_k must be >= 1"),
+        "resnet": (["-i", gen, "-r", ref, "-m", "cls-resnet", "-d", "2", "--cls_resnet_layers", "12"],
+                   "--cls_resnet_layers must be one of 10, 18, 34"),
         "flag": (["-i", gen, "-r", ref, "-m", "hist", "-d", "1-photons", "--cls_n_hidden", "x"], "invalid int"),
     }
 
@@ -418,3 +419,228 @@ def test_input_scanned_in_a_worker_equals_serial_scan(tmp_path, ds1):
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
         f"error: {bad}: 'showers' has NaN/inf values (first at event 590)"], res.stderr
     assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------------------------------------- parity
+
+def _reference_e_layer_seps(ref, gen, geom, thr, old_path=False):
+    """E layer separation powers computed the way CaloChallenge's evaluate.py does (numpy sums in the file's
+    dtype, np.log10 of the maximum in that dtype, np.histogram densities x bin widths); ``old_path``: how
+    calokit computed them before (showers cast to float32, float64 sums and logarithm)."""
+    out = {}
+    for lid in geom.relevant_layers:
+        a, b = geom.offsets[lid]
+        sums = []
+        for x in (ref, gen):
+            x = x.astype(np.float32) if old_path else x
+            x = np.where(x < x.dtype.type(thr), 0, x)[:, a:b]
+            sums.append(x.astype(np.float64).sum(-1) if old_path else x.sum(-1))
+        bins = np.logspace(np.log10(thr), np.log10(sums[0].max()), 40)
+        h1, h2 = (np.histogram(s, bins, density=True)[0] * np.diff(bins) for s in sums)
+        out[f"E layer {lid}"] = 0.5 * np.sum((h1 - h2) ** 2 / (h1 + h2 + 1e-16))
+    return out
+
+
+def _quirk_case(geom, dtype, n=200):
+    """Seeded showers whose largest reference layer energy has a top edge 10**log10(max) below the maximum in
+    the reference's arithmetic, but not in the old float32-cast/float64-sum path (so the two disagree)."""
+    t = evalutils.template(geom)
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        einc = 2.0 ** rng.integers(8, 23, size=(2, n))
+        ref, gen = ((e[:, None] * t * rng.gamma(3.0, 1 / 3.0, size=(n, geom.n_voxels))).astype(dtype) for e in einc)
+        new, old = (_reference_e_layer_seps(ref, gen, geom, 1.0, old_path=p) for p in (False, True))
+        if max(abs(new[k] - old[k]) for k in new) > 1e-4:
+            return einc, ref, gen, new
+    raise AssertionError("no seed gives the top-edge case")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_e_layer_separation_powers_equal_the_reference_arithmetic(tmp_path, capsys, dtype):
+    """Regression: the E layer blocks differed from CaloChallenge's by up to 0.5/N. Cause: the top edge of the
+    log binning, 10**log10(max E_layer), often rounds below the maximum, so the reference drops that event; the
+    maximum (and whether it rounds down) depends on the exact bits of E_layer, which the reference sums in the
+    file's dtype (float32 sums and a float32 log10 for float32 files) while calokit cast to float32 and summed in
+    float64. Now the sums follow the reference, so the blocks agree to rounding."""
+    geom = dataset_geometry("1-photons")
+    einc, ref, gen, expected = _quirk_case(geom, dtype)
+    for name, x, e in (("ref.h5", ref, einc[0]), ("gen.h5", gen, einc[1])):
+        with h5py.File(tmp_path / name, "w") as f:
+            f.create_dataset("incident_energies", data=e.reshape(-1, 1))
+            f.create_dataset("showers", data=x)
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, "-i", tmp_path / "gen.h5", "-r", tmp_path / "ref.h5", "-m", "hist-chi", "-d",
+                      "1-photons", "--output_dir", out, "--no_cache", "--jobs", "1", "--chunk_mb", "0.05")
+    assert rc == 0, err
+    got = ev.read_chi2_file(out / "histogram_chi2_1-photons.txt")
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, abs=1e-15), name
+
+
+# ---------------------------------------------------------------------------------------------- any folder
+
+def test_runs_from_an_analysis_folder_with_the_xml_in_the_working_directory(tmp_path, ds1):
+    """Copied into an empty folder beside the CaloChallenge XML (no binning/ folder, no --binning), evaluate.py
+    finds the XML in the working directory as the reference does; without it, the error names every place."""
+    _, gen, ref = ds1
+    work = tmp_path / "analysis"
+    work.mkdir()
+    for name in ("evaluate.py", "HighLevelFeatures.py", "plumbing.py"):
+        if os.path.isfile(os.path.join(ROOT, name)):
+            with open(os.path.join(ROOT, name), "rb") as src, open(work / name, "wb") as dst:
+                dst.write(src.read())
+    cmd = [sys.executable, "evaluate.py", "-i", gen, "-r", ref, "-m", "hist-p", "-d", "1-photons", "--jobs", "1"]
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH="")
+    missing = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert str(work / "binning_dataset_1_photons.xml") in missing.stderr
+    assert str(work / "binning" / "binning_dataset_1_photons.xml") in missing.stderr
+    with open(os.path.join(ROOT, "binning", "binning_dataset_1_photons.xml"), "rb") as src:
+        (work / "binning_dataset_1_photons.xml").write_bytes(src.read())
+    done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (work / "evaluation_results" / "E_layer_0_dataset_1-photons.png").is_file()
+    with open(work / "evaluation_results" / "metrics.json") as fh:
+        assert json.load(fh)["binning"] == str(work / "binning_dataset_1_photons.xml")
+
+
+# ---------------------------------------------------------------------------------------------- prdc
+
+def _prdc_full_matrix(real, fake, k):
+    """The definition table, straightforwardly: full float64 distance matrices, sorted rows."""
+    x, y = real.astype(np.float64), fake.astype(np.float64)
+    dxy = ((x[:, None] - y[None]) ** 2).sum(-1)
+    r_x = np.sort(((x[:, None] - x[None]) ** 2).sum(-1), axis=1)[:, k]      # (k+1)-th smallest, self included
+    r_y = np.sort(((y[:, None] - y[None]) ** 2).sum(-1), axis=1)[:, k]
+    inside = dxy < r_x[:, None]
+    return {"precision": float(inside.any(axis=0).mean()), "recall": float((dxy < r_y[None]).any(axis=1).mean()),
+            "density": (1.0 / k) * (int(inside.sum()) / len(y)), "coverage": float((dxy.min(axis=1) < r_x).mean())}
+
+
+@pytest.mark.parametrize("dtype, dim", [(np.float32, 40), (np.float64, 40), (np.float32, 1100)])
+def test_prdc_equals_the_full_matrix_definition_exactly(dtype, dim):
+    """Blocked float32/float64 products with exact recomputation near the thresholds = the plain definition, to
+    the bit, on data with duplicate rows (zero distances, ties at the radius) and many blocks."""
+    rng = np.random.default_rng(dim)
+    real = rng.normal(size=(300, dim)).astype(dtype)
+    fake = (rng.normal(size=(260, dim)) * 1.2 + 0.15).astype(dtype)
+    fake[:7] = real[:7]                     # shared rows
+    real[20:30] = real[20]                  # ten identical rows: radius 0 for them
+    fake[50:53] = fake[50]
+    for k in (1, 5):
+        got = ev.prdc(real, fake, k, block_mb=0.02)
+        assert got == _prdc_full_matrix(real, fake, k), k
+    x = real.astype(np.float64)
+    expected = np.sort(((x[:, None] - x[None]) ** 2).sum(-1), axis=1)[:, 5]
+    assert np.array_equal(ev.knn_radii(real, 5, block_mb=0.02, n_probe=16), expected)
+
+
+def test_prdc_analytic_cases():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(400, 12))
+    same = ev.prdc(x, x.copy(), 5)
+    # identical distinct points: everything recalled and covered; each reference radius holds exactly k rows
+    # strictly inside (itself and its k - 1 nearest), so density = k N / (k N) = 1
+    assert same == {"precision": 1.0, "recall": 1.0, "density": 1.0, "coverage": 1.0}
+    far = ev.prdc(x, x + 1e3, 5)
+    assert far == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+    with pytest.raises(ev.UserError):
+        ev.prdc(x[:5], x[:5], 5)
+
+
+def test_prdc_mode_writes_text_and_metrics(tmp_path, capsys, ds1):
+    _, gen, ref = ds1
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, "-i", gen, "-r", ref, "-m", "prdc", "-d", "1-photons", "--output_dir", out,
+                      "--prdc_max_events", "250", "--prdc_k", "3", "--jobs", "1")
+    assert rc == 0, err
+    lines = (out / "prdc_1-photons.txt").read_text().splitlines()
+    assert [ln.split(":")[0] for ln in lines] == ["precision", "recall", "density", "coverage"]
+    with open(out / "metrics.json") as fh:
+        m = json.load(fh)["prdc"]
+    assert m["k"] == 3 and m["n_events"] == 250 and m["subsampled"] and m["max_events"] == 250
+    assert [float(ln.split(": ")[1]) for ln in lines] == [m[k] for k in ("precision", "recall", "density",
+                                                                           "coverage")]
+    assert 0.0 < m["precision"] <= 1.0 and 0.0 < m["coverage"] <= 1.0        # same toy distribution
+    # the subsample is seeded: the same rows of both files, recomputed here from the files
+    rows = np.sort(np.random.default_rng(ev.DEFAULT_SEED).choice(600, size=250, replace=False))
+    feats = []
+    for path in (ref, gen):
+        with h5py.File(path) as f:
+            s = f["showers"][:][rows]
+        feats.append(ev.prdc_features(ev.threshold_showers(s, 1.0)))
+    expected = ev.prdc(feats[0], feats[1], 3)
+    assert all(m[k] == expected[k] for k in expected)
+
+
+# ---------------------------------------------------------------------------------------------- cls-resnet
+
+def _resnet_parameters(depth, filters=(32, 64, 64, 128), strides=(1, 2, 2, 2)):
+    """Trainable parameters of the reference ResNet, counted from its description: stem 7^3 conv (1 -> 32, no
+    bias) + batch-norm; basic blocks of two 3^3 convs (no bias) + batch-norms, a 1^3 conv + batch-norm shortcut
+    where the shape changes; batch-norm of the energy; dense on 128 + 1 inputs (weights and a bias)."""
+    blocks = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}[depth]
+    bn = lambda c: 2 * c                                        # gamma and beta
+    total = 7 ** 3 * 1 * filters[0] + bn(filters[0])
+    c_in = filters[0]
+    for c, s, n in zip(filters, strides, blocks):
+        for i in range(n):
+            total += 27 * c_in * c + bn(c) + 27 * c * c + bn(c)
+            if (s if i == 0 else 1) != 1 or c_in != c:
+                total += c_in * c + bn(c)
+            c_in = c
+    return total + bn(1) + (filters[-1] + 1) + 1
+
+
+def test_resnet_parameter_count_matches_the_architecture():
+    keras = ev._keras(0)
+    counts = {}
+    for depth in (10, 18):
+        model = ev.build_resnet(keras, 1 + 6480, (45, 16, 9), depth)
+        counts[depth] = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    print(f"cls-resnet trainable parameters: depth 10 {counts[10]}, depth 18 {counts[18]}")
+    assert counts[18] == _resnet_parameters(18) == 2516644      # also the reference's PyTorch count
+    assert counts[10] == _resnet_parameters(10) == 1133092
+    assert ev.resnet_image_shape(dataset_geometry("2")) == (45, 16, 9)
+    assert ev.resnet_image_shape(dataset_geometry("3")) == (45, 50, 18)
+    assert ev.resnet_image_shape(dataset_geometry("1-pions")) is None
+
+
+@pytest.fixture(scope="module")
+def ds2_small(tmp_path_factory):
+    """Dataset-2-shaped files of 500 events: two from one distribution, one clearly different (energies x 3)."""
+    d = tmp_path_factory.mktemp("ds2")
+    return {name: evalutils.write_synthetic(str(d / f"{name}.h5"), "2", 500, seed, scale=scale)
+            for name, seed, scale in (("ref", 1, 1.0), ("same", 2, 1.0), ("other", 3, 3.0))}
+
+
+def test_cls_resnet_half_for_one_distribution_and_high_for_different(tmp_path, ds2_small):
+    """In a fresh process, as from the command line (TensorFlow's Conv3D needs oneDNN, chosen before import).
+    Batches of 10: the inputs (voxels / E_inc) are ~1e-4, so the batch-norm moving variances (momentum 0.9, from
+    1) need a few hundred steps before inference-mode predictions separate anything, as in the reference."""
+    aucs = {}
+    for name in ("same", "other"):
+        out = tmp_path / name
+        cmd = [sys.executable, os.path.join(ROOT, "evaluate.py"), "-i", ds2_small[name], "-r", ds2_small["ref"],
+               "-m", "cls-resnet", "-d", "2", "--cls_resnet_layers", "10", "--cls_n_epochs", "3",
+               "--cls_batch_size", "10", "--cls_lr", "1e-3", "--output_dir", str(out)]
+        env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+        res = subprocess.run(cmd, env=dict(env, TF_CPP_MIN_LOG_LEVEL="2"), capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-2000:]
+        text = (out / "classifier_cls-resnet_2.txt").read_text()
+        assert text.startswith(ev.CLS_HEADER)
+        with open(out / "metrics.json") as fh:
+            res = json.load(fh)["classifier"]["cls-resnet"]
+        assert text.split("\n")[1] == f"{res['auc']:.4f} / {res['jsd']:.4f}"
+        assert (res["n_train"], res["n_test"], res["n_val"]) == (300, 100, 100)
+        assert res["n_parameters"] == _resnet_parameters(10)
+        aucs[name] = res["auc"]
+    assert abs(aucs["same"] - 0.5) < 0.15, aucs
+    assert aucs["other"] > 0.9, aucs
+
+
+def test_cls_resnet_refuses_dataset_1(tmp_path, capsys, ds1):
+    _, gen, ref = ds1
+    rc, _, err = _run(capsys, "-i", gen, "-r", ref, "-m", "cls-resnet", "-d", "1-photons", "--output_dir",
+                      tmp_path / "o")
+    assert rc == 2 and "datasets 2 and 3" in err

@@ -113,7 +113,8 @@ def test_cross_check_against_plain_loop_reference(dataset, n):
     _assert_features_match(H.compute_features(g, showers), ref, r_max, "compute_features")
 
     hlf = H.HighLevelFeatures(g.particle, filename=_xml_path(dataset))
-    hlf.CalculateFeatures(showers)
+    # the class sums energies in the input's dtype, as CaloChallenge's does: float64 input for the float64 loop
+    hlf.CalculateFeatures(showers.astype(np.float64))
     got = {"Etot": hlf.GetEtot(), "E_layer": hlf.GetElayers(), "sparsity": hlf.GetSparsity(),
            "EC_r": hlf.GetECR(), "width_r": hlf.GetWidthR(), "EC_eta": hlf.GetECEtas(),
            "width_eta": hlf.GetWidthEtas(), "EC_phi": hlf.GetECPhis(), "width_phi": hlf.GetWidthPhis()}
@@ -285,7 +286,10 @@ def test_streaming_over_hdf5_in_small_chunks_equals_in_memory(tmp_path, dtype):
         streamed = H.features_streaming(g, f["showers"], chunk=7)
         hlf = H.HighLevelFeatures("pion", filename=_xml_path("1-pions"))
         hlf.CalculateFeatures(f["showers"])
-    for got in (streamed, hlf._f):
+    native = H.compute_features(g, x, native_sums=True)              # the class sums energies in the input dtype
+    assert np.array_equal(hlf._f["Etot"], native["Etot"])
+    assert all(np.array_equal(hlf._f["E_layer"][lid], native["E_layer"][lid]) for lid in native["E_layer"])
+    for got, whole in ((streamed, whole), (hlf._f, native)):
         np.testing.assert_allclose(got["Etot"], whole["Etot"], rtol=1e-12)
         for key in ("E_layer", "sparsity") + POSITION_FEATURES:
             assert sorted(got[key]) == sorted(whole[key])
@@ -343,3 +347,22 @@ def test_module_doctests(monkeypatch):
     result = doctest.testmod(H, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 8
     assert result.failed == 0
+
+
+def test_class_sums_energies_in_the_input_dtype_like_calochallenge():
+    """CaloChallenge's class sums E_layer/E_tot with numpy in the showers' dtype and divides the energy-weighted
+    float64 sums by that E_layer + 1e-16: the class (native sums) reproduces those bits for float32 input."""
+    g = H.dataset_geometry("1-pions")
+    x = _sparse_showers(g.n_voxels, 60, seed=8)
+    hlf = H.HighLevelFeatures(g.particle, filename=_xml_path("1-pions"))
+    hlf.CalculateFeatures(x)
+    assert np.array_equal(hlf.GetEtot(), x.sum(axis=-1))
+    for lid in g.relevant_layers:
+        a, b = g.offsets[lid]
+        e = x[:, a:b].sum(axis=-1)                                   # float32 pairwise sum, as the reference
+        assert np.array_equal(hlf.GetElayers()[lid], e), lid
+        r = g.layer(lid).voxel_coordinates()[0]
+        ec = (r * x[:, a:b]).sum(axis=-1) / (e + 1e-16)
+        np.testing.assert_allclose(hlf.GetECR()[lid], ec, rtol=1e-12, atol=1e-12)
+    plain = H.compute_features(g, x)                                 # the float64-sum default differs in the bits
+    assert not all(np.array_equal(plain["E_layer"][lid], hlf.GetElayers()[lid]) for lid in g.relevant_layers)
