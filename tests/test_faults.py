@@ -738,7 +738,7 @@ STALL_WRAPPER = textwrap.dedent("""\
     import contextlib, os, sys, time
     sys.path.insert(0, {root!r})
     import {module} as script
-    import HighLevelFeatures
+    import plumbing
     FLAG, STALL_AT, WHERE = {flag!r}, {stall_at}, {where!r}
     calls = [0]
     real = plumbing.atomic_output
@@ -759,7 +759,7 @@ STALL_WRAPPER = textwrap.dedent("""\
                 stall(tmp)            # complete, closed, not yet renamed
 
     script.atomic_output = watched              # the script's own atomic writes
-    plumbing.atomic_output = watched   # and those of the shared helpers (write_text, write_calo_file)
+    plumbing.atomic_output = watched            # and those of the shared helpers (write_text, write_calo_file)
     if WHERE == "mid":                # voxelise: first file's showers written, the output still open
         real_map = script._map_tasks
         def mapped(tasks, jobs):
