@@ -72,6 +72,7 @@ import json
 import math
 import os
 import sys
+import time
 import types
 import warnings
 
@@ -98,6 +99,9 @@ CLS_SPLITS = {"1-photons": (80000, 20000, 21000), "1-pions": (80000, 20000, 2080
 #: default --prdc_max_events (0 = every event): the k-NN cost grows as events^2 x voxels; these finish in minutes
 PRDC_MAX_EVENTS = {"1-photons": 0, "1-pions": 0, "2": 10000, "3": 3000}
 
+PROGRESS_EVERY_S = 5.0        # a file's reading progress is reported at most this often (and at its end)
+CHANCE_AUC = 0.55             # a classifier AUC below this is "at chance" ...
+CLEAR_SEPARATION = 0.2        # ... a warning when E_tot/E_inc separation power is above this at the same time
 DEFAULT_SEED = 42               # also JetNet's FPD/KPD seed, so the default reproduces the reference's FPD/KPD
 CACHE_VERSION = 2               # bump when anything stored in the reference cache changes meaning
 
@@ -142,7 +146,11 @@ def build_parser():
     p.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
                    help="worker processes that stream the input file, hash and count, and draw the PNGs "
                         "(default: CPU count, at most 8; 1: everything in this process)")
-    p.add_argument("-v", "--verbose", action="store_true", help="progress lines on stderr")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr (warnings stay)")
+    p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)   # progress is on by default now
+    p.add_argument("--allow_unit_mismatch", action="store_true",
+                   help="evaluate even when the two files' energy scales differ ~1000x or the generated incident "
+                        "energies match none of the reference's (a GeV file against a MeV one)")
     g = p.add_argument_group("classifier")
     g.add_argument("--cls_n_layer", type=int, default=2, help="hidden layers after the input layer (default 2)")
     g.add_argument("--cls_n_hidden", type=int, default=2048, help="units per hidden layer (default 2048)")
@@ -285,6 +293,9 @@ def histogram_specs(dataset, geom, ref_features, min_energy, ref_dtype=np.float6
     return specs
 
 
+ETOT_BINS = np.linspace(0.5, 1.5, 101)         # the reference's Etot/Einc binning over all energies
+
+
 def per_energy_bins(dataset, index):
     """Etot/Einc binning of the i-th dataset-1 energy (photons from 2^12 MeV on: a narrower range)."""
     if index > 3 and "photons" in dataset:
@@ -392,6 +403,7 @@ def scan_file(path, geom, threshold, ranges, chunk, voxel_bins=None, low_kind=No
     if prdc_rows is not None:
         scan.prdc = np.empty((len(prdc_rows), geom.n_voxels), dtype=dtype)
     parts = []
+    last_log = time.monotonic()
     for start, einc, showers in iter_calo_chunks(path, geom.n_voxels, chunk_for(dtype, chunk), dtype=None):
         stop = start + len(einc)
         threshold_showers(showers, threshold)
@@ -417,7 +429,8 @@ def scan_file(path, geom, threshold, ranges, chunk, voxel_bins=None, low_kind=No
         if low_kind:
             scan.cls_low[start:stop] = low_level_inputs(geom, einc, showers, feats["E_layer"] if feats else None,
                                                         low_kind)
-        if log:
+        if log and (stop == n or time.monotonic() - last_log > PROGRESS_EVERY_S):
+            last_log = time.monotonic()
             log(f"{path}: {stop}/{n} events")
     if features:
         scan.features = _concat(parts)
@@ -673,9 +686,25 @@ def _bce(p, y):
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
+def classifier_batch(batch_size, n_train, dataset):
+    """Batch size giving the reference's optimizer steps per epoch on the full-size files.
+
+    The reference trains on 2 x 80000 (dataset 1) or 2 x 60000 (datasets 2, 3) events in batches of 1000: 160 or
+    120 steps an epoch. A smaller file keeps that number of steps (the same optimisation budget for the same
+    ``--cls_n_epochs``) with proportionally smaller batches, so it costs no more time per epoch.
+
+    >>> classifier_batch(1000, 80000, "1-photons"), classifier_batch(1000, 9917, "1-photons")
+    (1000, 124)
+    """
+    steps = math.ceil(CLS_SPLITS[dataset][0] / batch_size)
+    return max(1, min(int(batch_size), math.ceil(n_train / steps)))
+
+
 def train_classifier(x_gen, x_ref, sizes, n_layer=2, n_hidden=2048, dropout=0.0, batch_size=1000, n_epochs=50,
-                     lr=2e-4, seed=DEFAULT_SEED, log=None, builder=None):
+                     lr=2e-4, seed=DEFAULT_SEED, log=None, builder=None, standardise=True):
     """Train the generated-vs-reference classifier and return its calibrated validation scores.
+
+    ``standardise``: inputs are shifted and scaled by the mean and standard deviation of the training split.
 
     ``builder(keras, input_dim)`` makes the model (one logit out); default the reference MLP
     (:func:`build_classifier` with ``n_layer``, ``n_hidden``, ``dropout``).
@@ -688,6 +717,10 @@ def train_classifier(x_gen, x_ref, sizes, n_layer=2, n_hidden=2048, dropout=0.0,
 
     rng = np.random.default_rng(seed)
     (xtr, ytr), (xte, yte), (xva, yva) = _split(x_gen, x_ref, sizes, rng)
+    if standardise:          # mean / std of the training split, applied to all three (calokit; the reference does not)
+        mu, sd = xtr.mean(axis=0), xtr.std(axis=0)
+        sd[sd == 0] = 1.0
+        xtr, xte, xva = ((x - mu) / sd for x in (xtr, xte, xva))
     keras = _keras(seed)
     model = (builder or functools.partial(build_classifier, n_layer=n_layer, n_hidden=n_hidden,
                                           dropout=dropout))(keras, xtr.shape[1])
@@ -721,9 +754,40 @@ def train_classifier(x_gen, x_ref, sizes, n_layer=2, n_hidden=2048, dropout=0.0,
         "jsd_uncalibrated": float((ln2 - _bce(p_val, yva)) / ln2),
         "best_epoch": int(best_epoch),
         "best_test_accuracy": float(best_acc),
+        "batch_size": int(batch_size), "epochs": int(n_epochs),
+        "optimizer_steps": int(n_epochs * math.ceil(len(ytr) / batch_size)),
+        "input_standardisation": "mean/std of the training split" if standardise else "none",
         "n_train": int(sizes[0]), "n_test": int(sizes[1]), "n_val": int(sizes[2]),
         "n_parameters": int(sum(int(np.prod(w.shape)) for w in model.trainable_weights)),
     }
+
+
+def histogram_separation(scan_a, scan_b, ranges, dataset):
+    """The largest E_tot/E_inc separation power between two files, over all events and per energy range:
+    (value, where). What the classifier warning compares with."""
+    best = (separation_power(bin_fractions(scan_a.etot_over_einc(), ETOT_BINS),
+                             bin_fractions(scan_b.etot_over_einc(), ETOT_BINS)), "all energies")
+    for i in range(len(ranges) - 1):
+        sel_a = (scan_a.einc >= ranges[i]) & (scan_a.einc < ranges[i + 1])
+        sel_b = (scan_b.einc >= ranges[i]) & (scan_b.einc < ranges[i + 1])
+        if sel_a.sum() >= 50 and sel_b.sum() >= 50:
+            bins = per_energy_bins(dataset, i)
+            sep = separation_power(bin_fractions(scan_a.etot_over_einc(sel_a), bins),
+                                   bin_fractions(scan_b.etot_over_einc(sel_b), bins))
+            if sep > best[0]:
+                best = (sep, energy_label(ranges[i]))
+    return best
+
+
+def classifier_warning(kind, res, separation, args):
+    """A warning (str) when a classifier ended at chance although E_tot/E_inc separates the files, else None."""
+    sep, where = separation
+    if res["auc"] < CHANCE_AUC and sep > CLEAR_SEPARATION:
+        return (f"{kind}: AUC {res['auc']:.3f} (best test accuracy {res['best_test_accuracy']:.3f}) is chance level, "
+                f"yet E_tot/E_inc separates the files (separation power {sep:.2f} at {where}): the classifier did "
+                f"not learn in {res['optimizer_steps']} steps; raise --cls_n_epochs (now {args.cls_n_epochs}) "
+                f"or --cls_lr")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -982,8 +1046,7 @@ def build_histograms(dataset, geom, ref, gen, threshold, ranges, voxel_bins):
         return dict(name=name, bins=bins, ref=bin_fractions(values_ref, bins), gen=bin_fractions(values_gen, bins),
                     file=file, xlabel=xlabel, logx=logx, reported=reported, **extra)
 
-    etot_bins = np.linspace(0.5, 1.5, 101)
-    out = [item("Etot / Einc", etot_bins, ref.etot_over_einc(), gen.etot_over_einc(),
+    out = [item("Etot / Einc", ETOT_BINS, ref.etot_over_einc(), gen.etot_over_einc(),
                 f"Etot_Einc_dataset_{d}.png", "Etot / Einc")]
     extras = []
     for name, key, lid, bins, reported in histogram_specs(d, geom, ref.features, threshold, ref.dtype):
@@ -1312,6 +1375,34 @@ def _check_pair(args, geom):
     return counts["input"]
 
 
+def check_units(input_file, reference_file, dataset, n_probe=2000):
+    """UserError when the generated file looks like it is in other units than the reference (GeV vs MeV):
+    incident energies or total energies ~1000x apart (medians more than 30x apart), or, for dataset 1 (15 discrete
+    energies), generated incident energies that match none of the reference's (relative 1e-3)."""
+    import h5py
+
+    def probe(path):
+        with h5py.File(path, "r") as f:
+            einc = np.asarray(f["incident_energies"][:], dtype=np.float64).reshape(-1)
+            etot = np.asarray(f["showers"][:n_probe], dtype=np.float64).sum(axis=1)
+        return einc, etot
+
+    (e_gen, t_gen), (e_ref, t_ref) = probe(input_file), probe(reference_file)
+    hint = "calokit and CaloChallenge files are in MeV; --allow_unit_mismatch evaluates anyway"
+    for what, g, r in (("incident energies", e_gen, e_ref), ("total shower energies", t_gen, t_ref)):
+        mg, mr = float(np.median(g)), float(np.median(r))
+        if mg > 0 and mr > 0 and abs(math.log10(mg / mr)) > math.log10(30):
+            raise UserError(f"{input_file}: its {what} are ~{mg / mr:.3g} times the reference's (median {mg:.4g} vs "
+                            f"{mr:.4g}): a unit mistake (GeV vs MeV)? {hint}")
+    if dataset.startswith("1"):
+        levels = np.unique(e_ref)
+        near = np.abs(e_gen[:, None] / levels[None, :] - 1.0).min(axis=1) < 1e-3
+        if not near.any():
+            raise UserError(f"{input_file}: none of its incident energies ({e_gen.min():.4g}..{e_gen.max():.4g}) is "
+                            f"one of the reference's {len(levels)} energies ({levels.min():.4g}..{levels.max():.4g} "
+                            f"MeV): wrong units or the wrong dataset? {hint}")
+
+
 def _check_output_place(path, what):
     """UserError before any work if the folder ``path`` could not be created or written into."""
     p = os.path.abspath(path)
@@ -1406,7 +1497,9 @@ def prdc_outputs(args, ref, gen, rows, n_events, metrics, log=None):
 
 
 def _progress(msg):
-    print(f"[evaluate] {msg}", file=sys.stderr, flush=True)
+    """One progress line on stderr, written in one call (worker processes write beside this one)."""
+    sys.stderr.write(f"[evaluate] {msg}\n")
+    sys.stderr.flush()
 
 
 def scan_both(args, todo, geom, n_events, run, pool, n_workers, in_worker):
@@ -1467,10 +1560,12 @@ def scan_both(args, todo, geom, n_events, run, pool, n_workers, in_worker):
 def _main(argv):
     args = build_parser().parse_args(argv)
     _validate_args(args)
-    log = _progress if args.verbose else None
+    log = None if args.quiet else _progress
     todo = what_to_do(args.mode)
     geom = dataset_geometry(args.dataset, find_binning(args.dataset, args.binning))
     n_events = _check_pair(args, geom)
+    if not args.allow_unit_mismatch:
+        check_units(args.input_file, args.reference_file, args.dataset)
     _check_output_place(args.output_dir, "outputs")                  # fail now, not after reading the files
     if not args.no_cache:
         _check_output_place(args.cache_dir or os.path.join(args.output_dir, "reference_cache"), "reference cache")
@@ -1542,7 +1637,11 @@ def _main(argv):
             # batch; oneDNN's take a fraction of a second. Only effective before TensorFlow is imported.
             os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
         metrics["classifier"] = {}
+        separation = histogram_separation(gen, ref, ranges, d)
+        cls_batch = classifier_batch(args.cls_batch_size, sizes[0], d)
         for kind in todo["classifiers"]:
+            if log:
+                log(f"{kind}: {args.cls_n_epochs} epochs of batch {cls_batch} on {sizes[0]} + {sizes[0]} events")
             if kind == "cls-high":
                 x_gen = high_level_inputs(gen.features, gen.einc, geom)
                 x_ref = high_level_inputs(ref.features, ref.einc, geom)
@@ -1551,9 +1650,13 @@ def _main(argv):
             builder = (functools.partial(build_resnet, image_shape=resnet_image_shape(geom),
                                          depth=args.cls_resnet_layers) if kind == "cls-resnet" else None)
             res = train_classifier(x_gen, x_ref, sizes, args.cls_n_layer, args.cls_n_hidden,
-                                   args.cls_dropout_probability, args.cls_batch_size, args.cls_n_epochs, args.cls_lr,
+                                   args.cls_dropout_probability, cls_batch, args.cls_n_epochs, args.cls_lr,
                                    args.seed, log, builder=builder)
             metrics["classifier"][kind] = res
+            warning = classifier_warning(kind, res, separation, args)
+            if warning:
+                print(f"warning: {warning}", file=sys.stderr)
+                metrics.setdefault("warnings", []).append(warning)
             ensure_dir(out_dir)
             text = classifier_text(res["auc"], res["jsd"])
             written.append(write_text(os.path.join(out_dir, f"classifier_{kind}_{d}.txt"), text))
@@ -1562,6 +1665,8 @@ def _main(argv):
 
     # --- FPD / KPD
     if todo["fpd"]:
+        if log:
+            log("FPD / KPD")
         x_gen = high_level_inputs(gen.features, gen.einc, geom)
         x_ref = high_level_inputs(ref.features, ref.einc, geom)
         fv, fe = fpd(x_ref, x_gen, args.fpd_min_samples, args.fpd_max_samples, args.fpd_num_batches,

@@ -70,6 +70,7 @@ import sys
 
 import numpy as np
 
+from HighLevelFeatures import read_geometry
 from plumbing import (CKPT_RE, HelpFormatter, UserError, atomic_output, ensure_dir, list_checkpoints,
                       load_generator_file, read_run_config, run_cli, write_text)
 
@@ -822,7 +823,43 @@ def onnx_metadata(onnx_name, latent, n_cond, n_out, dynamic_batch):
                       if dynamic_batch else "fixed 1 (one shower per call, as TFCSONNXHandler runs it)")}
 
 
-def build_metadata(cfg, sizes, files, run, ckpt, iteration, mode, check, onnx_info=None):
+def voxel_layout(geom):
+    """The voxel layout of the network output, self-contained: per voxelised layer its id, offset in the output,
+    r edges (mm), alpha bins and the index formula, so that ``out`` turns into MeV per (layer, alpha, r) cell
+    without the binning XML. r runs fastest (CaloChallenge order; FastCaloGAN's CSV files have alpha fastest)."""
+    layers = []
+    for lay in geom.layers:
+        if not lay.n_voxels:
+            continue
+        start, stop = geom.offsets[lay.id]
+        per_r = getattr(lay, "alpha_per_r", None)
+        entry = {"id": int(lay.id), "offset": int(start), "n_voxels": int(stop - start),
+                 "r_edges_mm": [float(x) for x in lay.r_edges], "n_r": int(lay.n_r), "n_alpha": int(lay.n_alpha),
+                 "alpha_edges_rad": [float(x) for x in lay.alpha_edges]}
+        if per_r is not None and not getattr(lay, "regular", True):
+            entry["alpha_bins_per_r_bin"] = [int(x) for x in per_r]
+        layers.append(entry)
+    return {"order": "layers in this order; inside a layer r runs fastest, then alpha: "
+                     "index = offset + i_alpha * n_r + i_r (alpha fastest is FastCaloGAN's CSV order, not this)",
+            "alpha": ("|dphi|-folded, bins over [0, pi]" if geom.symmetrise_alpha
+                      else "alpha = atan2(dphi_mm, deta_mm), bins over (-pi, pi]"),
+            "n_voxels": int(geom.n_voxels), "layers": layers}
+
+
+def geometry_of(cfg, binning, n_out):
+    """The run's slice geometry (from --binning, else the binning file config.json names); UserError if unreadable
+    or if its voxel count differs from the network's output."""
+    path = binning or cfg.get("binning")
+    if not path:
+        raise UserError("config.json names no binning file: pass --binning XML")
+    eta = 0.5 * (float(cfg["eta_min"]) + float(cfg["eta_max"])) / 100
+    geom = read_geometry(path, cfg["particle"], eta)
+    if geom.n_voxels != n_out:
+        raise UserError(f"{path}: the slice has {geom.n_voxels} voxels but the network outputs {n_out}")
+    return geom
+
+
+def build_metadata(cfg, sizes, files, run, ckpt, iteration, mode, check, onnx_info=None, geom=None):
     """What a consumer needs to drive the network(s) and invert the voxel normalisation.
 
     ``sizes`` = (latent, condition size, n_out); ``files`` = {"json": name, "onnx": name} for those written.
@@ -851,10 +888,20 @@ def build_metadata(cfg, sizes, files, run, ckpt, iteration, mode, check, onnx_in
                                                   "label = log(E_kin / ekin_min) / log(ekin_max / ekin_min)"),
                   "inverse": inverse},
         "outputs": {"labels": f"out_0..out_{n_out - 1}",
-                    "meaning": "voxel energy / E_kin, voxel order of the binning XML slice",
+                    "meaning": "voxel energy / E_kin; voxel i is described by voxel_layout (r fastest)",
                     "inverse": "voxel energy [MeV] = out_i * E_kin [MeV]"},
-        "batchnorm": mode, "run": run, "checkpoint": ckpt, "iteration": iteration,
+        "units": {"eta_min": "|eta| x 100 (eta_min 20 = |eta| 0.20)", "eta_max": "|eta| x 100",
+                  "p_min": "MeV, momentum", "p_max": "MeV, momentum",
+                  "ekin_min": "MeV: E_kin of p_min, the label's lower anchor (the range definition, not the data)",
+                  "ekin_max": "MeV: E_kin of p_max, the label's upper anchor",
+                  "max_exp": "V1 label only: label = E_kin / 2**max_exp (unused with V2)"},
+        "abs_eta_range": [float(cfg["eta_min"]) / 100, float(cfg["eta_max"]) / 100],
+        "batchnorm": mode, "run": os.path.abspath(run), "checkpoint": os.path.abspath(ckpt), "iteration": iteration,
     })
+    if "data_ekin_range" in cfg:
+        meta["trained_ekin_range_mev"] = cfg["data_ekin_range"]
+    if geom is not None:
+        meta["voxel_layout"] = voxel_layout(geom)
     if onnx_info is not None:
         meta["onnx"] = onnx_info
     if check is not None:
@@ -916,6 +963,8 @@ def build_parser():
     p.add_argument("--tolerance", type=float, default=DEFAULTS["tolerance"],
                    help="--check: max |export - keras| (relative where |keras| > 1)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of the --check inputs")
+    p.add_argument("--binning", help="binning XML whose slice is embedded in the meta JSON (default: the one "
+                                     "config.json names, relative to the working directory)")
     return p
 
 
@@ -981,7 +1030,8 @@ def _main(argv):
     if onnx_bytes is not None:
         write_bytes(os.path.join(args.out, files["onnx"]), onnx_bytes)
     onnx_info = onnx_metadata(files["onnx"], *sizes, args.onnx_dynamic_batch) if onnx_bytes is not None else None
-    meta = build_metadata(cfg, sizes, files, run, ckpt, iteration, args.batchnorm, check, onnx_info)
+    meta = build_metadata(cfg, sizes, files, run, ckpt, iteration, args.batchnorm, check, onnx_info,
+                          geometry_of(cfg, args.binning, sizes[2]))
     if graph is not None:
         meta.update(n_layers=len(graph["layers"]), n_nodes=len(graph["nodes"]))
     meta_path = os.path.join(args.out, stem + ".meta.json")

@@ -50,7 +50,8 @@ import numpy as np
 
 from HighLevelFeatures import PARTICLES
 from plumbing import (NOISE_MEAN, NOISE_STD, HelpFormatter, UserError, atomic_directory, atomic_output,
-                      condition_vector, ensure_dir, import_keras, open_h5, read_run_config, run_cli, write_json)
+                      condition_vector, ensure_dir, import_keras, kinetic_energy, open_h5, read_run_config, run_cli,
+                      write_json)
 from plumbing import list_checkpoints as plumbing_list_checkpoints
 
 # ----------------------------------------------------------------------------------------------
@@ -549,6 +550,8 @@ def make_config(args, data, dropped):
         "excluded_events": {f"{e:g}": n for e, n in sorted(dropped.items())},
         "exclude_rtol": EXCLUDE_RTOL,
         "n_events": int(data["voxels"].shape[0]), "n_events_used": int(data["voxels"].shape[0] - sum(dropped.values())),
+        "data_ekin_range": [float(x) for x in kinetic_energy(np.array([data["einc"].min(), data["einc"].max()]),
+                                                             particle)],
         "noise": {"mean": NOISE_MEAN, "std": NOISE_STD},
         "condition": "[label, 0]",
         "normalisation": "voxels / E_kin",

@@ -1,5 +1,6 @@
 """evaluate.py: metrics against analytic answers, CaloChallenge-compatible outputs, reproducibility, bad inputs."""
 import json
+import math
 import os
 import re
 import subprocess
@@ -32,6 +33,11 @@ def ds1(tmp_path_factory):
     gen = evalutils.write_synthetic(str(d / "gen.h5"), "1-photons", 600, 1)
     ref = evalutils.write_synthetic(str(d / "ref.h5"), "1-photons", 600, 2)
     return d, gen, ref
+
+
+def error_lines(err):
+    """stderr without the progress lines ("[evaluate] ...", on by default)."""
+    return [line for line in err.strip().splitlines() if not line.startswith("[evaluate] ")]
 
 
 def _run(capsys, *args):
@@ -350,7 +356,7 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, ds1
         out = tmp_path / f"out_{name}"
         rc, stdout, err = _run(capsys, *args, "--output_dir", out)
         assert rc == 2, (name, err)
-        lines = err.strip().splitlines()
+        lines = error_lines(err)
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (name, err)
         assert "Traceback" not in err and not out.exists(), name
 
@@ -416,7 +422,7 @@ def test_input_scanned_in_a_worker_equals_serial_scan(tmp_path, ds1):
     write_calo_file(bad, e, sh)
     res = subprocess.run(base + ["-i", bad, "--output_dir", str(tmp_path / "bad"), "--jobs", "2"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+    assert res.returncode == 2 and error_lines(res.stderr) == [
         f"error: {bad}: 'showers' has NaN/inf values (first at event 590)"], res.stderr
     assert not (tmp_path / "bad").exists()
 
@@ -644,3 +650,78 @@ def test_cls_resnet_refuses_dataset_1(tmp_path, capsys, ds1):
     rc, _, err = _run(capsys, "-i", gen, "-r", ref, "-m", "cls-resnet", "-d", "1-photons", "--output_dir",
                       tmp_path / "o")
     assert rc == 2 and "datasets 2 and 3" in err
+
+
+# ---------------------------------------------------------------------------------------------- nothing misleads
+
+def test_classifier_batch_keeps_the_reference_steps_per_epoch():
+    assert ev.classifier_batch(1000, 80000, "1-photons") == 1000              # full size: the reference's batch
+    assert ev.classifier_batch(1000, 9917, "1-photons") == 124                # 80 steps an epoch on a small file
+    assert ev.classifier_batch(1000, 60000, "2") == 1000
+    assert ev.classifier_batch(1000, 600, "2") == 10
+    assert math.ceil(2 * 9917 / ev.classifier_batch(1000, 9917, "1-photons")) == 160      # as 2 x 80000 / 1000
+
+
+def test_classifier_inputs_are_standardised_on_the_training_split():
+    """A shift hidden under a huge common offset and scale: learnable only once the inputs are standardised."""
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(3000, 3)) * 1e4 + 1e6
+    b = rng.normal(size=(3000, 3)) * 1e4 + 1e6 + np.array([1.5e4, 0, 0])
+    kw = dict(n_layer=1, n_hidden=32, batch_size=100, n_epochs=4, lr=1e-3, seed=1)
+    std = ev.train_classifier(a, b, (2000, 500, 500), **kw)
+    assert std["auc"] > 0.8 and std["input_standardisation"] == "mean/std of the training split"
+    assert std["optimizer_steps"] == 4 * 40 and std["batch_size"] == 100
+
+
+def test_chance_classifier_with_clearly_separated_histograms_warns(tmp_path, capsys):
+    """Showers 1.3x the reference's: E_tot/E_inc separates them completely; a classifier given almost no budget
+    (1 epoch, 4 units, lr 1e-9) stays at chance, and then stderr and metrics.json say so, naming the flag."""
+    ref = evalutils.write_synthetic(str(tmp_path / "ref.h5"), "1-photons", 1500, 2)
+    gen = evalutils.write_synthetic(str(tmp_path / "gen.h5"), "1-photons", 1500, 3, scale=1.3)
+    rc, out, err = _run(capsys, "-i", gen, "-r", ref, "-m", "cls-high", "-d", "1-photons", "--output_dir",
+                        tmp_path / "o", "--cls_n_layer", "1", "--cls_n_hidden", "4", "--cls_n_epochs", "1",
+                        "--cls_lr", "1e-9")
+    assert rc == 0
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    res = metrics["classifier"]["cls-high"]
+    assert res["auc"] < ev.CHANCE_AUC
+    (warning,) = metrics["warnings"]
+    assert "cls-high" in warning and "--cls_n_epochs" in warning and "separation power 1.00" in warning
+    assert f"warning: {warning}" in err
+    # the budget: about the 160 steps of a full-size file's epoch (2 x 80000 events in batches of 1000), here with
+    # batches of 13 for 2 x 991 training events
+    assert res["batch_size"] == 13 and res["optimizer_steps"] == math.ceil(2 * res["n_train"] / 13) == 153
+
+
+def test_gev_file_against_mev_reference_exits_2_with_the_unit_hint(tmp_path, capsys, ds1):
+    _, gen, ref = ds1
+    import h5py
+    gev = tmp_path / "gev.h5"
+    with h5py.File(gen) as f, h5py.File(gev, "w") as g:
+        g["incident_energies"] = f["incident_energies"][:] / 1000
+        g["showers"] = f["showers"][:] / 1000
+    rc, out, err = _run(capsys, "-i", gev, "-r", ref, "-m", "hist-p", "-d", "1-photons", "--output_dir", tmp_path / "o")
+    assert rc == 2 and out == "" and not (tmp_path / "o").exists()
+    (line,) = err.strip().splitlines()
+    assert "0.001 times the reference's" in line and "GeV vs MeV" in line and "--allow_unit_mismatch" in line
+    # energies on other levels than dataset 1's 2^8..2^22 MeV (but the same scale): also refused
+    off = tmp_path / "off.h5"
+    with h5py.File(gen) as f, h5py.File(off, "w") as g:
+        g["incident_energies"] = f["incident_energies"][:] * 1.37
+        g["showers"] = f["showers"][:] * 1.37
+    rc, _, err = _run(capsys, "-i", off, "-r", ref, "-m", "hist-p", "-d", "1-photons", "--output_dir", tmp_path / "o")
+    assert rc == 2 and "none of its incident energies" in err
+    rc, _, err = _run(capsys, "-i", gev, "-r", ref, "-m", "hist-p", "-d", "1-photons", "--output_dir", tmp_path / "o",
+                      "--allow_unit_mismatch", "--jobs", "1")
+    assert rc == 0
+
+
+def test_progress_on_stderr_by_default_and_one_line_on_stdout(tmp_path, capsys, ds1):
+    _, gen, ref = ds1
+    rc, out, err = _run(capsys, "-i", gen, "-r", ref, "-m", "hist-p", "-d", "1-photons", "--output_dir",
+                        tmp_path / "o", "--jobs", "1")
+    assert rc == 0 and len(out.strip().splitlines()) == 1 and out.startswith("evaluate.py: mode hist-p")
+    assert any(line.startswith("[evaluate] ") for line in err.splitlines())
+    rc, out, err = _run(capsys, "-i", gen, "-r", ref, "-m", "hist-p", "-d", "1-photons", "--output_dir",
+                        tmp_path / "q", "--jobs", "1", "-q")
+    assert rc == 0 and err == "" and len(out.strip().splitlines()) == 1

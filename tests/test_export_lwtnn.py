@@ -14,12 +14,14 @@ import shutil
 import subprocess
 
 import sys
+import tempfile
 
 import keras
 import numpy as np
 import pytest
 
 import export_lwtnn as ex
+from HighLevelFeatures import read_geometry
 
 layers = keras.layers
 
@@ -412,9 +414,14 @@ def test_batchnorm_without_scale_and_center_and_with_zero_gamma():
 # ----------------------------------------------------------------------------------------------
 # the command line on a fake run directory
 
+#: a 30-voxel slice (one layer, 5 r x 6 alpha bins) matching the test networks' output, for the meta JSON's layout
+BINNING_30 = os.path.join(tempfile.mkdtemp(prefix="calokit-binning-"), "binning_30.xml")
+with open(BINNING_30, "w") as _fh:
+    _fh.write('<Bins><Bin pid="22" name="photon" etaMin="20" etaMax="25">'
+              '<Layer id="0" r_edges="0,5,10,20,50,100" n_bin_alpha="6"/><Layer id="1" r_edges="0"/></Bin></Bins>')
 CONFIG = {
     "particle": "photon", "pid": 22, "eta_min": 20.0, "eta_max": 25.0, "range": "high",
-    "binning": "binning/binning_fastcalogan.xml", "label_scheme": "V2", "max_exp": 22,
+    "binning": BINNING_30, "label_scheme": "V2", "max_exp": 22,
     "p_min": 4096.0, "p_max": 4194304.0, "ekin_min": 4096.0, "ekin_max": 4194304.0, "latent_dim": LATENT,
     "n_voxels": N_VOX, "source": "voxels.h5", "train_data": "train.h5", "seed": 1, "iterations": 300,
     "checkpoint_every": 100, "batch_size": 128, "n_critic": 5, "lambda_gp": 10, "lr": 1e-4, "beta1": 0.55,
@@ -630,3 +637,35 @@ def test_train_build_generator_exports_exactly(tmp_path, activation, batchnorm):
     assert ex.main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--check"]) == 0
     graph, meta = _exported(tmp_path / "out")
     assert meta["iteration"] == 7 and meta["check"]["max_diff"] < TOL and _same_as(graph, model)
+
+
+def test_meta_json_alone_gives_mev_per_cell(fake_run, tmp_path):
+    """The meta JSON is self-contained: with it alone (no XML, no config.json) the network output becomes MeV per
+    (layer, alpha, r) cell, equal to the showers the Keras generator gives, arranged by the geometry."""
+    run, models = fake_run
+    out = tmp_path / "out"
+    assert ex.main(["--run", str(run), "--out", str(out), "--format", "json"]) == 0
+    graph, meta = _exported(out)
+    ekin = 65536.0
+    label = math.log(ekin / meta["ekin_min"]) / math.log(meta["ekin_max"] / meta["ekin_min"])
+    noise = np.random.default_rng(3).normal(0.5, 0.5, (4, meta["latent_dim"]))
+    net = ex.evaluate_graph(graph, noise, np.tile([label, 0.0], (4, 1)))
+    # the consumer's side, from the meta JSON only
+    back = meta["ekin_min"] * (meta["ekin_max"] / meta["ekin_min"]) ** label          # label -> E_kin
+    assert back == pytest.approx(ekin, rel=1e-12) and "r runs fastest" in meta["voxel_layout"]["order"]
+    cells = {}
+    for lay in meta["voxel_layout"]["layers"]:
+        block = net[:, lay["offset"]:lay["offset"] + lay["n_voxels"]] * back
+        cells[lay["id"]] = block.reshape(4, lay["n_alpha"], lay["n_r"])                 # [event, alpha, r]
+        assert len(lay["r_edges_mm"]) == lay["n_r"] + 1 and len(lay["alpha_edges_rad"]) == lay["n_alpha"] + 1
+    assert meta["abs_eta_range"] == [0.20, 0.25] and "x 100" in meta["units"]["eta_min"]
+    assert os.path.isabs(meta["run"]) and os.path.isabs(meta["checkpoint"])
+    # the same from Keras and the geometry module
+    geom = read_geometry(BINNING_30, "photon")
+    keras_mev = np.asarray(models[200]([noise.astype(np.float32), np.tile([label, 0.0], (4, 1)).astype(np.float32)],
+                                       training=False)) * ekin
+    assert sorted(cells) == [lay.id for lay in geom.layers if lay.n_voxels] == [0]
+    lay = geom.layers[0]
+    a, b = geom.offsets[0]
+    np.testing.assert_allclose(cells[0], keras_mev[:, a:b].reshape(4, lay.n_alpha, lay.n_r), rtol=1e-4, atol=1e-2)
+    np.testing.assert_allclose(meta["voxel_layout"]["layers"][0]["r_edges_mm"], lay.r_edges)

@@ -459,7 +459,9 @@ def run_inprocess(fn, argv, capsys):
 
 
 def error_lines(err):
-    return [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    """stderr lines other than evaluate.py's progress lines ("[evaluate] ...", on by default)."""
+    return [line for line in err.replace("\r", "\n").splitlines()
+            if line.strip() and not line.startswith("[evaluate] ")]
 
 
 def check_failed_cleanly(name, rc, err, expect, before, after, folder):
