@@ -369,8 +369,10 @@ def test_exclude_energy_recorded(tmp_path, train_file):
 def test_short_training_beats_untrained(tmp_path, train_file):
     ref = write_voxel_file(str(tmp_path / "ref.h5"), n_per_energy=1000, seed=11)
     out = str(tmp_path / "short")
-    # the demo's settings: swish without batch-norm, 2 critic steps at lr 2e-4, batch 128
-    assert _train(train_file, out, 300, 50, 3, "--no-batchnorm", "--n-critic", "2", "--lr", "2e-4") == 0
+    # photon defaults (swish + batch-norm run as FastCaloGAN trained it, ReLU output) with the demo's 2 critic
+    # steps at lr 2e-4, batch 128. (The demo's --no-batchnorm with He-uniform weights left the 256 MeV mean
+    # E_tot 2.6x too high at its best checkpoint of 300 iterations: measured, TensorFlow, seed 3.)
+    assert _train(train_file, out, 300, 50, 3, "--n-critic", "2", "--lr", "2e-4") == 0
     sel = str(tmp_path / "select")
     assert select_epoch.main(["--run", out, "--reference", ref, "--events", "1000", "--out", sel,
                               "--no-generated"]) == 0
@@ -533,7 +535,8 @@ def _bn_layers(model):
 
 
 def test_batchnorm_inference_mode_keeps_statistics(tmp_path, train_file, monkeypatch):
-    """Faithful mode: moving mean 0 / variance 1 through training, generation = the training graph's output."""
+    """Faithful mode: moving mean 0 / variance 1 through training, generation = the training graph's output.
+    (test_train_jax.py runs this file on the JAX backend: both training steps are checked.)"""
     runs = {}
     for mode in ("inference", "batch-stats"):
         out = str(tmp_path / mode)
@@ -560,33 +563,6 @@ def test_batchnorm_inference_mode_keeps_statistics(tmp_path, train_file, monkeyp
     assert max(np.abs(np.asarray(layer.moving_mean)).max() for layer in _bn_layers(gb)) > 1e-4
     training = np.asarray(gb([z, condition_vector(labels)], training=True))
     assert np.abs(training - np.asarray(gb([z, condition_vector(labels)], training=False))).max() > 1e-3
-
-
-JAX_SCRIPT = r"""
-import sys, numpy as np, train, plumbing
-data, out = sys.argv[1], sys.argv[2]
-for mode in ("inference", "batch-stats"):
-    assert train.main(["--data", data, "--out", out + mode, "--iterations", "2", "--checkpoint-every", "2",
-                       "--batch-size", "8", "--n-critic", "1", "--batchnorm-mode", mode]) == 0
-    g = plumbing.load_generator(out + mode)
-    bn = [l for l in g.layers if type(l).__name__ == "BatchNormalization"]
-    dev = max(max(np.abs(np.asarray(l.moving_mean)).max(), np.abs(np.asarray(l.moving_variance) - 1).max())
-              for l in bn)
-    print(mode, len(bn), float(dev))
-"""
-
-
-def test_batchnorm_mode_jax_backend(tmp_path, train_file):
-    """The JAX training step honours the mode too (a subprocess: the Keras backend is fixed per process)."""
-    pytest.importorskip("jax")
-    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
-    res = subprocess.run([sys.executable, "-c", JAX_SCRIPT, train_file, str(tmp_path / "jax_")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    got = {line.split()[0]: (int(line.split()[1]), float(line.split()[2]))
-           for line in res.stdout.splitlines() if line.split() and line.split()[0] in ("inference", "batch-stats")}
-    assert got["inference"] == (3, 0.0)
-    assert got["batch-stats"][0] == 3 and got["batch-stats"][1] > 1e-4
 
 
 # ----------------------------------------------------------------------------------------------
