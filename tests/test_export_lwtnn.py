@@ -629,6 +629,9 @@ def test_train_build_generator_exports_exactly(tmp_path, activation, batchnorm, 
         assert len(graph["layers"]) == (4 if fold or not batchnorm else 10 + 2 * out_bn)
         if out_act == "swish":    # the output layer keeps swish (negative values possible, as FastCaloGAN)
             assert graph["layers"][-1]["activation"] == {"function": "swish", "alpha": 1.0}
+        # the ONNX export of the same network, as FastCaloSim's ONNX handler runs it (one row at a time)
+        diffs, _ = ex.compare_exports(model, LATENT, onnx_model=ex.export_onnx(model, fold=fold), n=200)
+        assert diffs["onnx"] < TOL
         ref, got, _ = keras_and_json(model, graph)
         assert np.max(np.abs(got - ref)) < TOL
     # and through the command line, as saved in a checkpoint
