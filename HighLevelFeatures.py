@@ -3,8 +3,10 @@
 One file, importable alone (numpy; matplotlib only for drawing). It holds:
 
 * the binning-XML reader for both accepted forms (CaloChallenge ``<Bin>`` and the FastCaloGAN
-  multi-slice ``<Particle><Bin>``), giving a :class:`Geometry`: layers, r/alpha edges, voxel order
-  (``index = layer_offset + i_alpha * n_r + i_r``), voxel centres and the (r, alpha) -> voxel mapping;
+  multi-slice ``<Particle><Bin>``, including FastCaloGAN's optimised alpha bins, merged first r bin and GAN
+  settings), giving a :class:`Geometry`: layers, r/alpha edges, voxel order (``index = layer_offset +
+  i_alpha * n_r + i_r``; r outer, alpha inner for layers with per-r-bin alpha bins), voxel centres and the
+  (r, alpha) -> voxel mapping;
 * the high-level features of CaloChallenge (E_tot, E_layer, centres of energy and widths in eta/phi/r,
   sparsity), vectorised over events and layers with float64 accumulation, and a streaming path for
   files that do not fit in memory;
@@ -61,6 +63,10 @@ DATASETS = {
 
 DEFAULT_CHUNK_BYTES = 16 * 2**20  # float32 shower bytes per streamed chunk
 
+#: calokit range name -> the FastCaloGAN range it stands for in an XML's <EnergyRanges>
+RANGE_ALIASES = {"low": "UltraLow12", "high": "High12", "all": "All"}
+_PARTICLE_BY_PID = {str(pid): name for name, (pid, _) in PARTICLES.items()}
+
 # ----------------------------------------------------------------------------------------------
 # hit -> (r, alpha): the two geometry helpers of the voxeliser (and of the toy source)
 
@@ -101,20 +107,40 @@ class GeometryError(UserError, ValueError):
 # geometry
 
 class Layer:
-    """One calorimeter layer of a slice: radial edges (mm) and the number of alpha bins.
+    """One calorimeter layer of a slice: radial edges (mm) and its alpha bins.
 
-    Voxels of the layer are ordered r fastest, then alpha: ``i = i_alpha * n_r + i_r``.
+    Most layers have the same number of alpha bins in every r bin (CaloChallenge and calokit XMLs); their
+    voxels are ordered r fastest, then alpha: ``i = i_alpha * n_r + i_r``. FastCaloGAN's optimised alpha bins
+    and merged first r bin give a number per r bin (``alpha_per_r``); such layers are ordered as FastCaloGAN
+    orders them, r bins outer and alpha bins inner (``i = first voxel of r bin i_r + i_alpha``).
+    ``n_alpha`` is always the XML's ``n_bin_alpha``. With ``merged_first`` the first r bin is one voxel whose
+    centre is r = 0 (FastCaloGAN: the merged bin is a disc centred on the axis).
 
     >>> lay = Layer(1, [0, 2, 4], 4)
     >>> lay.n_voxels, lay.r_centres.tolist(), lay.alpha_centres.round(3).tolist()
     (8, [1.0, 3.0], [-2.356, -0.785, 0.785, 2.356])
+    >>> opt = Layer(1, [0, 2, 4], 4, alpha_per_r=[1, 8], merged_first=True)
+    >>> opt.n_voxels, opt.r_centres.tolist(), opt.index_of(np.array([0, 1, 1]), np.array([0, 0, 7])).tolist()
+    (9, [0.0, 3.0], [0, 1, 8])
     """
 
-    def __init__(self, layer_id, r_edges, n_alpha, symmetrise_alpha=False):
+    def __init__(self, layer_id, r_edges, n_alpha, symmetrise_alpha=False, alpha_per_r=None, merged_first=False):
         self.id = int(layer_id)
         self.r_edges = np.asarray(r_edges, dtype=np.float64)
         self.n_alpha = int(n_alpha)
         self.symmetrise_alpha = bool(symmetrise_alpha)
+        self.merged_first = bool(merged_first) and self.n_r > 0
+        per_r = np.full(self.n_r, self.n_alpha, dtype=np.int64) if alpha_per_r is None else \
+            np.asarray(alpha_per_r, dtype=np.int64).reshape(-1)
+        if per_r.size != self.n_r or (per_r < 1).any():
+            raise ValueError(f"alpha_per_r needs {self.n_r} positive counts, got {per_r.tolist()}")
+        self.alpha_per_r = per_r
+        #: True when every r bin has n_alpha alpha bins (the CaloChallenge voxel order applies)
+        self.regular = bool(np.all(per_r == self.n_alpha))
+        if self.regular:   # voxel = base[i_r] + i_alpha * stride[i_r]
+            self._base, self._stride = np.arange(self.n_r), np.full(self.n_r, self.n_r)
+        else:
+            self._base, self._stride = np.concatenate([[0], np.cumsum(per_r)[:-1]]).astype(np.int64), np.ones(self.n_r, np.int64)
 
     @property
     def n_r(self):
@@ -122,17 +148,24 @@ class Layer:
 
     @property
     def n_voxels(self):
-        return self.n_r * self.n_alpha if self.n_r > 0 else 0
+        return int(self.alpha_per_r.sum()) if self.n_r > 0 else 0
+
+    @property
+    def alpha_lo(self):
+        """Lower end of the alpha range: 0 when alpha is symmetrised (|alpha| in [0, pi]), else -pi."""
+        return 0.0 if self.symmetrise_alpha else -math.pi
 
     @property
     def r_centres(self):
-        return 0.5 * (self.r_edges[:-1] + self.r_edges[1:])
+        c = 0.5 * (self.r_edges[:-1] + self.r_edges[1:])
+        if self.merged_first:
+            c[0] = 0.0
+        return c
 
     @property
     def alpha_edges(self):
-        """Uniform alpha edges: over (-pi, pi], or [0, pi] when alpha is symmetrised."""
-        lo = 0.0 if self.symmetrise_alpha else -math.pi
-        return np.linspace(lo, math.pi, self.n_alpha + 1)
+        """Uniform alpha edges of ``n_alpha`` bins: over (-pi, pi], or [0, pi] when alpha is symmetrised."""
+        return np.linspace(self.alpha_lo, math.pi, self.n_alpha + 1)
 
     @property
     def alpha_centres(self):
@@ -141,11 +174,33 @@ class Layer:
         e = self.alpha_edges
         return 0.5 * (e[:-1] + e[1:])
 
+    def voxel_bins(self):
+        """(i_r, i_alpha) of every voxel of the layer, in the layer's voxel order."""
+        if self.regular:
+            return np.tile(np.arange(self.n_r), self.n_alpha), np.repeat(np.arange(self.n_alpha), self.n_r)
+        ir = np.repeat(np.arange(self.n_r), self.alpha_per_r)
+        return ir, np.arange(ir.size) - self._base[ir]
+
+    def index_of(self, i_r, i_alpha):
+        """Voxel index inside the layer of (r bin, alpha bin) pairs."""
+        i_r = np.asarray(i_r, dtype=np.int64)
+        return self._base[i_r] + np.asarray(i_alpha, dtype=np.int64) * self._stride[i_r]
+
     def voxel_coordinates(self):
-        """Per-voxel (r, alpha, eta, phi) in the layer's voxel order; eta = r cos(alpha), phi = r sin(alpha)."""
-        r = np.tile(self.r_centres, self.n_alpha)
-        a = np.repeat(self.alpha_centres, self.n_r)
+        """Per-voxel (r, alpha, eta, phi) in the layer's voxel order; eta = r cos(alpha), phi = r sin(alpha).
+
+        alpha is the centre of the voxel's alpha bin (0 for an r bin with a single alpha bin).
+        """
+        ir, ia = self.voxel_bins()
+        n = self.alpha_per_r[ir]
+        r = self.r_centres[ir]
+        a = np.where(n > 1, self.alpha_lo + (ia + 0.5) * (math.pi - self.alpha_lo) / n, 0.0)
         return r, a, r * np.cos(a), r * np.sin(a)
+
+    def r_bin(self, r):
+        """r bin of distances r (mm >= 0); beyond the last edge -> the last bin."""
+        ir = np.searchsorted(self.r_edges, np.asarray(r, dtype=np.float64), side="right") - 1
+        return np.clip(ir, 0, self.n_r - 1, out=ir)
 
     def bin_index(self, r, alpha):
         """Voxel index inside the layer for positions (r in mm >= 0, alpha in (-pi, pi]).
@@ -155,21 +210,19 @@ class Layer:
         >>> Layer(0, [0, 1, 2], 2).bin_index(np.array([0.5, 1.5, 99.0]), np.array([-1.0, 1.0, 3.0])).tolist()
         [0, 3, 3]
         """
-        r = np.asarray(r, dtype=np.float64)
         alpha = np.asarray(alpha, dtype=np.float64)
-        ir = np.searchsorted(self.r_edges, r, side="right") - 1
-        np.clip(ir, 0, self.n_r - 1, out=ir)
-        if self.n_alpha == 1:
+        ir = self.r_bin(r)
+        if self.n_alpha == 1 and self.regular:
             return ir
-        lo = 0.0 if self.symmetrise_alpha else -math.pi
         a = np.abs(alpha) if self.symmetrise_alpha else alpha
-        width = (math.pi - lo) / self.n_alpha
-        ia = np.floor((a - lo) / width).astype(np.int64)
-        np.clip(ia, 0, self.n_alpha - 1, out=ia)
-        return ia * self.n_r + ir
+        n = self.alpha_per_r[ir]
+        ia = np.floor((a - self.alpha_lo) * (n / (math.pi - self.alpha_lo))).astype(np.int64)
+        np.clip(ia, 0, n - 1, out=ia)
+        return self.index_of(ir, ia)
 
     def __repr__(self):
-        return f"Layer(id={self.id}, n_r={self.n_r}, n_alpha={self.n_alpha})"
+        extra = "" if self.regular else f", alpha_per_r={self.alpha_per_r.tolist()}"
+        return f"Layer(id={self.id}, n_r={self.n_r}, n_alpha={self.n_alpha}{extra})"
 
 
 class Geometry:
@@ -179,8 +232,15 @@ class Geometry:
     """
 
     def __init__(self, layers, particle, pid, filename="", eta_min=0, eta_max=0, region_id=None,
-                 latent_dim=None, symmetrise_alpha=False):
+                 latent_dim=None, symmetrise_alpha=False, gan=None, ranges=None, optimised_alpha=False,
+                 merge_first_r=False):
         self.layers = list(layers)
+        #: FastCaloGAN settings of the particle and region: {XML attribute: (value, where it was read)}
+        self.gan = dict(gan or {})
+        #: the particle's <EnergyRanges>: {range name: {XML attribute: (value, where)}}
+        self.ranges = dict(ranges or {})
+        self.optimised_alpha = bool(optimised_alpha)
+        self.merge_first_r = bool(merge_first_r)
         self.particle = particle
         self.pid = int(pid)
         self.filename = filename
@@ -217,14 +277,41 @@ class Geometry:
         raise KeyError(f"layer {layer_id} not in {self.filename}")
 
     def voxel_index(self, layer_id, i_alpha, i_r):
-        """Flat index of voxel (layer, i_alpha, i_r): ``offset + i_alpha * n_r + i_r``."""
+        """Flat index of voxel (layer, i_alpha, i_r): ``offset + i_alpha * n_r + i_r`` for layers with the same
+        alpha bins in every r bin, ``offset + first voxel of r bin i_r + i_alpha`` otherwise."""
         lay = self.layer(layer_id)
-        return self.offsets[layer_id][0] + i_alpha * lay.n_r + i_r
+        return self.offsets[layer_id][0] + lay.index_of(i_r, i_alpha)
 
     def voxel_names(self):
         """Names ``L<layer>_a<ialpha>_r<ir>`` in the flat voxel order (used as CSV header)."""
         return [f"L{lay.id}_a{ia}_r{ir}" for lay in self.layers if lay.n_voxels
-                for ia in range(lay.n_alpha) for ir in range(lay.n_r)]
+                for ir, ia in zip(*lay.voxel_bins())]
+
+    def fastcalogan_order(self):
+        """Flat voxel indices in FastCaloGAN's order: layer by layer, r bins outer and alpha bins inner.
+
+        ``showers[:, geom.fastcalogan_order()]`` gives FastCaloGAN's columns; its argsort undoes it.
+        """
+        parts = []
+        for lay in self.layers:
+            if lay.n_voxels:
+                ir = np.repeat(np.arange(lay.n_r), lay.alpha_per_r)
+                ia = np.arange(ir.size) - np.concatenate([[0], np.cumsum(lay.alpha_per_r)[:-1]])[ir]
+                parts.append(self.offsets[lay.id][0] + lay.index_of(ir, ia))
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    def gan_settings(self, range_name=None):
+        """FastCaloGAN settings for one energy range: {XML attribute: (value, source)}.
+
+        Particle, then region (``<Bin>``), then the range (``<Range name=...>`` under ``<EnergyRanges>``):
+        a later one overrides. calokit's range names map to FastCaloGAN's (low -> UltraLow12, high -> High12,
+        all -> All) when the XML has no range of that name.
+        """
+        out = dict(self.gan)
+        if range_name is not None:
+            name = range_name if range_name in self.ranges else RANGE_ALIASES.get(range_name)
+            out.update(self.ranges.get(name, {}))
+        return out
 
     def voxel_coordinates(self):
         """Flat per-voxel arrays (r, alpha, eta, phi) and the layer id of each voxel."""
@@ -273,7 +360,43 @@ def _parse_bool(raw):
 _parse_bool.__name__ = "bool"
 
 
-def _read_layers(filename, bin_elem, symmetrise):
+def optimised_alpha_bins(r_low, r_high, symmetrise=False):
+    """FastCaloGAN's alpha bins for one r bin: b = circumference at the bin centre / bin width (half the
+    circumference when alpha is symmetrised), rounded up to 4, 8, 16 or 32 (b < 4 -> 4, < 8 -> 8, < 16 -> 16,
+    else 32).
+
+    >>> [optimised_alpha_bins(lo, hi) for lo, hi in ((0, 10), (10, 20), (20, 25), (100, 110))]
+    [4, 16, 32, 32]
+    >>> optimised_alpha_bins(10, 20, symmetrise=True)
+    8
+    """
+    centre = 0.5 * (r_low + r_high)
+    b = centre * (math.pi if symmetrise else 2 * math.pi) / (r_high - r_low)
+    return 4 if b < 4 else 8 if b < 8 else 16 if b < 16 else 32
+
+
+def _layer_edges(filename, el):
+    """r edges of a <Layer>: ``r_edges="0,..."`` or ``nbins``, ``r_min``, ``r_max`` (uniform bins)."""
+    if "r_edges" in el.attrib or "nbins" not in el.attrib:
+        raw = _attr(filename, el, "r_edges")
+        try:
+            edges = [float(s) for s in raw.split(",") if s.strip() != ""]
+        except ValueError:
+            raise GeometryError(f"{_where(filename, el)}: r_edges must be comma-separated numbers") from None
+    else:
+        n = _attr(filename, el, "nbins", int)
+        lo, hi = _attr(filename, el, "r_min", float), _attr(filename, el, "r_max", float)
+        if n < 0 or (n > 0 and not hi > lo):
+            raise GeometryError(f"{_where(filename, el)}: nbins must be >= 0 and r_max > r_min")
+        edges = [lo + i * (hi - lo) / n for i in range(n + 1)] if n else [lo]
+    if not edges or edges[0] != 0.0:
+        raise GeometryError(f"{_where(filename, el)}: r edges must start at 0")
+    if not all(np.isfinite(edges)) or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise GeometryError(f"{_where(filename, el)}: r_edges must be finite, non-negative and strictly increasing")
+    return edges
+
+
+def _read_layers(filename, bin_elem, symmetrise, optimised=False, merge_first=False):
     layers, seen = [], set()
     for el in bin_elem:
         if el.tag != "Layer":
@@ -282,22 +405,57 @@ def _read_layers(filename, bin_elem, symmetrise):
         if lid < 0 or lid in seen:
             raise GeometryError(f"{_where(filename, el)}: layer id {lid} is negative or repeated")
         seen.add(lid)
-        raw = _attr(filename, el, "r_edges")
-        try:
-            edges = [float(s) for s in raw.split(",") if s.strip() != ""]
-        except ValueError:
-            raise GeometryError(f"{_where(filename, el)}: r_edges must be comma-separated numbers") from None
-        if not edges or edges[0] != 0.0:
-            raise GeometryError(f"{_where(filename, el)}: r_edges must start at 0")
-        if not all(np.isfinite(edges)) or any(b <= a for a, b in zip(edges, edges[1:])):
-            raise GeometryError(f"{_where(filename, el)}: r_edges must be finite, non-negative and strictly increasing")
+        edges = _layer_edges(filename, el)
         n_alpha = _attr(filename, el, "n_bin_alpha", int, default=1)
         if n_alpha < 1:
             raise GeometryError(f"{_where(filename, el)}: n_bin_alpha must be >= 1")
-        layers.append(Layer(lid, edges, n_alpha, symmetrise))
+        per_r = [n_alpha] * (len(edges) - 1)
+        if optimised and n_alpha > 1:
+            per_r = [optimised_alpha_bins(lo, hi, symmetrise) for lo, hi in zip(edges, edges[1:])]
+        if merge_first and per_r:
+            per_r[0] = 1
+        layers.append(Layer(lid, edges, n_alpha, symmetrise, per_r, merge_first))
     if not layers:
         raise GeometryError(f"{_where(filename, bin_elem)}: no <Layer> elements")
     return layers
+
+
+def _int_list(raw):
+    values = [int(v) for v in raw.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise ValueError(raw)
+    return values
+
+
+_int_list.__name__ = "comma-separated list of positive integers"
+
+#: FastCaloGAN's GAN settings, read from <Particle>, <Bin> and <Range> (in that order, later ones override)
+GAN_PROPERTIES = {"latentDim": int, "generator": _int_list, "discriminator": _int_list, "learningRate": float,
+                  "batchSize": int, "lambda": float, "gdratio": int, "beta": float, "label_definition": str,
+                  "voxel_normalisation": str}
+#: settings only a <Range> carries
+RANGE_PROPERTIES = {"useBatchNormalisation": None, "activationFunction": str}
+
+
+def _gan_props(filename, elem, what, extra=None):
+    """{attribute: (value, source)} of the GAN settings present on an XML element."""
+    props = dict(GAN_PROPERTIES, **(extra or {}))
+    source = f"{os.path.basename(filename)} {what}"
+    out = {}
+    for name, conv in props.items():
+        if name in elem.attrib:
+            out[name] = (_attr(filename, elem, name, conv or _parse_bool), source)
+    return out
+
+
+def _read_ranges(filename, part_el):
+    """The <EnergyRanges><Range name=...> of a particle: {name: {attribute: (value, source)}}."""
+    out = {}
+    for group in part_el.findall("EnergyRanges"):
+        for rng in group.findall("Range"):
+            name = _attr(filename, rng, "name")
+            out[name] = _gan_props(filename, rng, f'<Range name="{name}">', RANGE_PROPERTIES)
+    return out
 
 
 def _read_root(filename):
@@ -315,7 +473,8 @@ def _read_root(filename):
 def _matches(filename, elem, particle):
     name = elem.attrib.get("name")
     pid = elem.attrib.get("pid")
-    return particle == name or (pid is not None and str(particle) == pid)
+    known = str(PARTICLES[particle][0]) if particle in PARTICLES else None
+    return particle == name or (pid is not None and (str(particle) == pid or (name is None and known == pid)))
 
 
 def list_slices(filename, particle):
@@ -371,13 +530,24 @@ def read_geometry(filename, particle, eta=None):
                                 f"(slices cover {ranges})")
         chosen = hits[0]
     lo, hi, bin_el, part_el = chosen
+    root = _read_root(filename)
+    optimised = _attr(filename, root, "optimisedAlphaBins", _parse_bool, default=False)
+    merge = _attr(filename, root, "mergeAlphaBinsInFirstRBin", _parse_bool, default=False)
+    if not _attr(filename, root, "isPolar", _parse_bool, default=True):
+        raise GeometryError(f"{filename}: isPolar=\"false\" (cartesian eta/phi binning) is not supported")
     symmetrise = _attr(filename, part_el, "symmetriseAlpha", _parse_bool, default=False)
-    latent = _attr(filename, part_el, "latentDim", int, default=50)
-    name = part_el.attrib.get("name", str(particle))
+    name = part_el.attrib.get("name") or _PARTICLE_BY_PID.get(part_el.attrib.get("pid"), str(particle))
     pid = _attr(filename, part_el, "pid", int, default=PARTICLES.get(name, (0, 0))[0])
     region = bin_el.attrib.get("regionId")
-    layers = _read_layers(filename, bin_el, symmetrise)
-    return Geometry(layers, name, pid, filename, lo, hi, None if region is None else int(region), latent, symmetrise)
+    gan = _gan_props(filename, part_el, f'<Particle pid="{pid}">')
+    ranges = {}
+    if part_el is not bin_el:
+        gan.update(_gan_props(filename, bin_el, f'<Bin etaMin="{lo:g}" etaMax="{hi:g}">'))
+        ranges = _read_ranges(filename, part_el)
+    latent = gan.get("latentDim", (50, None))[0]
+    layers = _read_layers(filename, bin_el, symmetrise, optimised, merge)
+    return Geometry(layers, name, pid, filename, lo, hi, None if region is None else int(region), latent, symmetrise,
+                    gan, ranges, optimised, merge)
 
 
 def dataset_geometry(dataset, binning=None):
@@ -450,7 +620,8 @@ class _LayerPlan:
             first = [r, eta, phi] if lay.n_alpha > 1 else [r, zero, zero]
             self.weights.append(np.stack([np.ones_like(r)] + first + [c * c for c in first] + [zero]))  # (8, nv)
         self.shared = len(rel) > 1 and all(lay.n_alpha == rel[0].n_alpha and np.array_equal(lay.r_edges, rel[0].r_edges)
-                                           for lay in rel)
+                                           and np.array_equal(lay.alpha_per_r, rel[0].alpha_per_r)
+                                           and lay.merged_first == rel[0].merged_first for lay in rel)
         self._buffers = None
 
     def buffers(self, m):
@@ -713,11 +884,21 @@ def features_mean(data, chunk=None):
 def draw_layer(ax, lay, values, norm):
     """One layer's voxel energies on polar axes (radius log(1 + r/mm)); alpha bins are subdivided so that
     layers with a single alpha bin still draw as full rings."""
-    img = np.asarray(values, dtype=np.float64).reshape(lay.n_alpha, lay.n_r)
-    splits = max(1, 64 // lay.n_alpha)
-    img = np.repeat(img, splits, axis=0)
+    values = np.asarray(values, dtype=np.float64)
+    if lay.regular:
+        img = values.reshape(lay.n_alpha, lay.n_r)
+        splits = max(1, 64 // lay.n_alpha)
+        img = np.repeat(img, splits, axis=0)
+        n_theta = lay.n_alpha * splits
+    else:   # alpha bins per r bin (1, 4, 8, 16, 32): each ring repeated onto 64 angular cells
+        n_theta = 64
+        ir, ia = lay.voxel_bins()
+        rep = n_theta // lay.alpha_per_r[ir]
+        img = np.zeros((n_theta, lay.n_r))
+        for v in range(values.size):
+            img[ia[v] * rep[v]:(ia[v] + 1) * rep[v], ir[v]] = values[v]
     edges = lay.alpha_edges if lay.n_alpha > 1 else np.array([-math.pi, math.pi])
-    theta = np.linspace(edges[0], edges[-1], lay.n_alpha * splits + 1)
+    theta = np.linspace(edges[0], edges[-1], n_theta + 1)
     tt, rr = np.meshgrid(theta, np.log1p(lay.r_edges))
     pcm = ax.pcolormesh(tt, rr, img.T + 1e-16, norm=norm, shading="flat")
     ax.set_xticks([])
@@ -782,7 +963,8 @@ def main(argv=None):
     print(g)
     for lay in g.layers:
         if lay.n_voxels:
-            print(f"  layer {lay.id:2d}: {lay.n_r} r x {lay.n_alpha} alpha, r_edges {lay.r_edges.tolist()}")
+            alpha = lay.n_alpha if lay.regular else f"{lay.alpha_per_r.tolist()}"
+            print(f"  layer {lay.id:2d}: {lay.n_r} r x {alpha} alpha, r_edges {lay.r_edges.tolist()}")
     return 0
 
 

@@ -71,8 +71,8 @@ import sys
 import numpy as np
 
 from HighLevelFeatures import read_geometry
-from plumbing import (CKPT_RE, HelpFormatter, UserError, atomic_output, ensure_dir, list_checkpoints,
-                      load_generator_file, read_run_config, run_cli, write_text)
+from plumbing import (CKPT_RE, LABEL_FORMULAS, HelpFormatter, UserError, atomic_output, ensure_dir,
+                      list_checkpoints, load_generator_file, read_run_config, run_cli, write_text)
 
 # ----------------------------------------------------------------------------------------------
 # configuration: defaults of the command line
@@ -866,10 +866,7 @@ def build_metadata(cfg, sizes, files, run, ckpt, iteration, mode, check, onnx_in
     """
     latent, _, n_out = sizes
     scheme = cfg.get("label_scheme", "V2")
-    if scheme == "V1":
-        inverse = "E_kin = label * 2**max_exp"
-    else:
-        inverse = "E_kin = ekin_min * (ekin_max / ekin_min)**label"
+    from_ekin, inverse = LABEL_FORMULAS.get(scheme, LABEL_FORMULAS["V2"])
     noise = cfg.get("noise", {"mean": 0.5, "std": 0.5})
     keys = ("particle", "pid", "eta_min", "eta_max", "range", "binning", "latent_dim", "n_voxels", "label_scheme",
             "max_exp", "p_min", "p_max", "ekin_min", "ekin_max", "normalisation")
@@ -884,9 +881,7 @@ def build_metadata(cfg, sizes, files, run, ckpt, iteration, mode, check, onnx_in
                              f"{noise.get('std', 0.5)}), variable_0..variable_{latent - 1}",
                    "node_1": "condition: variable_0 = energy label, variable_1 = 0"},
         "noise": noise,
-        "label": {"scheme": scheme, "from_ekin": ("label = E_kin / 2**max_exp" if scheme == "V1" else
-                                                  "label = log(E_kin / ekin_min) / log(ekin_max / ekin_min)"),
-                  "inverse": inverse},
+        "label": {"scheme": scheme, "from_ekin": from_ekin, "inverse": inverse},
         "outputs": {"labels": f"out_0..out_{n_out - 1}",
                     "meaning": "voxel energy / E_kin; voxel i is described by voxel_layout (r fastest)",
                     "inverse": "voxel energy [MeV] = out_i * E_kin [MeV]"},

@@ -50,6 +50,25 @@ ENERGY_RANGES = {
 }
 
 
+#: FastCaloGAN's energy ranges: name -> (lowest, highest) exponent of the momenta 2^k MeV, both included
+FASTCALOGAN_RANGES = {
+    "All": (8, 22), "UltraLow12": (6, 12), "Low10": (8, 10), "Low12": (8, 12), "Low13": (8, 13), "Low14": (8, 14),
+    "Low15": (8, 15), "High10": (10, 22), "High12": (12, 22), "High15": (15, 22), "High16": (16, 22),
+    "High17": (17, 22), "High18": (18, 22), "High19": (19, 22), "Mid1017": (10, 17), "Mid1217": (12, 17),
+    "Mid1218": (12, 18), "Mid1317": (13, 17), "Mid1318": (13, 18), "Cell": (10, 18), "Single65": (16, 16),
+}
+
+#: label scheme -> (label from E_kin, E_kin from label). V2 = FastCaloGAN's LogE, V1 = E_kin / 2^max_exp;
+#: MaxE and Exp are FastCaloGAN's other label_definition values. E_min / E_max: E_kin at the range's p_min / p_max.
+LABEL_FORMULAS = {
+    "V2": ("label = log(E_kin / ekin_min) / log(ekin_max / ekin_min)", "E_kin = ekin_min * (ekin_max / ekin_min)**label"),
+    "LogE": ("label = log(E_kin / ekin_min) / log(ekin_max / ekin_min)", "E_kin = ekin_min * (ekin_max / ekin_min)**label"),
+    "V1": ("label = E_kin / 2**max_exp", "E_kin = label * 2**max_exp"),
+    "MaxE": ("label = E_kin / ekin_max", "E_kin = label * ekin_max"),
+    "Exp": ("label = log2(E_kin)", "E_kin = 2**label"),
+}
+
+
 def particle_mass(particle):
     """Mass in MeV of a particle name (photon, electron, pion, proton)."""
     if particle not in PARTICLES:
@@ -69,11 +88,22 @@ def kinetic_energy(p, particle):
 
 
 def energy_range(particle, name):
-    """(p_min, p_max, p_min_included) of a FastCaloGAN energy range; UserError if undefined."""
+    """(p_min, p_max, p_min_included) of an energy range; UserError if undefined.
+
+    calokit's names (``low``, ``high``, ``all``, per particle) or FastCaloGAN's (``High12``: 2^12..2^22 MeV,
+    both ends included; see ``FASTCALOGAN_RANGES``).
+
+    >>> energy_range("photon", "High12") == (2.0**12, 2.0**22, True), energy_range("photon", "high")[2]
+    (True, False)
+    """
     ranges = ENERGY_RANGES.get(particle, {})
-    if name not in ranges:
-        raise UserError(f"energy range '{name}' is not defined for {particle} (choose from {', '.join(ranges) or 'none'})")
-    return ranges[name]
+    if name in ranges:
+        return ranges[name]
+    if name in FASTCALOGAN_RANGES and particle in ENERGY_RANGES:
+        lo, hi = FASTCALOGAN_RANGES[name]
+        return 2.0**lo, 2.0**hi, True
+    raise UserError(f"energy range '{name}' is not defined for {particle} (choose from "
+                    f"{', '.join(list(ranges) + list(FASTCALOGAN_RANGES)) if ranges else 'none'})")
 
 
 def in_energy_range(p, particle, name):
@@ -86,17 +116,25 @@ def in_energy_range(p, particle, name):
 
 
 def condition_label(ekin, ekin_min, ekin_max, scheme="V2", max_exp=MAX_EXP):
-    """FastCaloGAN condition label: V2 log(E/E_min)/log(E_max/E_min) (default), V1 E/2^max_exp.
+    """FastCaloGAN condition label of kinetic energies (see ``LABEL_FORMULAS``).
+
+    V2 / LogE log(E/E_min)/log(E_max/E_min) (default), V1 E/2^max_exp, MaxE E/E_max, Exp log2 E.
 
     >>> condition_label(np.array([256.0, 4096.0, 65536.0]), 256.0, 65536.0).tolist()
     [0.0, 0.5, 1.0]
+    >>> condition_label(np.array([4096.0]), 256.0, 65536.0, "MaxE").tolist(), condition_label(4096.0, 1, 2, "Exp").tolist()
+    ([0.0625], 12.0)
     """
     ekin = np.asarray(ekin, dtype=np.float64)
-    if scheme == "V2":
+    if scheme in ("V2", "LogE"):
         return np.log(ekin / ekin_min) / np.log(ekin_max / ekin_min)
     if scheme == "V1":
         return ekin / 2.0**max_exp
-    raise UserError(f"unknown label scheme '{scheme}' (V1 or V2)")
+    if scheme == "MaxE":
+        return ekin / ekin_max
+    if scheme == "Exp":
+        return np.log2(ekin)
+    raise UserError(f"unknown label scheme '{scheme}' (choose from {', '.join(LABEL_FORMULAS)})")
 
 
 def condition_vector(label, eta=None):
@@ -113,11 +151,15 @@ def label_to_ekin(label, ekin_min, ekin_max, scheme="V2", max_exp=MAX_EXP):
     4096.0
     """
     label = np.asarray(label, dtype=np.float64)
-    if scheme == "V2":
+    if scheme in ("V2", "LogE"):
         return ekin_min * np.power(ekin_max / ekin_min, label)
     if scheme == "V1":
         return label * 2.0 ** max_exp
-    raise UserError(f"unknown label scheme '{scheme}' (V1 or V2)")
+    if scheme == "MaxE":
+        return label * ekin_max
+    if scheme == "Exp":
+        return np.exp2(label)
+    raise UserError(f"unknown label scheme '{scheme}' (choose from {', '.join(LABEL_FORMULAS)})")
 
 
 # ----------------------------------------------------------------------------------------------

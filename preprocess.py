@@ -28,8 +28,11 @@ is the one of the XML that holds the median over events of |extrap_eta| (every e
 also one FastCaloGAN-style CSV per energy, ``pid<pid>_E<MeV>_eta_<min>_<max>.csv``: a header row of voxel
 names ``L<layer>_a<ialpha>_r<ir>`` and one row per event (MeV, float32 values written with 9 significant
 digits, so they read back bit-identical). The column order is this project's flat order (layers in XML order,
-then alpha, r fastest) -- not FastCaloGAN's historical alpha-fastest order; the names say which is which.
-Read with ``np.loadtxt(f, delimiter=",", skiprows=1)`` or ``pandas.read_csv(f)``.
+then alpha, r fastest) -- not FastCaloGAN's alpha-fastest order; the names say which is which.
+Read with ``np.loadtxt(f, delimiter=",", skiprows=1)`` or ``pandas.read_csv(f)``. ``--csv-layout fastcalogan``
+writes what FastCaloGAN's own reader takes instead: ``DIR/csvFiles/pid<pid>/eta_<min>_<max>/pid<pid>_E<p>_eta_
+<min>_<max>_voxalisation.csv``, no header, one event per row, within a layer r bins outer and alpha bins inner
+(``Geometry.fastcalogan_order()`` gives the columns; layers with per-r-bin alpha bins are stored that way).
 
 Speed: hits are read in chunks (``--chunk`` hits at a time, never a whole file), mapped in cache-sized blocks
 by a vectorised kernel (a per-layer look-up table for the r bin, exact against the edges; cross-checked against
@@ -59,8 +62,8 @@ import sys
 import numpy as np
 
 from HighLevelFeatures import PARTICLES, GeometryError, eta_to_mm, list_slices, read_geometry, wrap_phi
-from plumbing import (MAX_EXP, HelpFormatter, UserError, atomic_output, condition_label, energy_range, ensure_dir,
-                      in_energy_range, iter_calo_chunks, kinetic_energy, open_calo_file, open_h5, run_cli)
+from plumbing import (LABEL_FORMULAS, MAX_EXP, HelpFormatter, UserError, atomic_output, condition_label, energy_range,
+                      ensure_dir, in_energy_range, iter_calo_chunks, kinetic_energy, open_calo_file, open_h5, run_cli)
 
 # ----------------------------------------------------------------------------------------------
 # configuration (defaults of the command line)
@@ -159,18 +162,21 @@ class VoxelMapper:
         self.symmetrise = bool(geom.symmetrise_alpha)
         self.alpha_lo = 0.0 if self.symmetrise else -math.pi
         span = math.pi - self.alpha_lo
-        self.alpha_scale = np.array([lay.n_alpha / span if lay.n_alpha > 1 else 0.0 for lay in self.layers])
+        # alpha bins per global r bin g (all layers' r bins concatenated; FastCaloGAN's optimised binning
+        # gives each r bin its own count): scale = n_alpha(g) / span, 0 for r bins with a single alpha bin
+        n_a = np.concatenate([lay.alpha_per_r for lay in self.layers])
+        self.alpha_scale = np.where(n_a > 1, n_a / span, 0.0)
         self.any_alpha = bool((self.alpha_scale > 0).any())
-        # global r bins g (all layers concatenated): lower/upper edge, and the voxel of (g, alpha bin j) in
-        # ``vox_of`` (row length n_alpha_max + 1 so that alpha == pi, which bins to n_alpha, maps to the last bin)
+        # global r bins g: lower/upper edge, and the voxel of (g, alpha bin j) in ``vox_of`` (row length
+        # n_alpha_max + 1 so that alpha == pi, which bins to n_alpha, maps to the last bin)
         lower, upper, vox_of = [], [], []
-        self.alpha_row = max(lay.n_alpha for lay in self.layers) + 1
+        self.alpha_row = int(n_a.max()) + 1
         for lay in self.layers:
             e = lay.r_edges
             lower.append(np.concatenate([[-np.inf], e[1:-1]]))
             upper.append(np.concatenate([e[1:-1], [np.nan]]))   # NaN: r >= upper is False even for r = inf
-            j = np.minimum(np.arange(self.alpha_row), lay.n_alpha - 1)
-            vox_of.append(geom.offsets[lay.id][0] + np.arange(lay.n_r)[:, None] + j[None, :] * lay.n_r)
+            j = np.minimum(np.arange(self.alpha_row)[None, :], lay.alpha_per_r[:, None] - 1)
+            vox_of.append(geom.offsets[lay.id][0] + lay.index_of(np.arange(lay.n_r)[:, None], j))
         self.lower, self.upper = np.concatenate(lower), np.concatenate(upper)
         self.vox_of = np.concatenate(vox_of).ravel().astype(np.int64)
         self.vox_base = self.vox_of[::self.alpha_row].copy()
@@ -227,7 +233,7 @@ class VoxelMapper:
             first = np.cumsum([0] + [lay.n_r for lay in self.layers])
             for j, lay in enumerate(self.layers):
                 m = k == j
-                g[m] = first[j] + lay.bin_index(rr[m], np.zeros(int(m.sum()))) % lay.n_r
+                g[m] = first[j] + lay.r_bin(rr[m])
             return g
         cell = np.minimum(rr * self.cell_inv, self.n_cells - 1).astype(np.int64)
         cell += k * self.n_cells
@@ -251,7 +257,7 @@ class VoxelMapper:
             return np.take(self.vox_base, g)
         alpha = np.arctan2(np.abs(d) if self.symmetrise else d, x)
         alpha -= self.alpha_lo
-        alpha *= np.take(self.alpha_scale, k)               # 0 for layers with one alpha bin
+        alpha *= np.take(self.alpha_scale, g)               # 0 for r bins with one alpha bin
         g *= self.alpha_row
         g += alpha.astype(np.int64)
         return np.take(self.vox_of, g)
@@ -381,11 +387,11 @@ def voxelise_python_loop(geom, hits, extrap, n_events):
         y = dphi * r0
         r = math.sqrt(x * x + y * y)
         ir = min(bisect.bisect_right(edges[lid], r) - 1, lay.n_r - 1)
-        ia = 0
-        if lay.n_alpha > 1:
+        ia, n_a = 0, int(lay.alpha_per_r[ir])
+        if n_a > 1:
             alpha = math.atan2(abs(y) if sym else y, x)
-            ia = min(int((alpha - lo) * lay.n_alpha / (math.pi - lo)), lay.n_alpha - 1)
-        out[ev, geom.offsets[lid][0] + ia * lay.n_r + ir] += e
+            ia = min(int((alpha - lo) * n_a / (math.pi - lo)), n_a - 1)
+        out[ev, geom.offsets[lid][0] + int(lay.index_of(ir, ia))] += e
     return out
 
 
@@ -535,12 +541,53 @@ def csv_name(pid, energy, geom):
     return f"pid{pid}_E{int(round(energy))}_{geom.slice_name()}.csv"
 
 
+def fastcalogan_csv_path(root, pid, energy, geom):
+    """FastCaloGAN's reader path: ``<root>/csvFiles/pid<pid>/eta_<min>_<max>/pid<pid>_E<p>_eta_<min>_<max>_voxalisation.csv``.
+
+    >>> from HighLevelFeatures import Geometry
+    >>> fastcalogan_csv_path("vox", 22, 65536.0, Geometry([], "photon", 22, eta_min=20, eta_max=25))
+    'vox/csvFiles/pid22/eta_20_25/pid22_E65536_eta_20_25_voxalisation.csv'
+    """
+    name = f"pid{pid}_E{int(round(energy))}_{geom.slice_name()}_voxalisation.csv"
+    return os.path.join(root, "csvFiles", f"pid{pid}", geom.slice_name(), name)
+
+
 def write_csv(path, names, rows_iter):
-    """Header row of voxel names, then float32 rows with 9 significant digits (exact round trip)."""
+    """Header row of voxel names (none when ``names`` is None), then float32 rows with 9 significant digits
+    (exact round trip)."""
     with open(path, "w") as fh:
-        fh.write(",".join(names) + "\n")
+        if names is not None:
+            fh.write(",".join(names) + "\n")
         for block in rows_iter:
             np.savetxt(fh, block, fmt="%.9g", delimiter=",")
+
+
+def write_csvs(root, layout, geom, d_e, d_s, stack):
+    """One CSV per incident energy of the voxelised file (datasets ``d_e``, ``d_s``); returns the paths.
+
+    ``calokit``: ``<root>/pid<pid>_E<p>_eta_<min>_<max>.csv`` with a header of voxel names, this project's
+    column order. ``fastcalogan``: the path and layout FastCaloGAN's reader takes (no header; within a layer
+    r bins outer, alpha bins inner). Each file is renamed into place when the ExitStack ``stack`` closes.
+    """
+    ensure_dir(root)
+    fcg = layout == "fastcalogan"
+    names = None if fcg else geom.voxel_names()
+    cols = geom.fastcalogan_order() if fcg else None
+    energies = np.rint(d_e[:, 0])
+    V = d_s.shape[1]
+    paths = []
+    for energy in np.unique(energies):
+        idx = np.flatnonzero(energies == energy)
+        path = (fastcalogan_csv_path(root, geom.pid, energy, geom) if fcg
+                else os.path.join(root, csv_name(geom.pid, energy, geom)))
+        ensure_dir(os.path.dirname(path))
+        tmp_csv = stack.enter_context(atomic_output(path))
+        step = max(1, 2 ** 22 // max(V, 1))
+        blocks = (idx[i:i + step] for i in range(0, idx.size, step))
+        rows = (d_s[b[0]:b[-1] + 1] if b[-1] - b[0] + 1 == b.size else d_s[b] for b in blocks)
+        write_csv(tmp_csv, names, (r[:, cols] if fcg else r for r in rows))
+        paths.append(path)
+    return paths
 
 
 def run_voxelise(args):
@@ -587,19 +634,7 @@ def run_voxelise(args):
             bar.update(hf.n_hits)
         bar.close()
         if args.csv:
-            ensure_dir(args.csv)
-            names = geom.voxel_names()
-            p_all = d_e[:, 0]
-            energies = np.rint(p_all)
-            for energy in np.unique(energies):
-                idx = np.flatnonzero(energies == energy)
-                path = os.path.join(args.csv, csv_name(geom.pid, energy, geom))
-                tmp_csv = stack.enter_context(atomic_output(path))
-                step = max(1, 2 ** 22 // max(V, 1))
-                blocks = (idx[i:i + step] for i in range(0, idx.size, step))
-                write_csv(tmp_csv, names, (d_s[b[0]:b[-1] + 1] if b[-1] - b[0] + 1 == b.size else d_s[b]
-                                           for b in blocks))
-                csv_paths.append(path)
+            csv_paths = write_csvs(args.csv, args.csv_layout, geom, d_e, d_s, stack)
         out.close()
     msg = (f"voxelise: wrote {args.out} ({n_total} events x {V} voxels, {geom.particle}, |eta| "
            f"{geom.eta_min / 100:.2f}-{geom.eta_max / 100:.2f} of {args.binning}) from {len(files)} hits files: "
@@ -624,8 +659,6 @@ def run_prepare(args):
     import h5py
 
     particle = _particle(args.particle)
-    if args.label not in ("V1", "V2"):
-        raise UserError(f"--label {args.label}: choose V2 or V1")
     p_min, p_max, _ = energy_range(particle, args.range)
     eta = args.eta
     if eta is None:   # a voxelise output says its slice; a CaloChallenge file does not (then the XML must have one)
@@ -636,6 +669,10 @@ def run_prepare(args):
         geom = read_geometry(args.binning, particle, eta)
     except GeometryError as err:
         raise UserError(f"{err}{' (pass --eta)' if eta is None else ''}") from None
+    if args.label is None:   # the XML's label_definition (FastCaloGAN), else V2
+        args.label = str(geom.gan_settings(args.range).get("label_definition", ("V2", None))[0])
+    if args.label not in LABEL_FORMULAS:
+        raise UserError(f"--label {args.label}: choose from {', '.join(LABEL_FORMULAS)}")
     V = geom.n_voxels
     # pass 1: validate every input and select the events of the range (incident energies only)
     masks = []
@@ -780,6 +817,11 @@ def build_parser():
     v.add_argument("--particle", required=True, help="particle name or PDG id")
     v.add_argument("--out", required=True, help="output CaloChallenge HDF5")
     v.add_argument("--csv", default=None, help="also write one CSV per energy into this directory")
+    v.add_argument("--csv-layout", default="calokit", choices=["calokit", "fastcalogan"],
+                   help="calokit: DIR/pid<pid>_E<p>_eta_<min>_<max>.csv, header of voxel names, this project's "
+                        "voxel order; fastcalogan: DIR/csvFiles/pid<pid>/eta_<min>_<max>/pid<pid>_E<p>_eta_<min>_"
+                        "<max>_voxalisation.csv, no header, r bins outer and alpha bins inner as FastCaloGAN's "
+                        "reader takes (default calokit)")
     v.add_argument("--jobs", type=int, default=DEFAULT_JOBS, help=f"files in parallel (default {DEFAULT_JOBS})")
     v.add_argument("--chunk", type=int, default=DEFAULT_CHUNK_HITS, help="hits read at a time")
     v.add_argument("--eta-tolerance", type=float, default=DEFAULT_ETA_TOLERANCE,
@@ -793,8 +835,11 @@ def build_parser():
     p.add_argument("--range", default="all",
                    help="energy range by momentum p, one GAN each: low = 2^6..2^12 MeV, high = above 2^12 up to 2^22 "
                         "MeV (photons/electrons); all = 2^6..2^22 (photons/electrons), 2^8..2^22 (pions), 2^10..2^22 "
-                        "(protons) (default: all)")
-    p.add_argument("--label", default="V2", help="label scheme V2 (default) or V1")
+                        "(protons); or FastCaloGAN's names, both ends included: All, UltraLow12, Low12, High12, "
+                        "High15, Mid1218, ... (default: all)")
+    p.add_argument("--label", default=None,
+                   help="label scheme: V2 = LogE (log(E_kin/E_min)/log(E_max/E_min)), V1 (E_kin/2^22), MaxE "
+                        "(E_kin/E_max), Exp (log2 E_kin); default: the XML's label_definition, else V2")
     p.add_argument("--eta", type=float, default=None,
                    help="|eta| of the slice in a multi-slice XML (default: from the voxel file's attributes)")
     p.add_argument("--out", required=True,

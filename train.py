@@ -5,16 +5,21 @@ event) and trains the FastCaloGAN V2 network pair with Keras 3 on whatever backe
 (TensorFlow by default, on CPU; ``KERAS_BACKEND=jax`` on a GPU):
 
 * generator: input [noise (latent_dim values drawn from N(0.5, 0.5)), condition [label, 0]] concatenated,
-  hidden Dense 50, 100, 200 (each Dense -> [BatchNormalization] -> activation; swish + batch-norm for
-  photons/electrons, ReLU without batch-norm for pions/protons by default), output Dense(N_vox) -> ReLU so
-  showers are never negative;
-* critic: input [voxels, condition] concatenated, three hidden Dense(N_vox) with ReLU, linear output (width
-  capped at CRITIC_WIDTH_CAP = 2048 by default, so that CaloChallenge datasets 2 and 3 fit; ``--critic-width``);
-* WGAN-GP: 5 critic steps per generator step, lambda 10, Adam (lr 1e-4, beta1 0.55), batch 128.
+  hidden Dense 50, 100, 200 and a Dense(N_vox) output in FastCaloGAN's three forms (He-uniform kernels, zero
+  biases; see :func:`build_generator`), picked by the binning XML's energy range or by particle and range;
+  batch-norm runs in inference mode during training by default, as FastCaloGAN's code trained it
+  (:func:`batchnorm_training`);
+* critic: input [voxels, condition] concatenated, Dense layers of the XML's ``discriminator`` sizes or three of
+  N_vox with ReLU, linear output (width capped at CRITIC_WIDTH_CAP = 2048 by default, so that CaloChallenge
+  datasets 2 and 3 fit; ``--critic-width``);
+* WGAN-GP: 5 critic steps per generator step, lambda 10, Adam (lr 1e-4, beta1 0.55), batch 128 -- or the XML's
+  settings (particle < region < range; command-line flags above all; config.json says where each came from).
+  Strategy ``all`` (every energy from the start) or ``sequential`` (:func:`sequential_exponents`).
 
 One training iteration (5 critic updates and 1 generator update) is one compiled function: the batches for
-all 5 critic steps are drawn at once (numpy ``Generator``, seeded, its state saved in every checkpoint), the
-critic sees real and fake events in one forward pass, and with TensorFlow the whole iteration is XLA-compiled.
+all 5 critic steps are drawn at once (numpy ``Generator``, seeded, its state saved in every checkpoint; the
+generator step takes the conditions of the last one), the critic sees real and fake events in one forward
+pass, and with TensorFlow the whole iteration is XLA-compiled.
 
 Outputs in RUN_DIR (the layout select_epoch.py and export_lwtnn.py read):
   config.json            everything needed to rebuild and interpret the networks
@@ -48,7 +53,7 @@ import time
 
 import numpy as np
 
-from HighLevelFeatures import PARTICLES
+from HighLevelFeatures import PARTICLES, read_geometry
 from plumbing import (NOISE_MEAN, NOISE_STD, HelpFormatter, UserError, atomic_directory, atomic_output,
                       condition_vector, ensure_dir, import_keras, kinetic_energy, open_h5, read_run_config, run_cli,
                       write_json)
@@ -57,13 +62,6 @@ from plumbing import list_checkpoints as plumbing_list_checkpoints
 # ----------------------------------------------------------------------------------------------
 # configuration
 
-#: FastCaloGAN V2 defaults (per particle where they differ)
-PARTICLE_DEFAULTS = {
-    "photon": {"activation": "swish", "batchnorm": True},
-    "electron": {"activation": "swish", "batchnorm": True},
-    "pion": {"activation": "relu", "batchnorm": False},
-    "proton": {"activation": "relu", "batchnorm": False},
-}
 GENERATOR_HIDDEN = (50, 100, 200)
 DEFAULT_ITERATIONS = 1_000_000           # FastCaloGAN trained up to 1M generator iterations
 TRAINING_ATTRS = ("particle", "pid", "eta_min", "eta_max", "range", "binning", "label_scheme", "max_exp",
@@ -88,18 +86,44 @@ def parse_args(argv=None):
                    help="continue from the last complete checkpoint of --out (starts afresh if there is none)")
     p.add_argument("--exclude-energy", type=float, nargs="+", action="extend", default=[], metavar="E",
                    help="leave out events with this incident energy in MeV (relative tolerance 1e-3)")
-    p.add_argument("--batch-size", type=int, default=128, help="events per critic and generator batch")
-    p.add_argument("--n-critic", type=int, default=5, help="critic updates per generator update")
-    p.add_argument("--lambda-gp", type=float, default=10.0, help="gradient-penalty weight")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (both networks)")
-    p.add_argument("--beta1", type=float, default=0.55, help="Adam beta1 (both networks; FastCaloGAN: 0.55)")
+    p.add_argument("--binning", default=None,
+                   help="FastCaloGAN binning XML whose particle / region / energy-range settings (latentDim, "
+                        "generator, discriminator, learningRate, batchSize, lambda, gdratio, beta, "
+                        "activationFunction, useBatchNormalisation) are used when no flag gives them "
+                        "(default: the training file's binning, when that file exists)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (XML batchSize, else 128)")
+    p.add_argument("--n-critic", type=int, default=None,
+                   help="critic updates per generator update (XML gdratio, else 5)")
+    p.add_argument("--lambda-gp", type=float, default=None, help="gradient-penalty weight (XML lambda, else 10)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate, both networks (XML learningRate, else 1e-4)")
+    p.add_argument("--beta1", type=float, default=None, help="Adam beta1 (XML beta, else 0.55)")
     p.add_argument("--beta2", type=float, default=0.999, help="Adam beta2 (both networks)")
+    p.add_argument("--latent-dim", type=int, default=None,
+                   help="noise values per shower (XML latentDim, else the training file's latent_dim)")
+    p.add_argument("--generator-layers", default=None, metavar="N,N,N",
+                   help="generator hidden layer sizes (XML generator, else 50,100,200)")
     p.add_argument("--activation", default=None,
-                   help="generator hidden activation (default: swish for photon/electron, relu for pion/proton)")
-    p.add_argument("--output-activation", default="relu", choices=["relu", "sigmoid", "linear"],
-                   help="generator output activation (relu: exact zeros, non-negative)")
+                   help="generator hidden activation (XML activationFunction; else ReLU for the e/gamma low "
+                        "range and for pions/protons, swish for the other e/gamma ranges)")
+    p.add_argument("--output-activation", default=None, choices=["relu", "swish", "sigmoid", "linear"],
+                   help="generator output activation. swish with batch-norm: FastCaloGAN's swish network "
+                        "(Dense -> BatchNorm -> swish; voxels may be negative, which evaluate.py refuses); the "
+                        "default when the XML's energy range selects that network, relu (non-negative) otherwise")
     p.add_argument("--batchnorm", default=None, action=argparse.BooleanOptionalAction,
-                   help="batch-norm in the generator (default: on for photon/electron, off for pion/proton)")
+                   help="batch-norm in the generator (XML useBatchNormalisation; else on for e/gamma, off for "
+                        "pions/protons); the swish network also normalises its output layer")
+    p.add_argument("--batchnorm-mode", default=None, choices=["inference", "batch-stats"],
+                   help="how batch-norm runs in the training steps: inference = as FastCaloGAN trained (moving "
+                        "mean 0 / variance 1 kept, a learnt scale and shift; training, generation and export "
+                        "agree), batch-stats = normalised by the batch's statistics, moving averages for "
+                        "generation (default: inference)")
+    p.add_argument("--strategy", default="all", choices=["all", "sequential"],
+                   help="all: every energy from the start; sequential (FastCaloGAN): the middle momentum first, "
+                        "then one more momentum every --add-every iterations, alternately above and below")
+    p.add_argument("--first-sample-iterations", type=int, default=50_000,
+                   help="sequential: iterations on the middle momentum alone")
+    p.add_argument("--add-every", type=int, default=20_000, help="sequential: iterations between added momenta")
     p.add_argument("--critic-width", type=int, default=None,
                    help=f"units of each of the critic's 3 hidden layers (default: N_vox as FastCaloGAN, at most "
                         f"{CRITIC_WIDTH_CAP} so CaloChallenge datasets 2/3 fit in memory)")
@@ -111,12 +135,34 @@ def parse_args(argv=None):
     p.add_argument("--deterministic", default=True, action=argparse.BooleanOptionalAction,
                    help="TensorFlow op determinism (same seed -> same losses)")
     args = p.parse_args(argv)
-    for name in ("iterations", "checkpoint_every", "batch_size", "n_critic", "keep_resume", "critic_width"):
+    for name in ("iterations", "checkpoint_every", "batch_size", "n_critic", "keep_resume", "critic_width",
+                 "latent_dim", "first_sample_iterations", "add_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
-    if not (args.lr > 0 and args.lambda_gp >= 0 and 0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
-        raise UserError("--lr must be > 0, --lambda-gp >= 0 and --beta1/--beta2 in [0, 1)")
+    check_hyper(args.lr, args.lambda_gp, args.beta1, args.beta2, "--lr must be > 0, --lambda-gp >= 0 and "
+                "--beta1/--beta2 in [0, 1)")
+    if args.generator_layers is not None:
+        args.generator_layers = parse_layers(args.generator_layers, "--generator-layers")
     return args
+
+
+def check_hyper(lr, lambda_gp, beta1, beta2, message):
+    """UserError(message) unless lr > 0, lambda_gp >= 0 and beta1, beta2 in [0, 1) (None = not given)."""
+    ok = ((lr is None or lr > 0) and (lambda_gp is None or lambda_gp >= 0)
+          and all(b is None or 0 <= b < 1 for b in (beta1, beta2)))
+    if not ok:
+        raise UserError(message)
+
+
+def parse_layers(raw, what):
+    """"50,100,200" -> [50, 100, 200]; UserError naming ``what`` otherwise."""
+    try:
+        sizes = [int(v) for v in str(raw).split(",") if v.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise UserError(f"{what} {raw!r}: expected comma-separated positive layer sizes")
+    return sizes
 
 
 def _keras():
@@ -211,35 +257,118 @@ def select_training_events(data, exclude, path="training file"):
         keep &= ~m
     if not keep.any():
         raise UserError(f"{path}: --exclude-energy leaves no events to train on")
-    return data["voxels"][keep], data["label"][keep], dropped
+    return data["voxels"][keep], data["label"][keep], dropped, data["einc"][keep]
+
+
+def sequential_exponents(iteration, exp_min, exp_max, first=50_000, every=20_000):
+    """(lowest, highest) momentum exponent trained at ``iteration`` (1-based) by FastCaloGAN's sequential strategy.
+
+    Iterations 1..first train the middle exponent int((exp_min + exp_max) / 2) alone; at iteration
+    first + 1 and every ``every`` iterations after it, one more exponent joins, alternately the next one above
+    and the next one below (a side that has reached its end is skipped, its turn passes).
+
+    >>> [sequential_exponents(i, 6, 12, 5, 2) for i in (1, 5, 6, 8, 10, 12, 14, 16)]
+    [(9, 9), (9, 9), (9, 10), (8, 10), (8, 11), (7, 11), (7, 12), (6, 12)]
+    """
+    lo = hi = (int(exp_min) + int(exp_max)) // 2
+    done = iteration - 1 - first          # FastCaloGAN counts iterations from 0: a step at first, first + every, ...
+    if done < 0:
+        return lo, hi
+    up = True
+    for _ in range(done // every + 1):
+        if up and hi < exp_max:
+            hi, up = hi + 1, False
+        elif not up and lo > exp_min:
+            lo, up = lo - 1, True
+    return lo, hi
+
+
+def momentum_exponents(p):
+    """Nearest integer k with p ~ 2^k MeV (FastCaloGAN's samples are at p = 2^k)."""
+    return np.rint(np.log2(np.asarray(p, dtype=np.float64))).astype(np.int64)
+
+
+class SequentialPool:
+    """Event indices the sequential strategy draws from at each iteration (rebuilt when the range grows)."""
+
+    def __init__(self, einc, cfg):
+        st = cfg["strategy"]
+        self.exps = momentum_exponents(einc)
+        self.lo, self.hi = int(momentum_exponents(cfg["p_min"])), int(momentum_exponents(cfg["p_max"]))
+        self.first, self.every = int(st["first_sample_iterations"]), int(st["add_every"])
+        self.range, self.pool = None, None
+
+    def __call__(self, iteration):
+        rng = sequential_exponents(iteration, self.lo, self.hi, self.first, self.every)
+        if rng != self.range:
+            self.range = rng
+            self.pool = np.flatnonzero((self.exps >= rng[0]) & (self.exps <= rng[1]))
+            if self.pool.size == 0:
+                raise UserError(f"sequential strategy: no training events with momentum 2^{rng[0]}..2^{rng[1]} MeV "
+                                f"(the middle of the range) to start from; use --strategy all")
+        return self.pool
 
 
 # ----------------------------------------------------------------------------------------------
 # networks
 
-def build_generator(n_voxels, latent_dim=50, cond_dim=2, hidden=GENERATOR_HIDDEN, activation="swish",
-                    batchnorm=False, output_activation="relu"):
-    """FastCaloGAN generator: [noise, condition] -> (Dense -> [BatchNorm] -> activation) x hidden -> Dense -> out.
+def _dense(layers, units, name, activation=None, he=True):
+    """A Dense layer; FastCaloGAN's initialisation (He-uniform kernel, zero bias) unless ``he`` is False."""
+    kw = {"kernel_initializer": "he_uniform", "bias_initializer": "zeros"} if he else {}
+    return layers.Dense(int(units), activation=activation, name=name, **kw)
 
-    Inputs are named ``noise`` (latent_dim) and ``condition`` (cond_dim); the output is the normalised shower.
+
+def _activation_layer(layers, activation, batchnorm, name):
+    """FastCaloGAN's activation layers: ReLU after batch-norm is ``LeakyReLU(0)``, anything else ``Activation``."""
+    if activation == "relu" and batchnorm:
+        return layers.LeakyReLU(negative_slope=0.0, name=name)
+    return layers.Activation(activation, name=name)
+
+
+def build_generator(n_voxels, latent_dim=50, cond_dim=2, hidden=GENERATOR_HIDDEN, activation="swish",
+                    batchnorm=False, output_activation="relu", output_batchnorm=False, layout="fastcalogan"):
+    """FastCaloGAN generator: [noise, condition] -> (Dense -> [BatchNorm] -> activation) x hidden -> output.
+
+    Inputs are named ``noise`` (latent_dim) and ``condition`` (cond_dim); the last layer is named ``voxels``.
+    ``layout="fastcalogan"`` builds the networks of FastCaloGAN's code (He-uniform kernels, zero biases):
+
+    * ReLU with batch-norm: Dense -> BatchNorm -> LeakyReLU(0) per hidden layer, Dense(N_vox) -> LeakyReLU(0);
+    * swish (with ``output_batchnorm``): Dense -> BatchNorm -> swish per hidden layer, Dense(N_vox) ->
+      BatchNorm -> swish;
+    * ReLU without batch-norm: Dense with a fused ReLU on every layer, output included.
+
+    ``layout="legacy"`` rebuilds runs of earlier calokit versions (Keras' default Glorot initialisation,
+    Dense -> [BatchNorm] -> Activation, output Dense -> Activation).
     """
     keras = _keras()
     layers = keras.layers
+    he = layout != "legacy"
     noise = keras.Input(shape=(int(latent_dim),), name="noise")
     cond = keras.Input(shape=(int(cond_dim),), name="condition")
     h = layers.Concatenate(name="concat")([noise, cond])
-    for i, n in enumerate(hidden):
-        h = layers.Dense(int(n), name=f"dense_{i}")(h)
-        if batchnorm:
-            h = layers.BatchNormalization(name=f"batchnorm_{i}")(h)
-        h = layers.Activation(activation, name=f"activation_{i}")(h)
-    h = layers.Dense(int(n_voxels), name="dense_out")(h)
-    out = layers.Activation(output_activation, name="voxels")(h)
-    return keras.Model([noise, cond], out, name="generator")
+    sizes = [int(n) for n in hidden] + [int(n_voxels)]
+    for i, n in enumerate(sizes):
+        last = i == len(sizes) - 1
+        act = output_activation if last else activation
+        bn = (output_batchnorm if last else batchnorm)
+        suffix = "out" if last else str(i)
+        fused = he and act == "relu" and not batchnorm and not bn   # FastCaloGAN's ReLU network without batch-norm
+        h = _dense(layers, n, "voxels" if last and fused else f"dense_{suffix}", act if fused else None, he)(h)
+        if fused:
+            continue
+        if bn:
+            h = layers.BatchNormalization(name=f"batchnorm_{suffix}")(h)
+        name = "voxels" if last else f"activation_{suffix}"
+        h = (_activation_layer(layers, act, batchnorm, name) if he else layers.Activation(act, name=name))(h)
+    return keras.Model([noise, cond], h, name="generator")
 
 
-def build_critic(n_voxels, cond_dim=2, hidden=None, activation="relu"):
-    """FastCaloGAN critic: [voxels, condition] -> Dense(N_vox) x 3 (ReLU) -> linear score."""
+def build_critic(n_voxels, cond_dim=2, hidden=None, activation="relu", he=True):
+    """FastCaloGAN critic: [voxels, condition] -> Dense(hidden) (ReLU) -> linear score.
+
+    ``hidden`` defaults to [N_vox] x 3; kernels He-uniform and biases zero as FastCaloGAN (``he=False``:
+    Keras' defaults, for runs of earlier calokit versions).
+    """
     keras = _keras()
     layers = keras.layers
     hidden = (n_voxels,) * 3 if hidden is None else hidden
@@ -247,17 +376,29 @@ def build_critic(n_voxels, cond_dim=2, hidden=None, activation="relu"):
     cond = keras.Input(shape=(int(cond_dim),), name="condition")
     h = layers.Concatenate(name="concat")([x, cond])
     for i, n in enumerate(hidden):
-        h = layers.Dense(int(n), activation=activation, name=f"dense_{i}")(h)
-    out = layers.Dense(1, name="score")(h)
+        h = _dense(layers, n, f"dense_{i}", activation, he)(h)
+    out = _dense(layers, 1, "score", None, he)(h)
     return keras.Model([x, cond], out, name="critic")
+
+
+def batchnorm_training(cfg):
+    """Whether the training steps run the generator's batch-norm on batch statistics (``batch-stats``).
+
+    ``inference`` (FastCaloGAN: its training steps call the generator without ``training=True``): moving
+    mean 0 and variance 1 stay as initialised, batch-norm is a learnt per-unit scale gamma / sqrt(1 + eps)
+    and shift beta, the same in training, generation and export. Runs written before the mode existed
+    trained on batch statistics.
+    """
+    return cfg["generator"].get("batchnorm_mode", "batch-stats") == "batch-stats"
 
 
 def networks_from_config(cfg):
     """(generator, critic) built from a run's config.json dict."""
     g, c = cfg["generator"], cfg["critic"]
+    layout = g.get("layout", "legacy")
     gen = build_generator(cfg["n_voxels"], cfg["latent_dim"], 2, g["hidden"], g["activation"], g["batchnorm"],
-                          g["output_activation"])
-    critic = build_critic(cfg["n_voxels"], 2, c["hidden"], c["activation"])
+                          g["output_activation"], g.get("output_batchnorm", False), layout)
+    critic = build_critic(cfg["n_voxels"], 2, c["hidden"], c["activation"], he=layout != "legacy")
     return gen, critic
 
 
@@ -269,20 +410,24 @@ def make_optimizer(cfg):
 # ----------------------------------------------------------------------------------------------
 # the training iteration (one compiled function per backend)
 
-def draw_batches(rng, n_events, cfg):
+def draw_batches(rng, n_events, cfg, pool=None):
     """Random inputs of one iteration from the numpy Generator: event indices, noise, interpolation weights.
 
-    Returns idx (n_critic, B) int32, noise (n_critic + 1, B, latent) float32 (the last slice feeds the
-    generator step), eps (n_critic, B, 1) float32 and the generator step's condition indices gidx (B,).
+    Each iteration draws n_critic x batch real showers (FastCaloGAN's n_disc x batch), uniformly with
+    replacement from the training events, or from the event indices ``pool`` when given (the sequential
+    strategy). Returns idx (n_critic, B) int32, noise (n_critic + 1, B, latent) float32 (the last slice feeds
+    the generator step, which takes the conditions of the last critic batch) and eps (n_critic, B, 1) float32.
     """
     b, k, latent = cfg["batch_size"], cfg["n_critic"], cfg["latent_dim"]
-    idx = rng.integers(0, n_events, size=(k, b), dtype=np.int64).astype(np.int32)
+    if pool is None:
+        idx = rng.integers(0, n_events, size=(k, b), dtype=np.int64).astype(np.int32)
+    else:
+        idx = pool[rng.integers(0, pool.size, size=(k, b), dtype=np.int64)].astype(np.int32)
     noise = rng.standard_normal((k + 1, b, latent), dtype=np.float32)
     noise *= cfg["noise"]["std"]
     noise += cfg["noise"]["mean"]
     eps = rng.random((k, b, 1), dtype=np.float32)
-    gidx = rng.integers(0, n_events, size=b, dtype=np.int64).astype(np.int32)
-    return idx, noise, eps, gidx
+    return idx, noise, eps
 
 
 class _TensorFlowStep:
@@ -295,9 +440,10 @@ class _TensorFlowStep:
         self.x_all = tf.constant(voxels)
         self.c_all = tf.constant(cond)
         b, k, lam = cfg["batch_size"], cfg["n_critic"], float(cfg["lambda_gp"])
+        bn_train = batchnorm_training(cfg)
 
         def critic_update(x, c, z, eps):
-            fake = gen([z, c], training=True)
+            fake = gen([z, c], training=bn_train)
             interp = eps * x + (1.0 - eps) * fake
             with tf.GradientTape() as tape:
                 with tf.GradientTape() as gp_tape:
@@ -313,13 +459,13 @@ class _TensorFlowStep:
             opt_d.apply(grads, critic.trainable_variables)
             return tf.stack([loss, gp, w])
 
-        def iteration(x_all, c_all, idx, noise, eps, gidx):
+        def iteration(x_all, c_all, idx, noise, eps):
             parts = []
             for i in range(k):   # unrolled: the k critic updates are one compiled graph
                 parts.append(critic_update(tf.gather(x_all, idx[i]), tf.gather(c_all, idx[i]), noise[i], eps[i]))
-            c = tf.gather(c_all, gidx)
+            c = tf.gather(c_all, idx[k - 1])         # FastCaloGAN: the conditions of the last critic batch
             with tf.GradientTape() as tape:
-                fake = gen([noise[k], c], training=True)
+                fake = gen([noise[k], c], training=bn_train)
                 g_loss = -tf.reduce_mean(critic([fake, c], training=True))
             grads = tape.gradient(g_loss, gen.trainable_variables)
             opt_g.apply(grads, gen.trainable_variables)
@@ -328,8 +474,8 @@ class _TensorFlowStep:
 
         self._fn = tf.function(iteration, jit_compile=bool(jit), autograph=False)
 
-    def __call__(self, idx, noise, eps, gidx):
-        return self._fn(self.x_all, self.c_all, idx, noise, eps, gidx)
+    def __call__(self, idx, noise, eps):
+        return self._fn(self.x_all, self.c_all, idx, noise, eps)
 
     def sync(self):
         """Keras variables already hold the state (TensorFlow updates them in place)."""
@@ -346,6 +492,7 @@ class _JaxStep:
         self.x_all = jnp.asarray(voxels)
         self.c_all = jnp.asarray(cond)
         b, k, lam = cfg["batch_size"], cfg["n_critic"], float(cfg["lambda_gp"])
+        bn_train = batchnorm_training(cfg)
 
         def score(d_tv, d_ntv, x, c):
             out, _ = critic.stateless_call(d_tv, d_ntv, [x, c], training=True)
@@ -360,20 +507,20 @@ class _JaxStep:
             return lam * gp - w, (gp, w)
 
         def gen_loss(g_tv, g_ntv, d_tv, d_ntv, z, c):
-            fake, g_ntv = gen.stateless_call(g_tv, g_ntv, [z, c], training=True)
+            fake, g_ntv = gen.stateless_call(g_tv, g_ntv, [z, c], training=bn_train)
             return -jnp.mean(score(d_tv, d_ntv, fake, c)), g_ntv
 
-        def iteration(state, x_all, c_all, idx, noise, eps, gidx):
+        def iteration(state, x_all, c_all, idx, noise, eps):
             g_tv, g_ntv, d_tv, d_ntv, og, od = state
             parts = []
             for i in range(k):
                 x, c = x_all[idx[i]], c_all[idx[i]]
-                fake, g_ntv = gen.stateless_call(g_tv, g_ntv, [noise[i], c], training=True)
+                fake, g_ntv = gen.stateless_call(g_tv, g_ntv, [noise[i], c], training=bn_train)
                 (loss, (gp, w)), grads = jax.value_and_grad(critic_loss, has_aux=True)(
                     d_tv, d_ntv, x, c, jax.lax.stop_gradient(fake), eps[i])
                 d_tv, od = opt_d.stateless_apply(od, grads, d_tv)
                 parts.append(jnp.stack([loss, gp, w]))
-            c = c_all[gidx]
+            c = c_all[idx[k - 1]]                   # FastCaloGAN: the conditions of the last critic batch
             (g_loss, g_ntv), grads = jax.value_and_grad(gen_loss, has_aux=True)(g_tv, g_ntv, d_tv, d_ntv, noise[k], c)
             g_tv, og = opt_g.stateless_apply(og, grads, g_tv)
             m = jnp.mean(jnp.stack(parts), axis=0)
@@ -388,8 +535,8 @@ class _JaxStep:
                 v(self.critic.trainable_variables), v(self.critic.non_trainable_variables),
                 v(self.opt_g.variables), v(self.opt_d.variables))
 
-    def __call__(self, idx, noise, eps, gidx):
-        self.state, losses = self._fn(self.state, self.x_all, self.c_all, idx, noise, eps, gidx)
+    def __call__(self, idx, noise, eps):
+        self.state, losses = self._fn(self.state, self.x_all, self.c_all, idx, noise, eps)
         return losses
 
     def sync(self):
@@ -403,7 +550,7 @@ class _JaxStep:
 
 
 def make_train_step(gen, critic, opt_g, opt_d, cfg, voxels, cond, jit=True):
-    """The backend's compiled training iteration: ``step(idx, noise, eps, gidx) -> losses (4,)``.
+    """The backend's compiled training iteration: ``step(idx, noise, eps) -> losses (4,)``.
 
     Loss vector: [critic loss, generator loss, gradient penalty, Wasserstein estimate], critic values
     averaged over the iteration's critic updates.
@@ -523,29 +670,118 @@ def append_losses(path, first_iteration, losses):
 # ----------------------------------------------------------------------------------------------
 # the command
 
+def xml_settings(args, attrs):
+    """FastCaloGAN settings for the training file's particle, slice and energy range from a binning XML.
+
+    The XML is ``--binning`` (an unreadable one is an error) or the training file's ``binning`` attribute
+    (skipped when that file is missing or has no slice for the particle). Returns ({XML attribute: (value,
+    source)}, the XML path or None).
+    """
+    path = args.binning or attrs.get("binning")
+    if not path:
+        return {}, None
+    eta = None
+    if "eta_min" in attrs and "eta_max" in attrs:
+        eta = 0.5 * (float(attrs["eta_min"]) + float(attrs["eta_max"])) / 100.0
+    try:
+        geom = read_geometry(path, attrs["particle"], eta)
+    except UserError:
+        if args.binning:
+            raise
+        return {}, None
+    return geom.gan_settings(attrs.get("range")), path
+
+
+def default_network(particle, p_max):
+    """(activation, batch-norm) of FastCaloGAN's generator for a particle and range when the XML says nothing.
+
+    e/gamma: ReLU + batch-norm up to p = 2^12 MeV (its UltraLow12 network), swish + batch-norm above (High12);
+    pions and protons: ReLU without batch-norm (All).
+    """
+    if particle in ("photon", "electron"):
+        low = p_max is not None and float(p_max) <= 2.0**12 * (1 + 1e-9)
+        return ("relu", True) if low else ("swish", True)
+    return "relu", False
+
+
+class _Settings:
+    """Each setting from the command line, else the XML, else a default; remembers where each came from."""
+
+    def __init__(self, xml):
+        self.xml = xml
+        self.source = {}
+
+    def get(self, key, cli, xml_key, default, default_source="default", conv=None):
+        if cli is not None:
+            value, src = cli, "command line"
+        elif xml_key in self.xml:
+            raw, src = self.xml[xml_key]
+            value = conv(raw) if conv else raw
+        else:
+            value, src = default, default_source
+        self.source[key] = src
+        return value
+
+
+def _xml_activation(name):
+    return {"relu": "relu", "swish": "swish", "silu": "swish"}.get(str(name).lower(), str(name))
+
+
 def make_config(args, data, dropped):
-    """config.json content of a fresh run."""
+    """config.json content of a fresh run; ``settings_source`` says where each hyper-parameter came from."""
     attrs = data["attrs"]
     particle = attrs["particle"]
-    defaults = PARTICLE_DEFAULTS[particle]
-    activation = args.activation or defaults["activation"]
-    batchnorm = defaults["batchnorm"] if args.batchnorm is None else bool(args.batchnorm)
-    try:
-        _keras().activations.get(activation)
-    except (ValueError, TypeError):
-        raise UserError(f"--activation {activation!r}: not a Keras activation") from None
     n_vox = int(attrs["n_voxels"])
+    xml, xml_path = xml_settings(args, attrs)
+    st = _Settings(xml)
+    act0, bn0 = default_network(particle, attrs.get("p_max"))
+    activation = st.get("activation", args.activation, "activationFunction", act0, conv=_xml_activation)
+    batchnorm = bool(st.get("batchnorm", args.batchnorm, "useBatchNormalisation", bn0))
+    # FastCaloGAN's swish network ends in Dense -> BatchNorm -> swish, whose voxels can be negative (down to
+    # -0.28 E_kin; FastCaloSim adds them as they are), which evaluate.py refuses in a shower file. It is built
+    # when the XML's range asks for it or with --output-activation swish; otherwise the output is a ReLU.
+    from_xml = batchnorm and activation == "swish" and st.source["activation"] not in ("default", "command line")
+    output_activation = st.get("output_activation", args.output_activation, None, "swish" if from_xml else "relu",
+                               "default (ReLU: non-negative showers)" if not from_xml else st.source["activation"])
+    output_batchnorm = batchnorm and activation == "swish" and output_activation == "swish"
+    st.source["output_batchnorm"] = st.source["output_activation"]
+    bn_mode = st.get("batchnorm_mode", args.batchnorm_mode, None, "inference")
+    for name in (activation, output_activation):
+        try:
+            _keras().activations.get(name)
+        except (ValueError, TypeError):
+            raise UserError(f"activation {name!r} ({st.source['activation']}): not a Keras activation") from None
+    hidden = st.get("generator_layers", args.generator_layers, "generator", list(GENERATOR_HIDDEN))
+    if args.critic_width is not None:
+        critic = st.get("critic_layers", [int(args.critic_width)] * 3, None, None)
+    else:
+        critic = st.get("critic_layers", None, "discriminator", [min(n_vox, CRITIC_WIDTH_CAP)] * 3)
+    latent = st.get("latent_dim", args.latent_dim, "latentDim", int(attrs["latent_dim"]), "training file")
+    batch = st.get("batch_size", args.batch_size, "batchSize", 128)
+    n_critic = st.get("n_critic", args.n_critic, "gdratio", 5)
+    lam = st.get("lambda_gp", args.lambda_gp, "lambda", 10.0)
+    lr = st.get("lr", args.lr, "learningRate", 1e-4)
+    beta1 = st.get("beta1", args.beta1, "beta", 0.55)
+    if min(batch, n_critic, latent) < 1:
+        raise UserError(f"batch size, critic steps and latent dimension must be >= 1 (from {xml_path})")
+    check_hyper(lr, lam, beta1, args.beta2, f"{xml_path}: learningRate must be > 0, lambda >= 0, beta in [0, 1)")
     cfg = {k: attrs[k] for k in TRAINING_ATTRS if k in attrs}
     cfg.update({k: v for k, v in attrs.items() if k not in cfg})
     cfg.update({
-        "n_voxels": n_vox, "latent_dim": int(attrs["latent_dim"]),
+        "n_voxels": n_vox, "latent_dim": int(latent),
         "train_data": os.path.abspath(args.data), "seed": int(args.seed), "iterations": int(args.iterations),
-        "checkpoint_every": int(args.checkpoint_every), "batch_size": int(args.batch_size),
-        "n_critic": int(args.n_critic), "lambda_gp": float(args.lambda_gp), "lr": float(args.lr),
-        "beta1": float(args.beta1), "beta2": float(args.beta2),
-        "generator": {"hidden": list(GENERATOR_HIDDEN), "activation": activation, "batchnorm": batchnorm,
-                      "output_activation": args.output_activation},
-        "critic": {"hidden": [int(args.critic_width or min(n_vox, CRITIC_WIDTH_CAP))] * 3, "activation": "relu"},
+        "checkpoint_every": int(args.checkpoint_every), "batch_size": int(batch),
+        "n_critic": int(n_critic), "lambda_gp": float(lam), "lr": float(lr),
+        "beta1": float(beta1), "beta2": float(args.beta2),
+        "generator": {"hidden": [int(n) for n in hidden], "activation": activation, "batchnorm": batchnorm,
+                      "output_activation": output_activation, "output_batchnorm": output_batchnorm,
+                      "batchnorm_mode": bn_mode, "layout": "fastcalogan"},
+        "critic": {"hidden": [int(n) for n in critic], "activation": "relu"},
+        "strategy": {"name": args.strategy, "first_sample_iterations": int(args.first_sample_iterations),
+                     "add_every": int(args.add_every)},
+        "settings_xml": xml_path,
+        "xml_settings": {k: v for k, (v, _) in xml.items()},
+        "settings_source": st.source,
         "excluded_energies": sorted(float(e) for e in dropped),
         "excluded_events": {f"{e:g}": n for e, n in sorted(dropped.items())},
         "exclude_rtol": EXCLUDE_RTOL,
@@ -577,7 +813,8 @@ def _resume_config(args, run):
 
 
 #: settings a resumed run may change: how long it runs and how it checkpoints, not what it trains
-RESUME_FREE = ("iterations", "checkpoint_every", "keep_resume", "jit", "backend")
+RESUME_FREE = ("iterations", "checkpoint_every", "keep_resume", "jit", "backend",
+               "settings_source", "settings_xml", "xml_settings")    # where values came from; the values are checked
 
 
 def _leaves(obj, prefix=""):
@@ -620,7 +857,7 @@ def _main(argv):
         excluded = cfg.get("excluded_energies", [])
     else:
         excluded = args.exclude_energy
-    voxels, label, dropped = select_training_events(data, excluded, args.data)
+    voxels, label, dropped, einc = select_training_events(data, excluded, args.data)
     if resuming:
         check_resume_settings(cfg, make_config(args, data, dropped), run)
     else:
@@ -661,6 +898,10 @@ def _main(argv):
     step = make_train_step(gen, critic, opt_g, opt_d, cfg, voxels, cond, jit=cfg.get("jit", True))
     every = cfg["checkpoint_every"]
     n_events = voxels.shape[0]
+    strategy = cfg.get("strategy", {"name": "all"})
+    sequential = SequentialPool(einc, cfg) if strategy["name"] == "sequential" else None
+    if sequential:
+        sequential(start + 1)             # an empty starting sample fails here, before any work
 
     from tqdm import tqdm
     t0 = time.perf_counter()
@@ -670,7 +911,8 @@ def _main(argv):
     with tqdm(total=target, initial=start, file=sys.stderr, desc="train", unit="it", dynamic_ncols=tty,
               mininterval=1.0 if tty else 60.0) as bar:       # a line a minute into log files
         for it in range(start + 1, target + 1):
-            pending.append(step(*draw_batches(rng, n_events, cfg)))
+            pool = sequential(it) if sequential else None
+            pending.append(step(*draw_batches(rng, n_events, cfg, pool)))
             bar.update(1)
             if it % every == 0 or it == target:
                 rows = np.asarray([np.asarray(p) for p in pending], dtype=np.float64)

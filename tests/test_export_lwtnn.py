@@ -618,16 +618,27 @@ def test_cpp_evaluation_follows_lwtnn_on_bad_activations(lwtnn_eval, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # the generator train.py builds
 
-@pytest.mark.parametrize("activation,batchnorm", [("swish", True), ("relu", False)])
-def test_train_build_generator_exports_exactly(tmp_path, activation, batchnorm):
+# FastCaloGAN's three generators: ReLU + batch-norm (LeakyReLU(0) layers), swish + batch-norm with a
+# batch-normalised swish output, ReLU without batch-norm (fused into the Dense layers)
+FASTCALOGAN_VARIANTS = [("relu", True, "relu", False), ("swish", True, "swish", True), ("relu", False, "relu", False)]
+
+
+@pytest.mark.parametrize("activation,batchnorm,out_act,out_bn", FASTCALOGAN_VARIANTS)
+def test_train_build_generator_exports_exactly(tmp_path, activation, batchnorm, out_act, out_bn):
     import train
 
-    model = train.build_generator(N_VOX, latent_dim=LATENT, activation=activation, batchnorm=batchnorm)
+    model = train.build_generator(N_VOX, latent_dim=LATENT, activation=activation, batchnorm=batchnorm,
+                                  output_activation=out_act, output_batchnorm=out_bn)
     set_random_bn_statistics(model, seed=4)
     for fold in (True, False):
         graph = ex.export_model(model, fold=fold)
         assert validate_lwtnn_graph(graph) == []
-        assert len(graph["layers"]) == (4 if fold or not batchnorm else 10)
+        assert len(graph["layers"]) == (4 if fold or not batchnorm else 10 + 2 * out_bn)
+        if out_act == "swish":    # the output layer keeps swish (negative values possible, as FastCaloGAN)
+            assert graph["layers"][-1]["activation"] == {"function": "swish", "alpha": 1.0}
+        # the ONNX export of the same network, as FastCaloSim's ONNX handler runs it (one row at a time)
+        diffs, _ = ex.compare_exports(model, LATENT, onnx_model=ex.export_onnx(model, fold=fold), n=200)
+        assert diffs["onnx"] < TOL
         ref, got, _ = keras_and_json(model, graph)
         assert np.max(np.abs(got - ref)) < TOL
     # and through the command line, as saved in a checkpoint

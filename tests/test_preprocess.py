@@ -496,7 +496,7 @@ def test_prepare_ranges_labels_and_pions(toy, tmp_path):
     ("voxels", "expected 533"),
     ("range", "not defined for pion"),
     ("empty-range", "no events with p in the 'low' range"),
-    ("label", "choose V2 or V1"),
+    ("label", "--label V3: choose from V2, LogE, V1, MaxE, Exp"),
     ("particle", "holds photon showers"),
 ])
 def test_prepare_bad_input_exit_2(toy, tmp_path, capsys, case, reason):
