@@ -99,6 +99,7 @@ CLS_SPLITS = {"1-photons": (80000, 20000, 21000), "1-pions": (80000, 20000, 2080
 #: default --prdc_max_events (0 = every event): the k-NN cost grows as events^2 x voxels; these finish in minutes
 PRDC_MAX_EVENTS = {"1-photons": 0, "1-pions": 0, "2": 10000, "3": 3000}
 
+MIN_CLS_BATCH = 32            # smallest classifier batch classifier_batch() chooses (batch-norm needs a few events)
 PROGRESS_EVERY_S = 5.0        # a file's reading progress is reported at most this often (and at its end)
 CHANCE_AUC = 0.55             # a classifier AUC below this is "at chance" ...
 CLEAR_SEPARATION = 0.2        # ... a warning when E_tot/E_inc separation power is above this at the same time
@@ -687,17 +688,18 @@ def _bce(p, y):
 
 
 def classifier_batch(batch_size, n_train, dataset):
-    """Batch size giving the reference's optimizer steps per epoch on the full-size files.
+    """Batch size giving a small file the reference's optimizer steps per epoch on the full-size files.
 
     The reference trains on 2 x 80000 (dataset 1) or 2 x 60000 (datasets 2, 3) events in batches of 1000: 160 or
     120 steps an epoch. A smaller file keeps that number of steps (the same optimisation budget for the same
-    ``--cls_n_epochs``) with proportionally smaller batches, so it costs no more time per epoch.
+    ``--cls_n_epochs``) with proportionally smaller batches, so it costs no more time per epoch: batches of
+    n_train / 80 (n_train / 60) events, at least MIN_CLS_BATCH and at most ``batch_size``.
 
     >>> classifier_batch(1000, 80000, "1-photons"), classifier_batch(1000, 9917, "1-photons")
     (1000, 124)
     """
-    steps = math.ceil(CLS_SPLITS[dataset][0] / batch_size)
-    return max(1, min(int(batch_size), math.ceil(n_train / steps)))
+    steps = math.ceil(CLS_SPLITS[dataset][0] / 1000)
+    return max(1, min(int(batch_size), max(MIN_CLS_BATCH, math.ceil(n_train / steps))))
 
 
 def train_classifier(x_gen, x_ref, sizes, n_layer=2, n_hidden=2048, dropout=0.0, batch_size=1000, n_epochs=50,

@@ -836,11 +836,15 @@ def voxel_layout(geom):
         entry = {"id": int(lay.id), "offset": int(start), "n_voxels": int(stop - start),
                  "r_edges_mm": [float(x) for x in lay.r_edges], "n_r": int(lay.n_r), "n_alpha": int(lay.n_alpha),
                  "alpha_edges_rad": [float(x) for x in lay.alpha_edges]}
-        if per_r is not None and not getattr(lay, "regular", True):
+        if per_r is not None and not getattr(lay, "regular", True):     # FastCaloGAN's optimised alpha bins
             entry["alpha_bins_per_r_bin"] = [int(x) for x in per_r]
+            entry["index"] = "offset + sum(alpha_bins_per_r_bin[:i_r]) + i_alpha (r outer, alpha inner)"
+        else:
+            entry["index"] = "offset + i_alpha * n_r + i_r (r fastest)"
         layers.append(entry)
-    return {"order": "layers in this order; inside a layer r runs fastest, then alpha: "
-                     "index = offset + i_alpha * n_r + i_r (alpha fastest is FastCaloGAN's CSV order, not this)",
+    return {"order": "layers in this order; inside a layer with the same alpha bins in every r bin r runs fastest, "
+                     "then alpha: index = offset + i_alpha * n_r + i_r (FastCaloGAN's CSV files have alpha fastest); "
+                     "a layer with per-r-bin alpha bins says its own order in 'index'",
             "alpha": ("|dphi|-folded, bins over [0, pi]" if geom.symmetrise_alpha
                       else "alpha = atan2(dphi_mm, deta_mm), bins over (-pi, pi]"),
             "n_voxels": int(geom.n_voxels), "layers": layers}

@@ -658,7 +658,8 @@ def test_classifier_batch_keeps_the_reference_steps_per_epoch():
     assert ev.classifier_batch(1000, 80000, "1-photons") == 1000              # full size: the reference's batch
     assert ev.classifier_batch(1000, 9917, "1-photons") == 124                # 80 steps an epoch on a small file
     assert ev.classifier_batch(1000, 60000, "2") == 1000
-    assert ev.classifier_batch(1000, 600, "2") == 10
+    assert ev.classifier_batch(1000, 600, "2") == 32                          # never below MIN_CLS_BATCH
+    assert ev.classifier_batch(10, 300, "2") == 10                            # nor above the user's batch
     assert math.ceil(2 * 9917 / ev.classifier_batch(1000, 9917, "1-photons")) == 160      # as 2 x 80000 / 1000
 
 
@@ -688,9 +689,9 @@ def test_chance_classifier_with_clearly_separated_histograms_warns(tmp_path, cap
     (warning,) = metrics["warnings"]
     assert "cls-high" in warning and "--cls_n_epochs" in warning and "separation power 1.00" in warning
     assert f"warning: {warning}" in err
-    # the budget: about the 160 steps of a full-size file's epoch (2 x 80000 events in batches of 1000), here with
-    # batches of 13 for 2 x 991 training events
-    assert res["batch_size"] == 13 and res["optimizer_steps"] == math.ceil(2 * res["n_train"] / 13) == 153
+    # the budget: a full-size file's epoch is 160 steps (2 x 80000 events in batches of 1000); 2 x 991 training events
+    # would need batches of 13 for that, so they get the smallest batch, 32
+    assert res["batch_size"] == 32 and res["optimizer_steps"] == math.ceil(2 * res["n_train"] / 32) == 62
 
 
 def test_gev_file_against_mev_reference_exits_2_with_the_unit_hint(tmp_path, capsys, ds1):
