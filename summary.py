@@ -387,9 +387,20 @@ def plot_grid(slices, path, dpi):
             _panel(fig, inner, s)
         row0 += rows_of[p]
     fig.suptitle("calokit: response <E_tot>/E_kin and resolution RMS/<E_tot> per GAN "
-                 "(reference: black dots, generated: red squares)", fontsize=11)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+                 "(reference: black dots, generated: red squares)", fontsize=11, y=0.995)
+    fig.subplots_adjust(left=0.06, right=0.99, top=1.0 - 0.55 / (4.6 * n_rows), bottom=0.45 / (4.6 * n_rows))
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+def _few_ticks(ax, logx=True, logy=False):
+    """Few fixed ticks, no minor ones: tick making dominates the drawing time of a 78-panel grid otherwise."""
+    from matplotlib.ticker import LogLocator, MaxNLocator, NullLocator
+
+    ax.xaxis.set_major_locator(LogLocator(numticks=4) if logx else MaxNLocator(4))
+    ax.yaxis.set_major_locator(LogLocator(numticks=3) if logy else MaxNLocator(3))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_minor_locator(NullLocator())
 
 
 def _panel(fig, inner, s):
@@ -416,7 +427,13 @@ def _panel(fig, inner, s):
         ax.set_xscale("log")
         ax.set_ylabel(label, fontsize=7)
         ax.tick_params(labelsize=6, labelbottom=False)
-    axes[1].set_yscale("log")
+    res = np.array([p[f"resolution_{t}"] or np.nan for p in pts for t in ("ref", "gen")], dtype=float)
+    res = res[np.isfinite(res) & (res > 0)]
+    wide = res.size > 0 and res.max() > 3 * res.min()          # log y only when it spans a factor 3 or more
+    if wide:
+        axes[1].set_yscale("log")
+    _few_ticks(axes[0])
+    _few_ticks(axes[1], logy=wide)
     chi = np.array([np.nan if p["chi2"] is None else max(p["chi2"] / p["ndf"], 1e-3) for p in pts], dtype=float)
     axes[2].plot(x, np.minimum(chi, 1e4), "v", color="tab:blue", ms=3)
     axes[2].axhline(1.0, color="grey", lw=0.6, ls=":")
@@ -425,8 +442,10 @@ def _panel(fig, inner, s):
     axes[2].set_ylabel("chi2/ndf", fontsize=7)
     axes[2].set_xlabel("E_kin [GeV]", fontsize=7)
     axes[2].tick_params(labelsize=6)
-    for ax in axes[1:]:
-        ax.sharex(axes[0])
+    _few_ticks(axes[2], logy=True)
+    lim = (x.min() / 1.5, x.max() * 1.5)
+    for ax in axes:
+        ax.set_xlim(*lim)
 
 
 def plot_vs_eta(across, path, dpi):
