@@ -12,7 +12,7 @@ Usage (normally through ``make summary`` / ``make summary-now``)::
 Input layout, one folder per slice ``<results>/<particle>_<eta>/`` (``<eta>`` = the slice's lower |eta| edge):
 ``select/best.json`` (select_epoch.py: best iteration, chi2/ndf; ``reference_for_evaluate`` names the held-out
 reference the generated file mirrors), ``select/generated.h5`` (showers of the chosen checkpoint),
-``eval/metrics.json`` (evaluate.py) and ``lwtnn/*.json`` (export_lwtnn.py). ``--slices`` names the slices
+``eval/metrics.json`` (evaluate.py) and ``lwtnn/*.json`` (+ ``*.onnx``; export_lwtnn.py). ``--slices`` names the slices
 expected; one without a folder is listed as ``missing``. A slice lacking one of those files is listed as
 ``incomplete`` (still running, or failed) with what it lacks, and a slice whose files cannot be read as
 ``unreadable`` with the reason: none is skipped silently. Numbers are computed from what is there.
@@ -104,20 +104,23 @@ def missing_files(folder):
     for rel in FILES:
         path = os.path.join(folder, rel)
         if rel == "lwtnn":
-            if not export_files(folder):
+            if not any(f.endswith(".json") and not f.endswith(".meta.json") for f, _ in export_files(folder)):
                 missing.append("lwtnn/*.json")
         elif not os.path.isfile(path):
             missing.append(rel)
     return missing
 
 
+EXPORT_SUFFIXES = (".json", ".onnx")
+
+
 def export_files(folder):
-    """[(file name, bytes)] of the exported lwtnn networks and their meta files, sorted."""
+    """[(file name, bytes)] of the exported networks (lwtnn JSON, ONNX) and their meta files, sorted."""
     d = os.path.join(folder, "lwtnn")
     if not os.path.isdir(d):
         return []
     return [(n, os.path.getsize(os.path.join(d, n))) for n in sorted(os.listdir(d))
-            if n.endswith(".json") and os.path.isfile(os.path.join(d, n))]
+            if n.endswith(EXPORT_SUFFIXES) and not n.startswith(".") and os.path.isfile(os.path.join(d, n))]
 
 
 def read_json(path):

@@ -47,7 +47,7 @@ def make_slice(results, work, name, seed, n=40, energies=ENERGIES, scale_gen=0.9
             json.dump({"separation_power": {"Etot / Einc": 0.01 * seed, "E layer 1": 0.03 * seed},
                        "classifier": {"cls-high": {"auc": 0.6 + 0.01 * seed}}}, f)
     stem = f"neural_net_{PID[particle]}_eta_{round(eta * 100)}_{round(eta * 100) + 5}_all"
-    for suffix, text in ((".json", '{"layers": []}'), (".meta.json", "{}")):
+    for suffix, text in ((".json", '{"layers": []}'), (".meta.json", "{}"), (".onnx", "x" * 100)):
         with open(os.path.join(folder, "lwtnn", stem + suffix), "w") as f:
             f.write(text)
     return gen, ref
@@ -129,6 +129,7 @@ def test_summary_lists_every_slice_and_its_numbers_equal_direct_ones(tiny_run, t
     assert float(rows[2]["response_chi2_ndf"]) == pytest.approx(by["pion_0.20"]["response_chi2_ndf"], rel=1e-3)
     assert rows[4]["state"] == "missing" and "slice folder" in rows[4]["missing"]
     assert "(14 B)" in rows[0]["exports"]                       # '{"layers": []}' is 14 bytes
+    assert rows[0]["exports"].count(".onnx (100 B)") == 1 and len(by["photon_0.20"]["exports"]) == 3
     md = open(os.path.join(out, "summary.md")).read().splitlines()
     assert sum(line.startswith("| photon") or line.startswith("| pion") for line in md) == 5
     for png in ("response_resolution.png", "response_resolution_vs_eta.png"):
@@ -141,12 +142,17 @@ def test_incomplete_and_unreadable_slices_are_listed(tmp_path):
     make_slice(results, work, "electron_0.25", seed=2, skip=("metrics",))       # evaluation still running
     make_slice(results, work, "photon_0.20", seed=3, skip=("best", "generated", "metrics"))   # training
     make_slice(results, work, "photon_0.25", seed=4)
+    make_slice(results, work, "pion_0.20", seed=5)
+    for f in os.listdir(os.path.join(results, "pion_0.20", "lwtnn")):        # an export with only its meta file left
+        if not f.endswith(".meta.json"):
+            os.remove(os.path.join(results, "pion_0.20", "lwtnn", f))
     with open(os.path.join(results, "photon_0.25", "select", "generated.h5"), "wb") as f:
         f.write(b"not hdf5")
     assert summary.main(["--results", results]) == 0
     doc = json.load(open(os.path.join(results, "summary", "summary.json")))
     by = {s["slice"]: s for s in doc["slices"]}
-    assert list(by) == ["photon_0.20", "photon_0.25", "electron_0.20", "electron_0.25"]
+    assert list(by) == ["photon_0.20", "photon_0.25", "electron_0.20", "electron_0.25", "pion_0.20"]
+    assert by["pion_0.20"]["state"] == "incomplete" and by["pion_0.20"]["missing"] == ["lwtnn/*.json"]
     assert by["electron_0.20"]["state"] == "complete"
     s = by["electron_0.25"]
     assert s["state"] == "incomplete" and s["missing"] == ["eval/metrics.json"]
@@ -156,7 +162,7 @@ def test_incomplete_and_unreadable_slices_are_listed(tmp_path):
     assert s["missing"] == ["select/best.json", "select/generated.h5", "eval/metrics.json"]
     s = by["photon_0.25"]
     assert s["state"] == "unreadable" and "generated.h5" in s["error"]
-    assert doc["states"] == {"incomplete": 2, "unreadable": 1, "complete": 1}
+    assert doc["states"] == {"incomplete": 3, "unreadable": 1, "complete": 1}
 
 
 def test_continuous_energies_are_binned_in_log_e(tmp_path):
