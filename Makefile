@@ -23,7 +23,7 @@
 #   PARTICLES   particles of the demo: photon, electron and/or pion                   (photon)
 #   ETAS        lower |eta| edges of the slices to run (0.05 wide, 0.00 .. 1.25)       (0.20)
 #   DEMO        a named set of slices (sets PARTICLES and ETAS; empty = use them):     (empty)
-#               3x2 = photon electron pion x 0.20 0.25 (6 GANs; ~make -j2, see README);
+#               3x2 = photon electron pion x 0.20 0.25 (6 GANs; run it with make -j2);
 #               barrel = photon electron pion x all 26 barrel slices 0.00 .. 1.25 (78 GANs: a cluster job)
 #   EVENTS      toy events per energy point (demo), for training and for held-out     (1000)
 #   ITERATIONS  generator iterations per GAN (FastCaloGAN trained up to 1,000,000)    (6000)
