@@ -380,8 +380,10 @@ def plot_grid(slices, path, dpi):
     rows_of = {p: max(1, math.ceil(sum(s["particle"] == p for s in slices) / GRID_COLUMNS)) for p in particles}
     n_rows = sum(rows_of.values())
     n_cols = min(GRID_COLUMNS, max(sum(s["particle"] == p for s in slices) for p in particles))
-    fig = plt.figure(figsize=(3.2 * n_cols, 4.6 * n_rows))
-    outer = fig.add_gridspec(n_rows, n_cols, hspace=0.45, wspace=0.35)
+    width, height = 3.3 * n_cols + 0.9, 4.3 * n_rows + 0.9          # inches: panels plus fixed margins
+    fig = plt.figure(figsize=(width, height))
+    outer = fig.add_gridspec(n_rows, n_cols, hspace=0.32, wspace=0.38, left=0.7 / width, right=1 - 0.2 / width,
+                             top=1 - 0.85 / height, bottom=0.45 / height)
     row0 = 0
     for p in particles:
         for k, s in enumerate([s for s in slices if s["particle"] == p]):
@@ -389,9 +391,8 @@ def plot_grid(slices, path, dpi):
                                                                                  hspace=0.08)
             _panel(fig, inner, s)
         row0 += rows_of[p]
-    fig.suptitle("calokit: response <E_tot>/E_kin and resolution RMS/<E_tot> per GAN "
-                 "(reference: black dots, generated: red squares)", fontsize=11, y=0.995)
-    fig.subplots_adjust(left=0.06, right=0.99, top=1.0 - 0.55 / (4.6 * n_rows), bottom=0.45 / (4.6 * n_rows))
+    fig.suptitle("response <E_tot>/E_kin, resolution RMS/<E_tot>, chi2/ndf per energy\n"
+                 "reference: black dots, generated: red squares", fontsize=10, y=1 - 0.08 / height, va="top")
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
