@@ -59,8 +59,8 @@ import sys
 
 import numpy as np
 
-from plumbing import (PARTICLES, UserError, atomic_directory, iter_calo_chunks, kinetic_energy, read_run_config,
-                      run_cli, write_json, write_text)
+from plumbing import (PARTICLES, HelpFormatter, UserError, atomic_directory, iter_calo_chunks, kinetic_energy,
+                      read_run_config, run_cli, write_json, write_text)
 
 SLICE_RE = re.compile(r"^([a-z]+)_(\d+(?:\.\d+)?)$")
 SLICE_WIDTH = 0.05
@@ -515,7 +515,7 @@ def write_outputs(out_dir, slices, across, energies, dpi, results):
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(prog="summary.py", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="summary.py", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
                                  epilog="Inputs, outputs and definitions: see the module docstring (README too).")
     ap.add_argument("--results", required=True, help="the results folder of one dataset (slice folders inside)")
     ap.add_argument("--out", default=None, help="output folder (default RESULTS/summary)")
