@@ -1,20 +1,30 @@
 # calokit Makefile -- `make all` runs the chain, `make test` proves it.
 #
-#   make all                       toy hits -> voxels -> train -> select -> export (lwtnn JSON + ONNX) -> evaluate (DATASET=demo)
+#   make all                       toy hits -> voxels -> train -> select -> export (lwtnn JSON + ONNX) -> evaluate
+#                                  -> summary (DATASET=demo)
 #   make all DATASET=1-photons     the same on the CaloChallenge files in DATA_DIR (downloaded if absent)
 #   make test                      the test suite (creates .venv from requirements.txt first)
 #   make smoke                     a quick check after a change (< 1 min): every script once on tiny data
 #   make voxels|train|select|export|evaluate   one stage (and what it needs) for every slice
 #   make -j2 all ETAS="0.20 0.25"  several |eta| slices, trained in parallel
-#   make condor / make slurm       the same per-slice chain as an HTCondor DAG / a Slurm job array
+#   make -j2 all DEMO=3x2          photons, electrons and pions in 2 slices each (6 GANs), then one summary
+#   make summary                   results/<dataset>/summary/: response/resolution per slice and across |eta|,
+#                                  a table of every GAN (builds what is missing first)
+#   make summary-now               the same summary of whatever is there now (slices still running or failed
+#                                  are listed with their state); builds nothing
+#   make condor / make slurm       the same per-slice chain as an HTCondor DAG / a Slurm job array, plus a
+#                                  summary node after all chains; `make condor DEMO=barrel`: 78 chains
 #   make baseline                  evaluate an untrained (1-iteration) generator the same way, for comparison
 #   make clean | make clean-slice SLICE=photon_0.20   remove every slice's files / one slice's
 #   make clean-hits                the toy hits (~0.8 GB per slice) once voxelised; nothing is redone for them
 #
 # Variables (override on the command line, e.g. `make all ITERATIONS=20000`):
 #   DATASET     demo | 1-photons | 1-pions | 2 | 3                                   (demo)
-#   PARTICLES   particles of the demo: photon and/or pion                             (photon)
-#   ETAS        lower |eta| edges of the slices to run (0.05 wide)                    (0.20)
+#   PARTICLES   particles of the demo: photon, electron and/or pion                   (photon)
+#   ETAS        lower |eta| edges of the slices to run (0.05 wide, 0.00 .. 1.25)       (0.20)
+#   DEMO        a named set of slices (sets PARTICLES and ETAS; empty = use them):     (empty)
+#               3x2 = photon electron pion x 0.20 0.25 (6 GANs; run it with make -j2);
+#               barrel = photon electron pion x all 26 barrel slices 0.00 .. 1.25 (78 GANs: a cluster job)
 #   EVENTS      toy events per energy point (demo), for training and for held-out     (1000)
 #   ITERATIONS  generator iterations per GAN (FastCaloGAN trained up to 1,000,000)    (6000)
 #   CKPT_EVERY  checkpoint interval in iterations (FastCaloGAN: 1000)                 (100)
@@ -27,6 +37,7 @@
 #   SELECT_ARGS extra select_epoch.py flags. demo: --overflow (showers outside the E_tot chi2 window count,
 #               else a badly wide early checkpoint wins); CaloChallenge data: none (ROOT's default test)
 #   EXPORT_ARGS extra export_lwtnn.py flags; EVAL_ARGS extra evaluate.py flags            (none)
+#   SUMMARY_ARGS extra summary.py flags, e.g. --energies 1024 16384 262144                (none)
 #   SEED        seed of every step                                                    (1)
 #   DATA_DIR    where CaloChallenge files are looked for / downloaded to              (data)
 #   WORK, RESULTS  intermediate and final output folders          (work/$(DATASET), results/$(DATASET))
@@ -39,6 +50,18 @@ PYTEST_ARGS ?=
 DATASET ?= demo
 PARTICLES ?= photon
 ETAS ?= 0.20
+DEMO ?=
+BARREL_ETAS := 0.00 0.05 0.10 0.15 0.20 0.25 0.30 0.35 0.40 0.45 0.50 0.55 0.60 0.65 0.70 0.75 0.80 0.85 0.90 \
+    0.95 1.00 1.05 1.10 1.15 1.20 1.25
+ifeq ($(DEMO),3x2)
+  PARTICLES := photon electron pion
+  ETAS := 0.20 0.25
+else ifeq ($(DEMO),barrel)
+  PARTICLES := photon electron pion
+  ETAS := $(BARREL_ETAS)
+else ifneq ($(DEMO),)
+  $(error DEMO must be empty, 3x2 or barrel, not '$(DEMO)')
+endif
 EVENTS ?= 1000
 ITERATIONS ?= 6000
 CKPT_EVERY ?= 100
@@ -46,6 +69,7 @@ RANGE ?= all
 SELECT_EVENTS ?= 2000
 EXPORT_ARGS ?=
 EVAL_ARGS ?=
+SUMMARY_ARGS ?=
 CLS_EPOCHS ?= 10
 SEED ?= 1
 DATA_DIR ?= data
@@ -96,7 +120,7 @@ endif
 part = $(word 1,$(subst _, ,$(1)))
 eta = $(word 2,$(subst _, ,$(1)))
 ifeq ($(DATASET),demo)
-  evalds = 1-$(call part,$(1))s
+  evalds = $(if $(filter pion,$(call part,$(1))),1-pions,1-photons)
 else
   evalds = $(DATASET)
 endif
@@ -104,19 +128,21 @@ BINNING_1-photons := binning/binning_dataset_1_photons.xml
 BINNING_1-pions := binning/binning_dataset_1_pions.xml
 BINNING_2 := binning/binning_dataset_2.xml
 BINNING_3 := binning/binning_dataset_3.xml
-# the demo voxelises with the FastCaloGAN multi-slice XML (same layer binning as dataset 1, per-slice names)
+# the demo voxelises with the FastCaloGAN multi-slice XML (same layer binning as dataset 1, per-slice names;
+# electrons have the photons' e/gamma binning, so evaluate.py judges them as dataset 1-photons)
 ifeq ($(DATASET),demo)
   binning = binning/binning_fastcalogan.xml
 else
   binning = $(BINNING_$(call evalds,$(1)))
 endif
 
-.PHONY: all baseline venv test smoke bench data voxels train select export evaluate condor slurm clean clean-hits clean-slice clean-venv help
+.PHONY: all baseline venv test smoke bench data voxels train select export evaluate summary summary-now condor slurm \
+    clean clean-hits clean-slice clean-venv help
 .DELETE_ON_ERROR:
 .SECONDARY:
 
-all: $(foreach s,$(SLICES),$(RESULTS)/$(s)/eval/metrics.json $(RESULTS)/$(s)/lwtnn/.done)
-	@echo "calokit: results in $(RESULTS)/ for slices: $(SLICES)"
+all: $(foreach s,$(SLICES),$(RESULTS)/$(s)/eval/metrics.json $(RESULTS)/$(s)/lwtnn/.done) $(RESULTS)/summary/summary.json
+	@echo "calokit: results in $(RESULTS)/ for slices: $(SLICES) (summary: $(RESULTS)/summary/)"
 
 help:
 	@awk '/^#/ { print; next } { exit }' Makefile
@@ -164,12 +190,17 @@ SETTINGS_select = SELECT_EVENTS=$(SELECT_EVENTS) SEED=$(SEED) SELECT_ARGS=$(SELE
 SETTINGS_export = EXPORT_ARGS=$(EXPORT_ARGS)
 SETTINGS_eval = CLS_EPOCHS=$(CLS_EPOCHS) SEED=$(SEED) EVAL_ARGS=$(EVAL_ARGS)
 write_stamp = $(shell mkdir -p $(dir $(1)) && { printf '%s\n' '$(2)' | cmp -s - $(1) || printf '%s\n' '$(2)' > $(1); })
-NO_STAMP_GOALS := test smoke help venv bench clean clean-hits clean-venv clean-slice condor slurm data
+NO_STAMP_GOALS := test smoke help venv bench clean clean-hits clean-venv clean-slice condor slurm data summary-now
+# the summary's stamp (one for the dataset): which slices it covers and its flags
+SUMMARY_STAMP := $(WORK)/settings/summary
+SETTINGS_summary = SLICES=$(SLICES) SUMMARY_ARGS=$(SUMMARY_ARGS)
 ifneq ($(filter-out $(NO_STAMP_GOALS),$(or $(MAKECMDGOALS),all)),)
   $(foreach s,$(SLICES),$(foreach st,$(STAGES),$(call write_stamp,$(call settings,$(s),$(st)),$(SETTINGS_$(st)))))
+  $(call write_stamp,$(SUMMARY_STAMP),$(SETTINGS_summary))
 endif
 $(WORK)/%/settings/hits $(WORK)/%/settings/prepare $(WORK)/%/settings/train $(WORK)/%/settings/select \
 $(WORK)/%/settings/export $(WORK)/%/settings/eval: ;
+$(SUMMARY_STAMP): ;
 
 ifeq ($(DATASET),demo)
 # toy hits: one seed for training, another for the held-out reference
@@ -221,6 +252,16 @@ $(RESULTS)/%/eval/metrics.json: $(RESULTS)/%/select/best.json $(WORK)/%/voxels_h
 	$(PY) evaluate.py -i $(RESULTS)/$*/select/generated.h5 -r $(WORK)/$*/voxels_heldout.h5 -m all -d $(call evalds,$*) \
 	    --output_dir $(@D) --seed $(SEED) --cls_n_epochs $(CLS_EPOCHS) --json $@ $(EVAL_ARGS)
 
+# --- summary across every slice: reads each slice's select/, eval/, lwtnn/ and held-out reference
+SLICE_RESULTS := $(foreach s,$(SLICES),$(RESULTS)/$(s)/select/best.json $(RESULTS)/$(s)/eval/metrics.json \
+    $(RESULTS)/$(s)/lwtnn/.done $(WORK)/$(s)/voxels_heldout.h5)
+summary: $(RESULTS)/summary/summary.json
+$(RESULTS)/summary/summary.json: summary.py $(SHARED) $(SLICE_RESULTS) $(SUMMARY_STAMP) | $(STAMP)
+	$(PY) summary.py --results $(RESULTS) --slices "$(SLICES)" --out $(@D) $(SUMMARY_ARGS)
+# whatever is there now (a cluster's last node, or a look while slices train); never builds a slice
+summary-now: summary.py $(SHARED) | $(STAMP)
+	$(PY) summary.py --results $(RESULTS) --slices "$(SLICES)" --out $(RESULTS)/summary $(SUMMARY_ARGS)
+
 # --- baseline: the same chain with a generator trained for 1 iteration, to show what training buys
 baseline: $(foreach s,$(SLICES),$(RESULTS)/$(s)/baseline/eval/metrics.json)
 $(RESULTS)/%/baseline/eval/metrics.json: $(WORK)/%/train.h5 $(WORK)/%/voxels_heldout.h5 train.py select_epoch.py evaluate.py     $(SHARED) $(call settings,%,train) $(call settings,%,select) $(call settings,%,eval) | $(STAMP)
@@ -237,9 +278,10 @@ condor: | $(STAMP)
 	    -- $(MAKEFLAGS_FOR_JOBS)
 slurm: | $(STAMP)
 	$(PY) scaleout.py slurm --slices "$(SLICES)" --work $(WORK) --results $(RESULTS) --out slurm/$(DATASET) -- $(MAKEFLAGS_FOR_JOBS)
-MAKEFLAGS_FOR_JOBS = DATASET=$(DATASET) ITERATIONS=$(ITERATIONS) CKPT_EVERY=$(CKPT_EVERY) RANGE=$(RANGE) \
+MAKEFLAGS_FOR_JOBS = DATASET=$(DATASET) PARTICLES="$(PARTICLES)" ETAS="$(strip $(ETAS))" ITERATIONS=$(ITERATIONS) CKPT_EVERY=$(CKPT_EVERY) RANGE=$(RANGE) \
     EVENTS=$(EVENTS) SELECT_EVENTS=$(SELECT_EVENTS) CLS_EPOCHS=$(CLS_EPOCHS) SEED=$(SEED) DATA_DIR=$(DATA_DIR) \
-    TRAIN_ARGS="$(TRAIN_ARGS)" SELECT_ARGS="$(SELECT_ARGS)" EXPORT_ARGS="$(EXPORT_ARGS)" EVAL_ARGS="$(EVAL_ARGS)"
+    TRAIN_ARGS="$(TRAIN_ARGS)" SELECT_ARGS="$(SELECT_ARGS)" EXPORT_ARGS="$(EXPORT_ARGS)" EVAL_ARGS="$(EVAL_ARGS)" \
+    SUMMARY_ARGS="$(SUMMARY_ARGS)"
 
 clean:
 	rm -rf $(WORK) $(RESULTS)

@@ -111,8 +111,8 @@ def run_toy(args):
     if not (args.hits_low > 0 and args.hits_high > 0):
         raise UserError("--hits-low and --hits-high must be positive")
     eta_min, eta_max = slice_of(args.eta)
-    if eta_max > 100:
-        raise UserError(f"--eta {args.eta}: the toy geometry is the barrel, |eta| < 1.0")
+    if eta_max > round(toyshower.MAX_ETA * 100):
+        raise UserError(f"--eta {args.eta}: the toy geometry is the barrel, |eta| < {toyshower.MAX_ETA:.2f}")
     ensure_dir(args.out)
     pid = PARTICLES[args.particle][0]
     n_hits = 0
@@ -802,7 +802,7 @@ def build_parser():
     sub = ap.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("toy", formatter_class=HelpFormatter, help="write toy hits files (seeded; not Geant4)")
-    t.add_argument("--particle", default="photon", help="photon or pion (default photon)")
+    t.add_argument("--particle", default="photon", help="photon, electron or pion (default photon)")
     t.add_argument("--eta", type=float, default=0.20, help="|eta| inside the 0.05-wide slice to fill (default 0.20)")
     t.add_argument("--events-per-energy", type=int, default=1000, help="events per energy (default 1000)")
     t.add_argument("--seed", type=int, default=1, help="random seed (default 1)")

@@ -13,9 +13,14 @@ Usage (normally through `make condor` / `make slurm`):
 
     python scaleout.py slurm --slices "photon_0.20 pion_0.20" --work work/demo --results results/demo \\
         --out slurm/demo -- DATASET=demo
-    sbatch slurm/demo/calokit_array.sh
+    slurm/demo/submit.sh          # the array, then the summary job once every task has ended
 
 DAG per slice: [hits ->] voxels -> train.h5 -> train (GPU) -> select -> export, and select + held-out -> evaluate.
+A last node, ``summary``, runs ``make summary-now`` (summary.py over every slice) once every slice's export and
+evaluate nodes have succeeded; FastCaloGAN's scale, 3 particles x 26 barrel slices, is ``make condor DEMO=barrel``
+(78 chains, 547 nodes). DAGMan does not run a node whose parent failed: after a failure, ``make summary-now``
+by hand lists every slice with its state. The Slurm summary job depends on the array with ``afterany``, so it
+runs (and lists the failed slices) even when some tasks fail.
 """
 import argparse
 import os
@@ -49,6 +54,11 @@ def node_name(stage, slice_name):
 
 def make_command(target, make_vars):
     return ["make", "-C", REPO, target] + list(make_vars)
+
+
+SUMMARY_NODE = "summary"
+SUMMARY_TARGET = "summary-now"      # builds nothing: summarises what the chains left
+SUMMARY_PARENTS = ("export", "evaluate")
 
 
 def condor_files(slices, work, results, make_vars, log_dir):
@@ -85,6 +95,12 @@ def condor_files(slices, work, results, make_vars, log_dir):
         for stage, (_, parents, _) in STAGES.items():
             for p in parents:
                 dag.append(f"PARENT {node_name(p, s)} CHILD {node_name(stage, s)}")
+    args = " ".join(shlex.quote(a) for a in make_command(SUMMARY_TARGET, make_vars)[1:])
+    dag.append(f"JOB {SUMMARY_NODE} cpu.sub")
+    dag.append(f'VARS {SUMMARY_NODE} node="{SUMMARY_NODE}" make_args="{args}"')
+    dag.append(f"RETRY {SUMMARY_NODE} 1")
+    last = [node_name(st, s) for s in slices for st in SUMMARY_PARENTS]
+    dag.append(f"PARENT {' '.join(last)} CHILD {SUMMARY_NODE}")
     return {"calokit.dag": "\n".join(dag) + "\n", **subs}
 
 
@@ -110,6 +126,35 @@ exec make {targets} {" ".join(shlex.quote(v) for v in make_vars)}
 """
 
 
+def slurm_summary_script(make_vars, log_dir):
+    """The summary job: `make summary-now` once, after the array (see :func:`slurm_submit_script`)."""
+    cpus, mem, _ = RESOURCES["cpu"]
+    return f"""#!/bin/bash
+# calokit: the summary of every slice, after the array's tasks have ended (submitted by submit.sh)
+#SBATCH --job-name=calokit-summary
+#SBATCH --cpus-per-task={cpus}
+#SBATCH --mem={mem}M
+#SBATCH --time=02:00:00
+#SBATCH --output={log_dir}/calokit_summary_%j.out
+set -euo pipefail
+cd {shlex.quote(REPO)}
+exec make {SUMMARY_TARGET} {" ".join(shlex.quote(v) for v in make_vars)}
+"""
+
+
+def slurm_submit_script(out_dir):
+    """submit.sh: the array, then the summary with afterany (it runs even if some tasks failed)."""
+    here = shlex.quote(os.path.abspath(out_dir))
+    return f"""#!/bin/bash
+# calokit: submit the per-slice array and the summary job that waits for all of its tasks
+set -euo pipefail
+jid=$(sbatch --parsable {here}/calokit_array.sh)
+jid=${{jid%%;*}}
+sbatch --dependency=afterany:$jid {here}/calokit_summary.sh
+echo "calokit: array job $jid, summary after it"
+"""
+
+
 def write_files(out_dir, files):
     ensure_dir(out_dir)
     for name, text in files.items():
@@ -131,6 +176,9 @@ def _main(argv):
     slices = args.slices.split()
     if not slices:
         raise UserError("--slices is empty")
+    dup = sorted({x for x in slices if slices.count(x) > 1})
+    if dup:
+        raise UserError(f"--slices names {', '.join(dup)} more than once")
     for v in args.make_vars:
         if "=" not in v:
             raise UserError(f"make variable '{v}' is not of the form VAR=value")
@@ -141,7 +189,9 @@ def _main(argv):
     if args.engine == "condor":
         files = condor_files(slices, args.work, args.results, make_vars, log_dir)
     else:
-        files = {"calokit_array.sh": slurm_script(slices, args.work, args.results, make_vars, log_dir)}
+        files = {"calokit_array.sh": slurm_script(slices, args.work, args.results, make_vars, log_dir),
+                 "calokit_summary.sh": slurm_summary_script(make_vars, log_dir),
+                 "submit.sh": slurm_submit_script(args.out)}
     write_files(args.out, files)
     ensure_dir(log_dir)
     print(f"scaleout: wrote {', '.join(sorted(files))} for {len(slices)} slice(s) to {args.out}")

@@ -2,8 +2,9 @@
 
 Real Geant4 single-particle samples cannot be produced offline, so calokit ships this toy so that the whole
 chain (hits -> voxels -> GAN -> evaluation) runs and is tested in minutes, on showers with real structure:
-energy-dependent longitudinal and lateral shapes, fluctuations that shrink with energy, photons that look
-different from pions. Nothing here is tuned to ATLAS data; numbers are textbook-plausible choices.
+energy-dependent longitudinal and lateral shapes, fluctuations that shrink with energy, electrons that
+shower earlier than photons, and both looking different from pions. Nothing here is tuned to ATLAS data;
+numbers are textbook-plausible choices.
 
 It writes *hits* in the calokit hits format (see preprocess.py and the README) for the CaloChallenge
 dataset-1 layer ids: 0-3 EM barrel (presampler, strips, middle, back), 12-14 Tile barrel (A, BC, D), plus
@@ -23,16 +24,18 @@ Geometry (barrel, |eta| ~ 0.2). Layer radial extents (mm): 0 presampler 1410-145
 2 middle 1590-1930, 3 back 1930-1980, 12 Tile A 2300-2600, 13 Tile BC 2600-3440, 14 Tile D 3440-3820,
 15 toy catcher 3820-3900. The extrapolated position of the particle in a layer is at the layer's mid radius
 (``extrap_r``), ``extrap_z = r sinh(eta)``; columns of layers the toy does not model (4-11, 16-23) are NaN.
-The particle direction: |eta| uniform in the slice with a random sign, phi uniform in (-pi, pi]. Pions (pi+)
-are bent in the 2 T solenoid (toy: one phi kink asin(min(0.3 B r_sol / 2 pT, 1)), r_sol = 1.2 m, same in
-every layer); photons fly straight.
+The particle direction: |eta| uniform in the slice with a random sign, phi uniform in (-pi, pi]. Charged
+particles are bent in the 2 T solenoid (toy: one phi kink q asin(min(0.3 B r_sol / 2 pT, 1)), r_sol = 1.2 m,
+same in every layer; pi+ turns one way, e- the other); photons fly straight. Slices up to |eta| 1.30 (the 26
+barrel slices of the FastCaloGAN binning) are allowed; the toy keeps its barrel layers there (no extended
+barrel, no path-length growth with |eta|), a convention that lets every barrel slice run end to end.
 
-Longitudinal depth is counted along the particle path, in radiation lengths X0 for photons and in nuclear
-interaction lengths lambda for pions. Each depth interval belongs to a layer or to dead material (energy
-deposited there is lost, as in a real calorimeter; it is not written as hits):
+Longitudinal depth is counted along the particle path, in radiation lengths X0 for photons and electrons
+and in nuclear interaction lengths lambda for pions. Each depth interval belongs to a layer or to dead
+material (energy deposited there is lost, as in a real calorimeter; it is not written as hits):
 
-* photon (X0): dead 0-1.3, PS 1.3-1.6, dead 1.6-2.0, strips 2.0-6.4, middle 6.4-22.4, back 22.4-24.8,
-  dead 24.8-27, Tile A 27-45, BC 45-90, D 90-110;
+* photon and electron (X0): dead 0-1.3, PS 1.3-1.6, dead 1.6-2.0, strips 2.0-6.4, middle 6.4-22.4,
+  back 22.4-24.8, dead 24.8-27, Tile A 27-45, BC 45-90, D 90-110;
 * pion (lambda): dead 0-0.05, PS 0.05-0.07, dead 0.07-0.09, strips 0.09-0.33, middle 0.33-1.21,
   back 1.21-1.34, dead 1.34-1.5, Tile A 1.5-3.0, BC 3.0-7.1, D 7.1-8.9, catcher (15) 8.9-9.4.
 
@@ -41,6 +44,10 @@ dE/dt follows a gamma distribution Gamma(a, 1/b) with b = 0.5 and a = 1 + b T, w
 maximum T = ln(E/E_c) - 0.5 (E_c = 10 MeV) fluctuates log-normally with sigma = 1/(-1.4 + 1.26 ln(E/E_c))
 (capped at 0.5): showers get deeper like log E and fluctuate less at high E. Layer energies are the
 gamma CDF differences (scipy.special.gammainc) over the layer intervals.
+
+Electrons: the same EM profile, settings and lateral shape as photons, but an electron starts showering where
+it enters the material (s = 0): it radiates from the first X0 on, while a photon first has to convert, so the
+electron shower sits on average 9/7 X0 earlier (more energy in the presampler and strips, less in the back).
 
 Pions: the first inelastic interaction is at t0 ~ Exp(1 lambda). Before it, the pion ionises like a MIP
 (220 MeV per lambda, seen at 0.75 of the EM scale); a pion whose range E_kin / 220 MeV ends before t0
@@ -92,13 +99,15 @@ from plumbing import UserError, kinetic_energy
 GENERATOR = "calokit toy (not Geant4)"
 N_LAYER_COLUMNS = 24          # dataset-1 layer ids 0..23: one extrapolation column per id
 DEFAULT_ENERGIES = [2.0 ** k for k in range(8, 23)]   # 256 MeV .. 4 TeV, 15 points
-TOY_PARTICLES = ("photon", "pion")
+TOY_PARTICLES = ("photon", "electron", "pion")
+EM_PARTICLES = ("photon", "electron")
 
 #: layer id -> (inner, outer) radius in mm of the toy barrel layers
 LAYER_RADII = {0: (1410.0, 1450.0), 1: (1500.0, 1590.0), 2: (1590.0, 1930.0), 3: (1930.0, 1980.0),
                12: (2300.0, 2600.0), 13: (2600.0, 3440.0), 14: (3440.0, 3820.0), 15: (3820.0, 3900.0)}
 LAYER_IDS = np.array(sorted(LAYER_RADII), dtype=np.int64)
 TILE_LAYERS = (12, 13, 14, 15)
+MAX_ETA = 1.30                # the 26 barrel slices of binning_fastcalogan.xml (see the docstring)
 U_MAX = 0.99                  # lateral CDF cap: no hit beyond ~10 core/tail radii
 
 #: sampling fraction per layer; a_l = SAMPLING_A0 / sqrt(f_s) is the layer's stochastic term (sqrt(GeV))
@@ -109,6 +118,8 @@ SAMPLING_A0 = 0.045
 REGIONS = {
     "photon": (np.array([0.0, 1.3, 1.6, 2.0, 6.4, 22.4, 24.8, 27.0, 45.0, 90.0, 110.0]),
                np.array([-1, 0, -1, 1, 2, 3, -1, 12, 13, 14])),
+    "electron": (np.array([0.0, 1.3, 1.6, 2.0, 6.4, 22.4, 24.8, 27.0, 45.0, 90.0, 110.0]),
+                 np.array([-1, 0, -1, 1, 2, 3, -1, 12, 13, 14])),
     "pion": (np.array([0.0, 0.05, 0.07, 0.09, 0.33, 1.21, 1.34, 1.5, 3.0, 7.1, 8.9, 9.4]),
              np.array([-1, 0, -1, 1, 2, 3, -1, 12, 13, 14, 15])),
 }
@@ -172,19 +183,22 @@ def _sampling(rng, e_layer, const_term):
     return vis * np.exp(rng.normal(0.0, const_term, size=(e_layer.shape[0],) + (1,) * (e_layer.ndim - 1)))
 
 
-def photon_cells(rng, energy, n):
-    """Photon layer energies and lateral parameters: arrays (n, 1 component, L layers)."""
+def photon_cells(rng, energy, n, particle="photon"):
+    """Photon (or electron) layer energies and lateral parameters: arrays (n, 1 component, L layers).
+
+    A photon's shower starts at its conversion depth ~ Exp(9/7 X0); an electron's at the front (depth 0).
+    """
     P = PHOTON
-    edges, lay = REGIONS["photon"]
+    edges, lay = REGIONS[particle]
     lny = math.log(energy / P["E_c"])
     sigma = min(1.0 / max(-1.4 + 1.26 * lny, 1e-3), P["sigma_lnT_max"])
     T = max(lny - 0.5, 0.3) * np.exp(rng.normal(0.0, sigma, n))
-    start = rng.exponential(P["conv_X0"], n)
+    start = rng.exponential(P["conv_X0"], n) if particle == "photon" else np.zeros(n)
     shape = 1.0 + P["b"] * T
     frac = region_fractions(edges, start, shape, np.full(n, 1.0 / P["b"]))
     e_layer = _sampling(rng, energy * _to_layers(frac, lay), P["const_term"])[:, None, :]
     # Grindhammer-Peters lateral parameters at each layer centre
-    tau = np.clip((_layer_centres("photon")[None, :] - start[:, None]) / T[:, None], 0.0, P["tau_max"])
+    tau = np.clip((_layer_centres(particle)[None, :] - start[:, None]) / T[:, None], 0.0, P["tau_max"])
     tau = np.nan_to_num(tau, nan=P["tau_max"])
     lnE = math.log(energy / 1000.0)
     rc = (0.0251 + 0.00319 * lnE + 0.085 * tau) * P["moliere_mm"]
@@ -237,10 +251,11 @@ def extrapolation(rng, particle, energy, n, eta_range):
     lo, hi = eta_range
     eta = rng.uniform(lo, hi, n) * rng.choice([-1.0, 1.0], n)
     phi = rng.uniform(-math.pi, math.pi, n)
-    if particle == "pion":   # pi+ bent in the solenoid: one phi kink, same for every calorimeter layer
+    charge = {"pion": 1.0, "electron": -1.0}.get(particle, 0.0)
+    if charge:   # pi+ / e- bent in the solenoid: one phi kink, same for every calorimeter layer
         pt_gev = energy / 1000.0 / np.cosh(eta)
         s = np.minimum(0.3 * PION["B_tesla"] * PION["r_solenoid_m"] / (2.0 * pt_gev), 1.0)
-        phi = wrap_phi(phi + np.arcsin(s))
+        phi = wrap_phi(phi + charge * np.arcsin(s))
     cols = {k: np.full((n, N_LAYER_COLUMNS), np.nan) for k in ("eta", "phi", "r", "z")}
     for lid, (r_in, r_out) in LAYER_RADII.items():
         r = 0.5 * (r_in + r_out)
@@ -254,8 +269,10 @@ def extrapolation(rng, particle, energy, n, eta_range):
 def _block(rng, particle, energy, n, eta_range, hits_low, hits_high):
     """Generate ``n`` events of one energy: per-event arrays and the hit arrays (event ids local to the block)."""
     ext = extrapolation(rng, particle, energy, n, eta_range)
-    cells = photon_cells if particle == "photon" else pion_cells
-    e_cell, rc, rt, pc, jitter, stretch = cells(rng, energy, n)
+    if particle in EM_PARTICLES:
+        e_cell, rc, rt, pc, jitter, stretch = photon_cells(rng, energy, n, particle)
+    else:
+        e_cell, rc, rt, pc, jitter, stretch = pion_cells(rng, energy, n)
     n_comp, n_lay = e_cell.shape[1], e_cell.shape[2]
     flat_e = e_cell.reshape(n, -1)
     # hit multiplicity: Poisson total, multinomial over (component, layer) cells, >= 1 hit per cell with energy
@@ -309,8 +326,8 @@ def generate(particle, energy, n_events, eta_range=(0.20, 0.25), seed=1, hits_lo
         raise UserError(f"toy energy must be a positive number of MeV, got {energy}")
     if n_events < 1:
         raise UserError(f"--events-per-energy must be >= 1, got {n_events}")
-    if not (0 <= eta_range[0] < eta_range[1] < 1.0):
-        raise UserError(f"toy |eta| range {eta_range} must lie inside the barrel, 0 <= min < max < 1.0")
+    if not (0 <= eta_range[0] < eta_range[1] <= MAX_ETA + 1e-9):
+        raise UserError(f"toy |eta| range {eta_range} must lie inside the barrel, 0 <= min < max <= {MAX_ETA}")
     if not (hits_low > 0 and hits_high > 0):
         raise UserError("hit multiplicities must be positive")
     pid = PARTICLES[particle][0]

@@ -1,7 +1,7 @@
 """The repository's shape: layering, no import cycles, scripts that run when copied alone, no cited documents,
 Make rules that redo exactly what a change touches, and the docstring examples.
 
-Layering rule: a stage script (preprocess, train, select_epoch, export_lwtnn, evaluate, scaleout) imports only the
+Layering rule: a stage script (preprocess, train, select_epoch, export_lwtnn, evaluate, scaleout, summary) imports only the
 shared modules (HighLevelFeatures.py, plumbing.py) and the toy source (toyshower.py, itself importing only shared
 modules), never another stage.
 """
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("preprocess", "train", "select_epoch", "export_lwtnn", "evaluate", "scaleout")
+STAGES = ("preprocess", "train", "select_epoch", "export_lwtnn", "evaluate", "scaleout", "summary")
 SHARED = ("HighLevelFeatures", "plumbing")
 TOY = "toyshower"
 #: what the README says each script needs beside it when copied alone
@@ -34,6 +34,7 @@ COMPANIONS = {
     "export_lwtnn.py": ["HighLevelFeatures.py", "plumbing.py"],
     "evaluate.py": ["HighLevelFeatures.py", "plumbing.py"],
     "scaleout.py": ["HighLevelFeatures.py", "plumbing.py"],
+    "summary.py": ["HighLevelFeatures.py", "plumbing.py"],
 }
 LOCAL = set(STAGES) | set(SHARED) | {TOY}
 
@@ -190,6 +191,22 @@ def test_copied_evaluate_scaleout_hlf(tmp_path, tiny_chain):
     folder = copy_alone(tmp_path, "HighLevelFeatures.py")
     out = run_copy(folder, "HighLevelFeatures.py", tiny_chain["xml"], "photon", "0.22")
     assert "368" in out
+
+
+def test_copied_summary(tmp_path, tiny_chain):
+    """summary.py alone over one slice whose generated file is its reference: response equal, chi2 0."""
+    res = tmp_path / "results" / "photon_0.20"
+    (res / "select").mkdir(parents=True)
+    shutil.copy(tiny_chain["vox"], res / "select" / "generated.h5")
+    (res / "select" / "best.json").write_text(__import__("json").dumps(
+        {"best_iteration": 4, "chi2_ndf": 1.0, "reference_for_evaluate": tiny_chain["vox"]}))
+    folder = copy_alone(tmp_path, "summary.py")
+    out = run_copy(folder, "summary.py", "--results", str(tmp_path / "results"), "--out", "s")
+    assert "1 incomplete" in out
+    doc = __import__("json").load(open(folder / "s" / "summary.json"))
+    (s,) = doc["slices"]
+    assert s["missing"] == ["eval/metrics.json", "lwtnn/*.json"] and len(s["points"]) == 2
+    assert all(p["chi2"] == 0.0 and p["response_gen"] == p["response_ref"] for p in s["points"])
 
 
 def test_copied_modules_import_alone(tmp_path):

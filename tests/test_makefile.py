@@ -20,7 +20,8 @@ while [ $# -gt 0 ]; do case "$1" in --out|--output_dir) out=$2; shift;; --json) 
 case "$script" in
   preprocess.py) if [[ "$out" == *.h5 ]]; then mkdir -p "$(dirname "$out")"; touch "$out"; else mkdir -p "$out"; fi;;
   train.py) mkdir -p "$out";;
-  *) mkdir -p "$out"; [ "$script" = select_epoch.py ] && touch "$out/best.json"; [ -n "$json" ] && touch "$json";;
+  *) mkdir -p "$out"; [ "$script" = select_epoch.py ] && touch "$out/best.json"; [ -n "$json" ] && touch "$json"
+     [ "$script" = summary.py ] && touch "$out/summary.json";;
 esac
 exit 0
 """
@@ -54,6 +55,9 @@ def planned(tree, *args):
     assert res.returncode == 0, res.stderr
     found = {}
     for line in res.stdout.splitlines():
+        if re.search(r"fakepy summary\.py ", line):      # the summary of every slice
+            found.setdefault("summary", set()).add("summary.py")
+            continue
         m = re.search(r"fakepy (\S+\.py)( (toy|voxelise|prepare))?.*?(photon_0\.2[05])", line)
         if m:
             stage = m.group(3) if m.group(1) == "preprocess.py" else m.group(1)
@@ -81,7 +85,7 @@ def test_unchanged_rerun_plans_nothing(tree):
 def test_changed_setting_redoes_exactly_its_stages(tree, setting, stages):
     name, value = setting.split("=", 1)
     plan = planned(tree, f"{name}={value}")
-    assert plan == {"photon_0.20": stages, "photon_0.25": stages}
+    assert plan == {"photon_0.20": stages, "photon_0.25": stages, "summary": {"summary.py"}}
     # after a real run with the new setting, it plans nothing; going back to the default redoes the same stages
     repo, base = tree
     assert subprocess.run(base + ["all", f"{name}={value}"], capture_output=True, timeout=120).returncode == 0
@@ -105,7 +109,35 @@ def test_edited_file_redoes_exactly_its_stages(tree, edited, stages):
     path = repo / edited
     later = max(os.stat(p).st_mtime for p in repo.rglob("*") if p.is_file()) + 10
     os.utime(path, (later, later))
-    assert planned(tree) == {"photon_0.20": stages, "photon_0.25": stages}
+    assert planned(tree) == {"photon_0.20": stages, "photon_0.25": stages, "summary": {"summary.py"}}
+
+
+@pytest.mark.parametrize("args", [["SUMMARY_ARGS=--dpi 50"], ["ETAS=0.20"]])
+def test_summary_settings_redo_the_summary_only(tree, args):
+    assert planned(tree, *args) == {"summary": {"summary.py"}}
+
+
+def test_edited_summary_script_redoes_the_summary_only(tree):
+    repo, _ = tree
+    later = max(os.stat(p).st_mtime for p in repo.rglob("*") if p.is_file()) + 10
+    os.utime(repo / "summary.py", (later, later))
+    assert planned(tree) == {"summary": {"summary.py"}}
+
+
+def test_demo_3x2_plans_six_slices_with_electrons_judged_as_photons(tree):
+    repo, base = tree
+    res = subprocess.run(base + ["-n", "all", "DEMO=3x2", "WORK=w3", "RESULTS=r3"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    evals = re.findall(r"fakepy evaluate\.py -i r3/(\w+_0\.2[05])/select/generated\.h5 .*? -d (\S+)", res.stdout)
+    assert sorted(evals) == sorted([(f"{p}_{e}", d) for p, d in (("photon", "1-photons"), ("electron", "1-photons"),
+                                                                  ("pion", "1-pions")) for e in ("0.20", "0.25")])
+    toys = re.findall(r"fakepy preprocess\.py toy --particle (\w+) --eta (\S+) ", res.stdout)
+    assert len(toys) == 12 and ("electron", "0.25") in toys                  # training + held-out per slice
+    assert re.search(r'fakepy summary\.py --results r3 --slices "photon_0\.20 photon_0\.25 electron_0\.20 '
+                     r'electron_0\.25 pion_0\.20 pion_0\.25" --out r3/summary', res.stdout)
+    bad = subprocess.run(base + ["-n", "all", "DEMO=9x9"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "DEMO must be" in bad.stderr
 
 
 def test_clean_slice_removes_one_slice(tree):
@@ -114,7 +146,7 @@ def test_clean_slice_removes_one_slice(tree):
     assert res.returncode == 0, res.stderr
     assert (repo / "work/demo/photon_0.20").is_dir() and not (repo / "work/demo/photon_0.25").exists()
     assert (repo / "results/demo/photon_0.20").is_dir() and not (repo / "results/demo/photon_0.25").exists()
-    assert planned(tree) == {"photon_0.25": ALL}
+    assert planned(tree) == {"photon_0.25": ALL, "summary": {"summary.py"}}
     res = subprocess.run(base + ["clean-slice"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "SLICE=" in res.stderr
 

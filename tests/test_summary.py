@@ -1,0 +1,204 @@
+"""summary.py on synthetic result folders (no training): every slice listed, numbers equal direct computations."""
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+import summary
+from plumbing import kinetic_energy, write_calo_file
+
+ENERGIES = [256.0, 4096.0, 65536.0]
+PID = {"photon": 22, "electron": 11, "pion": 211}
+
+
+def _showers(rng, einc, particle, scale, n_vox=6):
+    """Showers whose total is scale * E_kin * (1 + 0.1 N(0,1)), spread over n_vox voxels."""
+    ekin = kinetic_energy(einc, particle)
+    tot = scale * ekin * (1.0 + 0.1 * rng.standard_normal(len(einc)))
+    w = rng.dirichlet(np.ones(n_vox), len(einc))
+    return np.abs(tot)[:, None] * w
+
+
+def make_slice(results, work, name, seed, n=40, energies=ENERGIES, scale_gen=0.97, skip=()):
+    """A slice folder as the chain writes it (minus what ``skip`` names); returns (generated, reference) paths."""
+    particle, eta = summary.parse_slice(name)
+    rng = np.random.default_rng(seed)
+    einc = np.repeat(energies, n)
+    folder = os.path.join(results, name)
+    for d in ("select", "eval", "lwtnn"):
+        os.makedirs(os.path.join(folder, d), exist_ok=True)
+    os.makedirs(os.path.join(work, name, "run"), exist_ok=True)
+    ref = os.path.join(work, name, "voxels_heldout.h5")
+    gen = os.path.join(folder, "select", "generated.h5")
+    write_calo_file(ref, einc, _showers(rng, einc, particle, 1.0))
+    if "generated" not in skip:
+        write_calo_file(gen, einc, _showers(rng, einc, particle, scale_gen))
+    with open(os.path.join(work, name, "run", "config.json"), "w") as f:
+        json.dump({"particle": particle, "range": "all"}, f)
+    if "best" not in skip:
+        with open(os.path.join(folder, "select", "best.json"), "w") as f:
+            json.dump({"run": os.path.join(work, name, "run"), "best_iteration": 300 + seed, "chi2_ndf": 1.5 + seed,
+                       "generated": gen, "reference_for_evaluate": ref}, f)
+    if "metrics" not in skip:
+        with open(os.path.join(folder, "eval", "metrics.json"), "w") as f:
+            json.dump({"separation_power": {"Etot / Einc": 0.01 * seed, "E layer 1": 0.03 * seed},
+                       "classifier": {"cls-high": {"auc": 0.6 + 0.01 * seed}}}, f)
+    stem = f"neural_net_{PID[particle]}_eta_{round(eta * 100)}_{round(eta * 100) + 5}_all"
+    for suffix, text in ((".json", '{"layers": []}'), (".meta.json", "{}"), (".onnx", "x" * 100)):
+        with open(os.path.join(folder, "lwtnn", stem + suffix), "w") as f:
+            f.write(text)
+    return gen, ref
+
+
+def direct(path, particle):
+    """{e_inc: (response, rms, resolution, n)} computed from the whole file at once."""
+    import h5py
+
+    with h5py.File(path) as f:
+        einc = f["incident_energies"][:].reshape(-1)
+        etot = f["showers"][:].astype(np.float64).sum(axis=1)
+    out = {}
+    for e in np.unique(einc):
+        sel = einc == e
+        r = etot[sel] / kinetic_energy(e, particle)
+        out[float(e)] = (r.mean(), r.std(), etot[sel].std() / etot[sel].mean(), int(sel.sum()))
+    return out
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    results, work = str(tmp_path / "results"), str(tmp_path / "work")
+    files = {}
+    for k, name in enumerate(["photon_0.20", "photon_0.25", "pion_0.20", "pion_0.25"]):
+        files[name] = make_slice(results, work, name, seed=k + 1)
+    return results, work, files
+
+
+def test_summary_lists_every_slice_and_its_numbers_equal_direct_ones(tiny_run, tmp_path):
+    results, work, files = tiny_run
+    out = str(tmp_path / "summary")
+    assert summary.main(["--results", results, "--out", out, "--chunk", "7",
+                         "--slices", "photon_0.20 photon_0.25 pion_0.20 pion_0.25 pion_0.30"]) == 0
+    doc = json.load(open(os.path.join(out, "summary.json")))
+    by = {s["slice"]: s for s in doc["slices"]}
+    # order: particle then eta; the expected-but-absent slice is there, as missing
+    assert list(by) == ["photon_0.20", "photon_0.25", "pion_0.20", "pion_0.25", "pion_0.30"]
+    assert by["pion_0.30"]["state"] == "missing" and by["pion_0.30"]["points"] == []
+    assert doc["states"] == {"complete": 4, "missing": 1}
+    for k, name in enumerate(["photon_0.20", "photon_0.25", "pion_0.20", "pion_0.25"]):
+        s, (gen, ref) = by[name], files[name]
+        particle = name.split("_")[0]
+        assert s["state"] == "complete" and s["missing"] == [] and s["range"] == "all"
+        assert s["best_iteration"] == 301 + k and s["select_chi2_ndf"] == pytest.approx(2.5 + k)
+        assert s["etot_einc_separation"] == pytest.approx(0.01 * (k + 1))
+        assert s["mean_separation"] == pytest.approx(0.02 * (k + 1))
+        assert s["cls_high_auc"] == pytest.approx(0.61 + 0.01 * k)
+        assert [e["file"] for e in s["exports"]][0].startswith(f"neural_net_{PID[particle]}_eta_")
+        d_ref, d_gen = direct(ref, particle), direct(gen, particle)
+        assert [p["e_inc"] for p in s["points"]] == ENERGIES
+        chi2_sum = 0.0
+        for p in s["points"]:
+            for tag, d in (("ref", d_ref), ("gen", d_gen)):
+                m, rms, res, n = d[p["e_inc"]]
+                assert p[f"n_{tag}"] == n == 40
+                assert p[f"response_{tag}"] == pytest.approx(m, rel=1e-12)
+                assert p[f"rms_{tag}"] == pytest.approx(rms, rel=1e-9)
+                assert p[f"resolution_{tag}"] == pytest.approx(res, rel=1e-9)
+            (mr, sr, _, n), (mg, sg, _, _) = d_ref[p["e_inc"]], d_gen[p["e_inc"]]
+            want = ((mg - mr) ** 2 / (sg ** 2 / n + sr ** 2 / n)
+                    + (sg - sr) ** 2 / (sg ** 2 / (2 * (n - 1)) + sr ** 2 / (2 * (n - 1))))
+            assert p["chi2"] == pytest.approx(want, rel=1e-9) and p["ndf"] == 2
+            chi2_sum += want
+            assert p["e_kin"] == pytest.approx(float(kinetic_energy(p["e_inc"], particle)))
+        assert s["response_chi2_ndf"] == pytest.approx(chi2_sum / 6, rel=1e-9)
+        # generated showers were made 3 % low: the response says so, the reference sits at 1
+        assert all(abs(p["response_ref"] - 1.0) < 0.05 for p in s["points"])
+        assert np.mean([p["response_gen"] / p["response_ref"] for p in s["points"]]) == pytest.approx(0.97, abs=0.03)
+    # versus |eta|: the nearest energy point per slice, one list per particle with both slices
+    v = doc["versus_eta"]
+    assert sorted(v) == ["1024", "16384", "262144"]
+    assert [round(x["eta"], 3) for x in v["16384"]["photon"]] == [0.225, 0.275]
+    assert v["1024"]["pion"][0]["e_inc"] == 256.0 and v["262144"]["photon"][1]["e_inc"] == 65536.0
+    # the tables: one row per GAN, same numbers
+    rows = list(csv.DictReader(open(os.path.join(out, "summary.csv"))))
+    assert [r["particle"] + " " + r["slice"] for r in rows] == ["photon 0.20-0.25", "photon 0.25-0.30",
+                                                               "pion 0.20-0.25", "pion 0.25-0.30", "pion 0.30-0.35"]
+    assert float(rows[2]["response_chi2_ndf"]) == pytest.approx(by["pion_0.20"]["response_chi2_ndf"], rel=1e-3)
+    assert rows[4]["state"] == "missing" and "slice folder" in rows[4]["missing"]
+    assert "(14 B)" in rows[0]["exports"]                       # '{"layers": []}' is 14 bytes
+    assert rows[0]["exports"].count(".onnx (100 B)") == 1 and len(by["photon_0.20"]["exports"]) == 3
+    md = open(os.path.join(out, "summary.md")).read().splitlines()
+    assert sum(line.startswith("| photon") or line.startswith("| pion") for line in md) == 5
+    for png in ("response_resolution.png", "response_resolution_vs_eta.png"):
+        assert open(os.path.join(out, png), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_incomplete_and_unreadable_slices_are_listed(tmp_path):
+    results, work = str(tmp_path / "r"), str(tmp_path / "w")
+    make_slice(results, work, "electron_0.20", seed=1)
+    make_slice(results, work, "electron_0.25", seed=2, skip=("metrics",))       # evaluation still running
+    make_slice(results, work, "photon_0.20", seed=3, skip=("best", "generated", "metrics"))   # training
+    make_slice(results, work, "photon_0.25", seed=4)
+    make_slice(results, work, "pion_0.20", seed=5)
+    for f in os.listdir(os.path.join(results, "pion_0.20", "lwtnn")):        # an export with only its meta file left
+        if not f.endswith(".meta.json"):
+            os.remove(os.path.join(results, "pion_0.20", "lwtnn", f))
+    with open(os.path.join(results, "photon_0.25", "select", "generated.h5"), "wb") as f:
+        f.write(b"not hdf5")
+    assert summary.main(["--results", results]) == 0
+    doc = json.load(open(os.path.join(results, "summary", "summary.json")))
+    by = {s["slice"]: s for s in doc["slices"]}
+    assert list(by) == ["photon_0.20", "photon_0.25", "electron_0.20", "electron_0.25", "pion_0.20"]
+    assert by["pion_0.20"]["state"] == "incomplete" and by["pion_0.20"]["missing"] == ["lwtnn/*.json"]
+    assert by["electron_0.20"]["state"] == "complete"
+    s = by["electron_0.25"]
+    assert s["state"] == "incomplete" and s["missing"] == ["eval/metrics.json"]
+    assert len(s["points"]) == 3 and s["cls_high_auc"] is None          # response computed, no eval numbers
+    s = by["photon_0.20"]
+    assert s["state"] == "incomplete" and s["points"] == []
+    assert s["missing"] == ["select/best.json", "select/generated.h5", "eval/metrics.json"]
+    s = by["photon_0.25"]
+    assert s["state"] == "unreadable" and "generated.h5" in s["error"]
+    assert doc["states"] == {"incomplete": 3, "unreadable": 1, "complete": 1}
+
+
+def test_continuous_energies_are_binned_in_log_e(tmp_path):
+    results, work = str(tmp_path / "r"), str(tmp_path / "w")
+    energies = list(np.geomspace(1000.0, 64000.0, 12))
+    gen, ref = make_slice(results, work, "electron_0.20", seed=5, n=5, energies=energies)
+    assert summary.main(["--results", results, "--max-points", "4", "--out", str(tmp_path / "s")]) == 0
+    s = json.load(open(tmp_path / "s" / "summary.json"))["slices"][0]
+    assert len(s["points"]) == 4 and all(p["e_inc"] is None for p in s["points"])
+    assert [p["n_ref"] for p in s["points"]] == [15, 15, 15, 15]
+    import h5py
+
+    with h5py.File(ref) as f:
+        einc = f["incident_energies"][:].reshape(-1)
+        r = f["showers"][:].astype(np.float64).sum(axis=1) / kinetic_energy(einc, "electron")
+    sel = einc <= energies[2] * 1.0000001              # the first log bin: the first three energies
+    assert s["points"][0]["response_ref"] == pytest.approx(r[sel].mean(), rel=1e-12)
+    assert s["points"][0]["e_kin"] == pytest.approx(kinetic_energy(einc[sel], "electron").mean(), rel=1e-12)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--results", "NOPE"], "results folder not found"),
+    (["--results", "R", "--slices", "kaon_0.20"], "not a slice name"),
+    (["--results", "R"], "no slice folders"),
+    (["--results", "R", "--energies", "-1"], "positive"),
+])
+def test_bad_input_exit_2_one_line(tmp_path, capsys, argv, message):
+    (tmp_path / "R").mkdir()
+    argv = [str(tmp_path / a) if a in ("NOPE", "R") else a for a in argv]
+    assert summary.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "R" / "summary").exists()
+
+
+def test_help_exits_0(capsys):
+    assert summary.main(["--help"]) == 0
+    assert "--results" in capsys.readouterr().out
+    assert math.isfinite(summary.DEFAULT_ENERGIES[0])
