@@ -84,7 +84,8 @@ Hit multiplicity. Each event gets N ~ Poisson(n(E)) hits with n(E) a power law t
 multinomial in their visible energies (at least one hit in every cell with energy); inside a cell the hit
 energies are the cell energy times normalised Gamma(2) weights, so hits sum exactly to the cell energy.
 
-Randomness: one numpy Generator per (seed, PDG id, energy), so every file is reproducible on its own.
+Randomness: one numpy Generator per (seed, PDG id, energy, |eta| slice), so every file is reproducible on
+its own and no two slices share showers.
 """
 from __future__ import annotations
 
@@ -331,7 +332,8 @@ def generate(particle, energy, n_events, eta_range=(0.20, 0.25), seed=1, hits_lo
     if not (hits_low > 0 and hits_high > 0):
         raise UserError("hit multiplicities must be positive")
     pid = PARTICLES[particle][0]
-    rng = np.random.default_rng([int(seed), pid, int(round(energy))])
+    # the slice's lower edge (|eta| x 100) is part of the seed: every slice gets its own showers
+    rng = np.random.default_rng([int(seed), pid, int(round(energy)), int(round(100 * eta_range[0]))])
     block = int(max(1, min(n_events, max_block_hits // max(1.0, float(hits_expected(energy, hits_low, hits_high))))))
     parts_h, parts_x = [], []
     for first in range(0, n_events, block):

@@ -786,8 +786,7 @@ def make_config(args, data, dropped):
         "excluded_events": {f"{e:g}": n for e, n in sorted(dropped.items())},
         "exclude_rtol": EXCLUDE_RTOL,
         "n_events": int(data["voxels"].shape[0]), "n_events_used": int(data["voxels"].shape[0] - sum(dropped.values())),
-        "data_ekin_range": [float(x) for x in kinetic_energy(np.array([data["einc"].min(), data["einc"].max()]),
-                                                             particle)],
+
         "noise": {"mean": NOISE_MEAN, "std": NOISE_STD},
         "condition": "[label, 0]",
         "normalisation": "voxels / E_kin",
@@ -795,6 +794,9 @@ def make_config(args, data, dropped):
         "jit": bool(args.jit),
         "keep_resume": int(args.keep_resume),
     })
+    if "einc" in data:                      # the E_kin the network saw (the label range may be wider)
+        einc = np.asarray(data["einc"], dtype=np.float64)
+        cfg["data_ekin_range"] = [float(x) for x in kinetic_energy(np.array([einc.min(), einc.max()]), particle)]
     return cfg
 
 
