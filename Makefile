@@ -31,9 +31,9 @@
 #   RANGE       energy range per GAN: all | low | high (e/gamma), all (pions)         (all)
 #   SELECT_EVENTS showers generated per checkpoint and energy in select_epoch.py      (2000)
 #   CLS_EPOCHS  epochs of the evaluate.py classifiers (reference: 50)                 (10)
-#   TRAIN_ARGS  extra train.py flags. demo: --no-batchnorm --n-critic 2 --lr 2e-4 (swish+BN+ReLU-output collapses
-#               on the toy after ~500 iterations; 2 critic steps and lr 2e-4 buy twice the generator updates
-#               in the same CPU time; measured, see README). CaloChallenge data: --no-batchnorm
+#   TRAIN_ARGS  extra train.py flags. demo: --n-critic 2 --lr 2e-4 (FastCaloGAN's networks, batch-norm in inference
+#               mode as it trains them; 2 critic steps and lr 2e-4 buy twice the generator updates in the same
+#               CPU time; measured, see README). CaloChallenge data: none (FastCaloGAN's settings)
 #   SELECT_ARGS extra select_epoch.py flags. demo: --overflow (showers outside the E_tot chi2 window count,
 #               else a badly wide early checkpoint wins); CaloChallenge data: none (ROOT's default test)
 #   EXPORT_ARGS extra export_lwtnn.py flags; EVAL_ARGS extra evaluate.py flags            (none)
@@ -109,10 +109,10 @@ else
 endif
 # demo-only training and epoch-choice settings (FastCaloGAN's own defaults stay in train.py / select_epoch.py)
 ifeq ($(DATASET),demo)
-  TRAIN_ARGS ?= --no-batchnorm --n-critic 2 --lr 2e-4
+  TRAIN_ARGS ?= --n-critic 2 --lr 2e-4
   SELECT_ARGS ?= --overflow
 else
-  TRAIN_ARGS ?= --no-batchnorm
+  TRAIN_ARGS ?=
   SELECT_ARGS ?=
 endif
 

@@ -133,12 +133,15 @@ def build_parser():
                    help="reference showers (CaloChallenge HDF5), never modified")
     p.add_argument("-m", "--mode", default="all", help="what to evaluate (default all): " + ", ".join(MODES))
     p.add_argument("-d", "--dataset", required=True, help="1-photons, 1-pions, 2 or 3")
-    p.add_argument("--output_dir", default="evaluation_results/", help="where plots and scores go")
+    p.add_argument("--output_dir", default="evaluation_results/",
+                   help="where plots and scores go (default: evaluation_results/ in the working directory, as the "
+                        "reference)")
     p.add_argument("--binning", default=None,
                    help="binning XML (default: binning_dataset_<d>.xml in the current directory, as the reference "
                         "finds it, else the kit's binning/ folder beside this script)")
     p.add_argument("--json", default=None, help="metrics file (default OUTPUT_DIR/metrics.json)")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default {DEFAULT_SEED})")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help=f"random seed (default {DEFAULT_SEED}, the reference's FPD/KPD seed; make all passes its SEED, 1)")
     p.add_argument("--cache_dir", default=None,
                    help="reference feature cache folder (default OUTPUT_DIR/reference_cache)")
     p.add_argument("--no_cache", action="store_true", help="neither read nor write the reference cache")
