@@ -253,16 +253,29 @@ def write_chi2_csv(path, rows):
                             f"{r['chi2']:.6g}", r["ndf"], f"{r['chi2_ndf']:.6g}"])
 
 
+def energy_text(mev):
+    """256 -> '256 MeV', 1048576 -> '1.05 TeV' (3 significant digits, the unit that keeps the number short).
+
+    >>> energy_text(256.0), energy_text(65536.0), energy_text(1048576.0)
+    ('256 MeV', '65.5 GeV', '1.05 TeV')
+    """
+    for unit, scale in (("TeV", 1e6), ("GeV", 1e3)):
+        if mev >= scale:
+            return f"{mev / scale:.3g} {unit}"
+    return f"{mev:.3g} MeV"
+
+
 def plot_chi2(path, iterations, total, per_energy, excluded, best_it):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    for e, vals in per_energy.items():
-        ax.plot(iterations, _plottable(vals), lw=0.8, alpha=0.6, label=f"{e:g} MeV")
+    colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.92, max(len(per_energy), 1)))   # low E dark, high E light
+    for colour, (e, vals) in zip(colours, sorted(per_energy.items())):
+        ax.plot(iterations, _plottable(vals), lw=0.9, alpha=0.8, color=colour, label=energy_text(e))
     for e, vals in excluded.items():
-        ax.plot(iterations, _plottable(vals), lw=1.2, ls="--", color="k", label=f"{e:g} MeV (excluded)")
+        ax.plot(iterations, _plottable(vals), lw=1.2, ls="--", color="k", label=f"{energy_text(e)} (excluded)")
     ax.plot(iterations, _plottable(total), lw=2.2, color="tab:red", label="all (selection)")
     ax.axvline(best_it, color="tab:red", ls=":", lw=1)
     ax.set_xlabel("generator iteration")

@@ -726,3 +726,19 @@ def test_progress_on_stderr_by_default_and_one_line_on_stdout(tmp_path, capsys, 
     rc, out, err = _run(capsys, "-i", gen, "-r", ref, "-m", "hist-p", "-d", "1-photons", "--output_dir",
                         tmp_path / "q", "--jobs", "1", "-q")
     assert rc == 0 and err == "" and len(out.strip().splitlines()) == 1
+
+
+def test_metrics_carry_structured_per_energy_numbers_and_the_mean(tmp_path, capsys, ds1):
+    _, gen, ref = ds1
+    rc, _, _ = _run(capsys, "-i", gen, "-r", ref, "-m", "hist-chi", "-d", "1-photons", "--output_dir", tmp_path / "o",
+                    "--jobs", "1", "-q")
+    assert rc == 0
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    seps = m["separation_power"]
+    per_e = m["etot_einc_per_energy"]
+    assert [p["energy_mev"] for p in per_e] == [2.0 ** k for k in range(8, 23)]
+    assert all(p["separation_power"] == seps[f"Etot / Einc at E = {p['energy_mev']}"] for p in per_e)
+    assert m["separation_power_mean"]["histograms"] == len(seps)
+    assert m["separation_power_mean"]["value"] == pytest.approx(np.mean(list(seps.values())))
+    assert ev.display_name("Etot / Einc at E = 4194304.0") == "Etot / Einc at E = 4.2 TeV"
+    assert ev.occupied_range(np.linspace(0, 100, 101), np.r_[np.zeros(10), np.ones(5), np.zeros(85)]) == (9.0, 16.0)
