@@ -974,7 +974,18 @@ def _decide_less(blocks, a, s, thresholds, tol, axis):
     return less
 
 
-def knn_radii(x, k, centre=None, block_mb=PRDC_BLOCK_MB, n_probe=4096):
+def _block_progress(log, what, n):
+    """A callable reporting ``what: done/n rows`` through ``log`` at most every PROGRESS_EVERY_S (and at the end)."""
+    last = [time.monotonic()]
+
+    def tick(done):
+        if log and (done >= n or time.monotonic() - last[0] > PROGRESS_EVERY_S):
+            last[0] = time.monotonic()
+            log(f"{what}: {done}/{n} rows")
+    return tick
+
+
+def knn_radii(x, k, centre=None, block_mb=PRDC_BLOCK_MB, n_probe=4096, log=None, what="prdc radii"):
     """Squared distance of each row of ``x`` to its k-th nearest *other* row: the (k+1)-th smallest of
     ``exact_sq_distances`` to all rows including itself (at distance 0), the reference's rule (duplicates count).
 
@@ -988,6 +999,7 @@ def knn_radii(x, k, centre=None, block_mb=PRDC_BLOCK_MB, n_probe=4096):
     blocks = _DistanceBlocks(x, x, np.mean(x, axis=0, dtype=np.float64) if centre is None else centre, block_mb)
     probe = np.sort(np.random.default_rng(0).permutation(len(x))[:max(n_probe, k + 1)])
     radii = np.empty(len(x))
+    tick = _block_progress(log, what, len(x))
     for s, e, a in blocks:
         tol2 = 2.0 * blocks.tol_rows[s:e]
         bound = np.partition(a[:, probe], k, axis=1)[:, k] + tol2
@@ -997,6 +1009,7 @@ def knn_radii(x, k, centre=None, block_mb=PRDC_BLOCK_MB, n_probe=4096):
         near = v <= (t + tol2).astype(a.dtype)[r]
         r, c = r[near], c[near]
         radii[s:e] = _kth_per_row(r, exact_sq_distances(x, x, r + s, c), k, e - s)
+        tick(e)
     return radii
 
 
@@ -1006,7 +1019,7 @@ def _kth_per_row(rows, values, k, n_rows):
     return values[order][np.searchsorted(rows[order], np.arange(n_rows)) + k]
 
 
-def prdc(real, fake, k=5, block_mb=PRDC_BLOCK_MB):
+def prdc(real, fake, k=5, block_mb=PRDC_BLOCK_MB, log=None):
     """Precision, recall, density and coverage of ``fake`` (M rows) against ``real`` (N rows), k-NN radii as in
     the reference (prdc package): r_k(X_i) = distance to the k-th nearest other row of the same set.
 
@@ -1018,8 +1031,9 @@ def prdc(real, fake, k=5, block_mb=PRDC_BLOCK_MB):
     """
     real, fake = np.asarray(real), np.asarray(fake)
     centre = np.mean(real, axis=0, dtype=np.float64)
-    r_real = knn_radii(real, k, centre, block_mb)
-    r_fake = knn_radii(fake, k, centre, block_mb)
+    r_real = knn_radii(real, k, centre, block_mb, log=log, what="prdc 1/3, reference radii")
+    r_fake = knn_radii(fake, k, centre, block_mb, log=log, what="prdc 2/3, generated radii")
+    tick = _block_progress(log, "prdc 3/3, reference x generated", len(real))
     blocks = _DistanceBlocks(real, fake, centre, block_mb)
     precise = np.zeros(len(fake), dtype=bool)           # fake j inside some real radius
     recalled = np.zeros(len(real), dtype=bool)          # real i with some fake radius around it
@@ -1032,6 +1046,7 @@ def prdc(real, fake, k=5, block_mb=PRDC_BLOCK_MB):
         covered[s:e] = inside_real.any(axis=1)
         del inside_real
         recalled[s:e] = _decide_less(blocks, a, s, r_fake, blocks.tol_cols, axis=0).any(axis=1)
+        tick(e)
     return {"precision": float(precise.mean()), "recall": float(recalled.mean()),
             "density": (1.0 / float(k)) * (pairs / len(fake)), "coverage": float(covered.mean())}
 
@@ -1534,7 +1549,7 @@ def prdc_outputs(args, ref, gen, rows, n_events, metrics, log=None):
     """prdc of the generated vs the reference rows, into ``metrics['prdc']`` and prdc_<d>.txt; returns the path."""
     if log:
         log(f"prdc: {len(rows)} events per file, k = {args.prdc_k}")
-    values = prdc(ref.prdc, gen.prdc, args.prdc_k)
+    values = prdc(ref.prdc, gen.prdc, args.prdc_k, log=log)
     ref.prdc = gen.prdc = None                    # the largest arrays of the run: free them now
     metrics["prdc"] = dict(values, k=args.prdc_k, n_events=len(rows), subsampled=len(rows) < n_events,
                            max_events=int(PRDC_MAX_EVENTS[args.dataset] if args.prdc_max_events is None
