@@ -467,7 +467,7 @@ def load_generator_file(path):
 
 
 # ----------------------------------------------------------------------------------------------
-# generation: a numpy forward pass for small batches, one compiled Keras call per chunk for large ones
+# generation: a numpy pass for small batches, the same folded chain compiled for large ones
 
 #: up to this many showers per call, :func:`generate` runs the network as numpy matrix products (no framework
 #: dispatch: ~20x faster than a Keras call for one shower); larger calls go through the compiled Keras model
@@ -578,12 +578,42 @@ def _compiled_call(model):
     return _COMPILED[key]
 
 
+def _compiled_chain(acts):
+    """Compiled ``f(h, weights) -> output`` of a Dense chain with activations ``acts`` ((name, alpha) per layer),
+    shared by every model with those activations (all checkpoints of a run)."""
+    keras = import_keras()
+    backend = keras.backend.backend()
+    key = (backend, "chain", acts)
+    if key not in _COMPILED:
+        ops = keras.ops
+        funcs = {"linear": lambda x, a: x, "relu": lambda x, a: ops.relu(x), "swish": lambda x, a: ops.silu(x),
+                 "leaky_relu": lambda x, a: ops.leaky_relu(x, negative_slope=a),
+                 "sigmoid": lambda x, a: ops.sigmoid(x), "tanh": lambda x, a: ops.tanh(x)}
+
+        def forward(h, weights):
+            for (kernel, bias), (name, alpha) in zip(weights, acts):
+                h = funcs[name](ops.matmul(h, kernel) + bias, alpha)
+            return h
+
+        if backend == "tensorflow":
+            import tensorflow as tf
+            _COMPILED[key] = tf.function(forward, jit_compile=True, autograph=False)
+        elif backend == "jax":
+            import jax
+            _COMPILED[key] = jax.jit(forward)
+        else:
+            _COMPILED[key] = forward
+    return _COMPILED[key]
+
+
 class _Runner:
-    """A generator's two ways to run: numpy over the folded chain (small batches), compiled Keras (large)."""
+    """A generator's ways to run: numpy over the folded chain (small batches), the same chain compiled (large
+    batches), or the compiled Keras model (networks that are not a plain Dense chain)."""
 
     def __init__(self, model):
         self.model = weakref.ref(model)       # the runner lives as long as its model (see _RUNNERS)
         self.chain = generator_chain(model)
+        self.weights = None
         if self.chain is not None:        # never trust the folding blindly: compare with Keras once
             rng = np.random.default_rng(12345)
             z, lab = draw_noise(rng, 16, int(model.inputs[0].shape[-1])), rng.random(16).astype(np.float32)
@@ -604,9 +634,19 @@ class _Runner:
                  z, condition_vector(label))
         return np.array(out.numpy() if hasattr(out, "numpy") else out, dtype=np.float32)
 
+    def compiled(self, z, label):
+        """The folded chain as one compiled function (XLA / jax.jit), weights as arguments: large batches."""
+        if self.weights is None:
+            ops = import_keras().ops
+            self.weights = tuple((ops.convert_to_tensor(k), ops.convert_to_tensor(b)) for k, b, _, _ in self.chain)
+        fn = _compiled_chain(tuple((act, alpha) for _, _, act, alpha in self.chain))
+        out = fn(np.concatenate([z, condition_vector(label)], axis=1), self.weights)
+        return np.array(out.numpy() if hasattr(out, "numpy") else out, dtype=np.float32)
+
     def __call__(self, z, label):
-        small = self.chain is not None and z.shape[0] <= SMALL_BATCH
-        return self.numpy(z, label) if small else self.keras(z, label)
+        if self.chain is None:
+            return self.keras(z, label)
+        return self.numpy(z, label) if z.shape[0] <= SMALL_BATCH else self.compiled(z, label)
 
 
 def generate(generator, label, rng_or_seed=None, batch_size=10000, noise_mean=NOISE_MEAN, noise_std=NOISE_STD,
@@ -615,8 +655,9 @@ def generate(generator, label, rng_or_seed=None, batch_size=10000, noise_mean=NO
 
     Noise: N(noise_mean, noise_std) from the numpy Generator ``rng_or_seed`` (or ``default_rng(seed)``); the
     result does not depend on ``batch_size``. Calls of up to :data:`SMALL_BATCH` showers run as numpy matrix
-    products over the network with batch-norm folded in; larger ones run the Keras model, compiled once (XLA with
-    TensorFlow, jax.jit with JAX), in chunks of ``batch_size`` (the last one padded, so one compiled shape).
+    products over the network with batch-norm folded in; larger ones run the same folded chain as one compiled
+    function (XLA with TensorFlow, jax.jit with JAX; one compilation per run), in chunks of ``batch_size`` (the last
+    one padded, so one compiled shape). Networks that are not a plain Dense chain run the compiled Keras model.
     The weights are read once per model object: pass ``refresh=True`` after changing them in place.
 
     >>> import keras
