@@ -606,6 +606,12 @@ def _compiled_chain(acts):
     return _COMPILED[key]
 
 
+def _writable_float32(t):
+    """A backend tensor as a writable float32 numpy array, copied only when it has to be."""
+    arr = t.numpy() if hasattr(t, "numpy") else np.asarray(t)
+    return arr if arr.dtype == np.float32 and arr.flags.writeable else np.array(arr, dtype=np.float32)
+
+
 class _Runner:
     """A generator's ways to run: numpy over the folded chain (small batches), the same chain compiled (large
     batches), or the compiled Keras model (networks that are not a plain Dense chain)."""
@@ -632,7 +638,7 @@ class _Runner:
         fn = _compiled_call(model)
         out = fn([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
                  z, condition_vector(label))
-        return np.array(out.numpy() if hasattr(out, "numpy") else out, dtype=np.float32)
+        return _writable_float32(out)
 
     def compiled(self, z, label):
         """The folded chain as one compiled function (XLA / jax.jit), weights as arguments: large batches."""
@@ -641,7 +647,7 @@ class _Runner:
             self.weights = tuple((ops.convert_to_tensor(k), ops.convert_to_tensor(b)) for k, b, _, _ in self.chain)
         fn = _compiled_chain(tuple((act, alpha) for _, _, act, alpha in self.chain))
         out = fn(np.concatenate([z, condition_vector(label)], axis=1), self.weights)
-        return np.array(out.numpy() if hasattr(out, "numpy") else out, dtype=np.float32)
+        return _writable_float32(out)
 
     def __call__(self, z, label):
         if self.chain is None:
