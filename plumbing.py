@@ -567,15 +567,19 @@ def _compiled_call(model):
         def call(trainable, non_trainable, noise, condition):
             return model.stateless_call(trainable, non_trainable, [noise, condition], training=False)[0]
 
-        if backend == "tensorflow":
-            import tensorflow as tf
-            _COMPILED[key] = tf.function(call, jit_compile=True, autograph=False)
-        elif backend == "jax":
-            import jax
-            _COMPILED[key] = jax.jit(call)
-        else:
-            _COMPILED[key] = call
+        _COMPILED[key] = _compile(call, backend)
     return _COMPILED[key]
+
+
+def _compile(fn, backend):
+    """``fn`` compiled by the backend: XLA with TensorFlow, jax.jit with JAX (else as it is)."""
+    if backend == "tensorflow":
+        import tensorflow as tf
+        return tf.function(fn, jit_compile=True, autograph=False)
+    if backend == "jax":
+        import jax
+        return jax.jit(fn)
+    return fn
 
 
 def _compiled_chain(acts):
@@ -595,14 +599,7 @@ def _compiled_chain(acts):
                 h = funcs[name](ops.matmul(h, kernel) + bias, alpha)
             return h
 
-        if backend == "tensorflow":
-            import tensorflow as tf
-            _COMPILED[key] = tf.function(forward, jit_compile=True, autograph=False)
-        elif backend == "jax":
-            import jax
-            _COMPILED[key] = jax.jit(forward)
-        else:
-            _COMPILED[key] = forward
+        _COMPILED[key] = _compile(forward, backend)
     return _COMPILED[key]
 
 
