@@ -470,7 +470,7 @@ def load_generator_file(path):
 # generation: a numpy pass for small batches, the same folded chain compiled for large ones
 
 #: up to this many showers per call, :func:`generate` runs the network as numpy matrix products (no framework
-#: dispatch: ~20x faster than a Keras call for one shower); larger calls go through the compiled Keras model
+#: dispatch: ~20x faster than a Keras call for one shower); larger calls run the same chain compiled
 SMALL_BATCH = 256
 
 
@@ -553,7 +553,7 @@ def generator_chain(model):
     return [(k.astype(np.float32), b.astype(np.float32)) + act for k, b, act in chain] or None
 
 
-_COMPILED = {}          # (backend, architecture) -> compiled f(weights, noise, condition): one compilation per run
+_COMPILED = {}          # (backend, architecture or activations) -> compiled function: one compilation per run
 
 
 def _compiled_call(model):
@@ -617,15 +617,15 @@ class _Runner:
         self.model = weakref.ref(model)       # the runner lives as long as its model (see _RUNNERS)
         self.chain = generator_chain(model)
         self.weights = None
-        if self.chain is not None:        # never trust the folding blindly: compare with Keras once
-            rng = np.random.default_rng(12345)
+        if self.chain is not None:        # never trust the folding blindly: compare with Keras once (eager call:
+            rng = np.random.default_rng(12345)                    # nothing is compiled for the check)
             z, lab = draw_noise(rng, 16, int(model.inputs[0].shape[-1])), rng.random(16).astype(np.float32)
-            ref, mine = self.keras(z, lab), self.numpy(z, lab)
+            ref = _writable_float32(model([z, condition_vector(lab)], training=False))
+            mine = self.numpy(np.concatenate([z, condition_vector(lab)], axis=1))
             if not np.allclose(mine, ref, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(ref).max()))):
                 self.chain = None
 
-    def numpy(self, z, label):
-        h = np.concatenate([z, condition_vector(label)], axis=1)
+    def numpy(self, h):
         for kernel, bias, act, alpha in self.chain:
             h = _np_activation(act, alpha, np.add(h @ kernel, bias, dtype=np.float32))
         return h
@@ -637,19 +637,20 @@ class _Runner:
                  z, condition_vector(label))
         return _writable_float32(out)
 
-    def compiled(self, z, label):
+    def compiled(self, h):
         """The folded chain as one compiled function (XLA / jax.jit), weights as arguments: large batches."""
         if self.weights is None:
             ops = import_keras().ops
             self.weights = tuple((ops.convert_to_tensor(k), ops.convert_to_tensor(b)) for k, b, _, _ in self.chain)
         fn = _compiled_chain(tuple((act, alpha) for _, _, act, alpha in self.chain))
-        out = fn(np.concatenate([z, condition_vector(label)], axis=1), self.weights)
+        out = fn(h, self.weights)
         return _writable_float32(out)
 
     def __call__(self, z, label):
         if self.chain is None:
             return self.keras(z, label)
-        return self.numpy(z, label) if z.shape[0] <= SMALL_BATCH else self.compiled(z, label)
+        h = np.concatenate([z, condition_vector(label)], axis=1)         # [noise, condition], as the Concatenate
+        return self.numpy(h) if z.shape[0] <= SMALL_BATCH else self.compiled(h)
 
 
 def generate(generator, label, rng_or_seed=None, batch_size=10000, noise_mean=NOISE_MEAN, noise_std=NOISE_STD,
