@@ -72,6 +72,20 @@ LOSS_COLUMNS = ("iteration", "critic_loss", "generator_loss", "gradient_penalty"
 CRITIC_WIDTH_CAP = 2048
 EXCLUDE_RTOL = 1e-3                      # relative tolerance when matching --exclude-energy to E_inc
 
+#: named sets of settings (``--recipe``); each option is what the flag of the same name would set, and a flag
+#: given on the command line overrides it. ``fastcalogan`` takes everything from the binning XML and
+#: FastCaloGAN's defaults.
+RECIPES = {
+    "fastcalogan": {
+        "description": "FastCaloGAN's own settings (binning XML, else lr 1e-4, beta1 0.55, 5 critic steps, "
+                       "batch 128, constant lr, critic on the voxels alone)",
+        "options": {}},
+    "calokit": {
+        "description": "more learnt per CPU-minute: 2 critic steps at lr 2e-4, a critic that also sees the "
+                       "total and layer energies, cosine lr decay to 0.1 x",
+        "options": {"n_critic": 2, "lr": 2e-4, "critic_summaries": True, "lr_decay": 0.1}},
+}
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
@@ -91,6 +105,16 @@ def parse_args(argv=None):
                         "generator, discriminator, learningRate, batchSize, lambda, gdratio, beta, "
                         "activationFunction, useBatchNormalisation) are used when no flag gives them "
                         "(default: the training file's binning, when that file exists)")
+    p.add_argument("--recipe", default="fastcalogan", choices=sorted(RECIPES),
+                   help="named set of training settings (config.json records it): "
+                        + "; ".join(f"{k} = {v['description']}" for k, v in sorted(RECIPES.items()))
+                        + ". Flags given on the command line override the recipe's values")
+    p.add_argument("--critic-summaries", default=None, action=argparse.BooleanOptionalAction,
+                   help="the critic also sees E_tot / E_kin and each layer's E_layer / E_kin (standardised); "
+                        "the generator is unchanged (recipe's choice, else off as in FastCaloGAN)")
+    p.add_argument("--lr-decay", type=float, default=None, metavar="F",
+                   help="cosine learning-rate decay from --lr to F x --lr over --iterations (1 = constant: "
+                        "FastCaloGAN; recipe's choice, else 1)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (XML batchSize, else 128)")
     p.add_argument("--n-critic", type=int, default=None,
                    help="critic updates per generator update (XML gdratio, else 5)")
@@ -141,6 +165,8 @@ def parse_args(argv=None):
             raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
     check_hyper(args.lr, args.lambda_gp, args.beta1, args.beta2, "--lr must be > 0, --lambda-gp >= 0 and "
                 "--beta1/--beta2 in [0, 1)")
+    if args.lr_decay is not None and not 0 < args.lr_decay <= 1:
+        raise UserError(f"--lr-decay must be in (0, 1] (got {args.lr_decay})")
     if args.generator_layers is not None:
         args.generator_layers = parse_layers(args.generator_layers, "--generator-layers")
     return args
@@ -363,22 +389,80 @@ def build_generator(n_voxels, latent_dim=50, cond_dim=2, hidden=GENERATOR_HIDDEN
     return keras.Model([noise, cond], h, name="generator")
 
 
-def build_critic(n_voxels, cond_dim=2, hidden=None, activation="relu", he=True):
+def build_critic(n_voxels, cond_dim=2, hidden=None, activation="relu", he=True, summaries=None):
     """FastCaloGAN critic: [voxels, condition] -> Dense(hidden) (ReLU) -> linear score.
 
     ``hidden`` defaults to [N_vox] x 3; kernels He-uniform and biases zero as FastCaloGAN (``he=False``:
-    Keras' defaults, for runs of earlier calokit versions).
+    Keras' defaults, for runs of earlier calokit versions). ``summaries`` (see :func:`summary_settings`) adds
+    what a physicist looks at first beside the voxels: the total and the per-layer energies (of the normalised
+    voxels, so E_tot / E_kin and E_layer / E_kin), standardised with the training sample's mean and standard
+    deviation, computed by a fixed (non-trainable) linear layer named ``summaries``. The generator, and so
+    what FastCaloSim runs, is unchanged.
     """
     keras = _keras()
     layers = keras.layers
     hidden = (n_voxels,) * 3 if hidden is None else hidden
     x = keras.Input(shape=(int(n_voxels),), name="voxels")
     cond = keras.Input(shape=(int(cond_dim),), name="condition")
-    h = layers.Concatenate(name="concat")([x, cond])
+    parts = [x, cond]
+    if summaries:
+        weights = summary_weights(n_voxels, summaries)
+        proj = layers.Dense(weights[0].shape[1], name="summaries", trainable=False)
+        parts.append(proj(x))
+        proj.set_weights(weights)
+    h = layers.Concatenate(name="concat")(parts)
     for i, n in enumerate(hidden):
         h = _dense(layers, n, f"dense_{i}", activation, he)(h)
     out = _dense(layers, 1, "score", None, he)(h)
     return keras.Model([x, cond], out, name="critic")
+
+
+def summary_matrix(n_voxels, spans):
+    """(n_voxels, 1 + len(spans)) 0/1 matrix: column 0 sums every voxel, column 1 + i the voxels of span i.
+
+    >>> summary_matrix(5, [(0, 2), (2, 5)]).T.tolist()
+    [[1.0, 1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0, 1.0]]
+    """
+    m = np.zeros((int(n_voxels), 1 + len(spans)), dtype=np.float32)
+    m[:, 0] = 1.0
+    for i, (a, b) in enumerate(spans):
+        m[int(a):int(b), 1 + i] = 1.0
+    return m
+
+
+def summary_settings(voxels, spans):
+    """The critic's summaries of a training sample: layer spans and each summary's mean and std (float lists).
+
+    >>> s = summary_settings(np.array([[1.0, 1.0, 2.0], [3.0, 1.0, 0.0]]), [(0, 1), (1, 3)])
+    >>> s["mean"], s["std"]
+    ([4.0, 2.0, 2.0], [0.0, 1.0, 1.0])
+    """
+    sums = np.asarray(voxels, dtype=np.float64) @ summary_matrix(voxels.shape[1], spans).astype(np.float64)
+    return {"spans": [[int(a), int(b)] for a, b in spans], "mean": [float(v) for v in sums.mean(0)],
+            "std": [float(v) for v in sums.std(0)]}
+
+
+def summary_weights(n_voxels, summaries):
+    """[kernel, bias] of the fixed layer computing (sums - mean) / std (std floored at 1e-6)."""
+    mean = np.asarray(summaries["mean"], dtype=np.float64)
+    std = np.maximum(np.asarray(summaries["std"], dtype=np.float64), 1e-6)
+    m = summary_matrix(n_voxels, summaries["spans"]) / std[None, :]
+    return [m.astype(np.float32), (-mean / std).astype(np.float32)]
+
+
+def layer_spans(attrs, binning=None):
+    """[(first, last + 1)] voxel index span of each voxelised layer of the training file's slice, or [] when
+    its binning XML cannot be read (the critic then sums all voxels only)."""
+    path = binning or attrs.get("binning")
+    if not path or "eta_min" not in attrs:
+        return []
+    try:
+        geom = read_geometry(path, attrs["particle"], 0.5 * (float(attrs["eta_min"]) + float(attrs["eta_max"])) / 100)
+    except UserError:
+        return []
+    if geom.n_voxels != int(attrs["n_voxels"]):
+        return []
+    return [geom.offsets[lay.id] for lay in geom.layers if lay.n_voxels]
 
 
 def batchnorm_training(cfg):
@@ -398,13 +482,26 @@ def networks_from_config(cfg):
     layout = g.get("layout", "legacy")
     gen = build_generator(cfg["n_voxels"], cfg["latent_dim"], 2, g["hidden"], g["activation"], g["batchnorm"],
                           g["output_activation"], g.get("output_batchnorm", False), layout)
-    critic = build_critic(cfg["n_voxels"], 2, c["hidden"], c["activation"], he=layout != "legacy")
+    critic = build_critic(cfg["n_voxels"], 2, c["hidden"], c["activation"], he=layout != "legacy",
+                          summaries=c.get("summaries"))
     return gen, critic
 
 
-def make_optimizer(cfg):
+def learning_rate(cfg):
+    """Adam's learning rate: a constant, or with ``lr_decay`` = f < 1 a cosine from lr down to f x lr over the
+    ``lr_decay_iterations`` the run was started with (a resumed run keeps its schedule; past its end the rate
+    stays at f x lr); the critic's schedule counts its n_critic updates per iteration."""
     keras = _keras()
-    return keras.optimizers.Adam(learning_rate=cfg["lr"], beta_1=cfg["beta1"], beta_2=cfg["beta2"])
+    decay = float(cfg.get("lr_decay", 1.0))
+    if decay >= 1.0:
+        return cfg["lr"]
+    return keras.optimizers.schedules.CosineDecay(cfg["lr"], max(int(cfg["lr_decay_iterations"]), 1), alpha=decay)
+
+
+def make_optimizer(cfg, updates_per_iteration=1):
+    keras = _keras()
+    lr = learning_rate(dict(cfg, lr_decay_iterations=int(cfg.get("lr_decay_iterations", 1)) * updates_per_iteration))
+    return keras.optimizers.Adam(learning_rate=lr, beta_1=cfg["beta1"], beta_2=cfg["beta2"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -705,15 +802,20 @@ def default_network(particle, p_max):
 
 
 class _Settings:
-    """Each setting from the command line, else the XML, else a default; remembers where each came from."""
+    """Each setting from the command line, else the recipe, else the XML, else a default; remembers where each
+    came from."""
 
-    def __init__(self, xml):
+    def __init__(self, xml, recipe="fastcalogan"):
         self.xml = xml
+        self.recipe_name = recipe
+        self.recipe = RECIPES[recipe]["options"]
         self.source = {}
 
     def get(self, key, cli, xml_key, default, default_source="default", conv=None):
         if cli is not None:
             value, src = cli, "command line"
+        elif key in self.recipe:
+            value, src = self.recipe[key], f"recipe {self.recipe_name}"
         elif xml_key in self.xml:
             raw, src = self.xml[xml_key]
             value = conv(raw) if conv else raw
@@ -733,7 +835,7 @@ def make_config(args, data, dropped):
     particle = attrs["particle"]
     n_vox = int(attrs["n_voxels"])
     xml, xml_path = xml_settings(args, attrs)
-    st = _Settings(xml)
+    st = _Settings(xml, args.recipe)
     act0, bn0 = default_network(particle, attrs.get("p_max"))
     activation = st.get("activation", args.activation, "activationFunction", act0, conv=_xml_activation)
     batchnorm = bool(st.get("batchnorm", args.batchnorm, "useBatchNormalisation", bn0))
@@ -756,6 +858,10 @@ def make_config(args, data, dropped):
         critic = st.get("critic_layers", [int(args.critic_width)] * 3, None, None)
     else:
         critic = st.get("critic_layers", None, "discriminator", [min(n_vox, CRITIC_WIDTH_CAP)] * 3)
+    summaries = None
+    if st.get("critic_summaries", args.critic_summaries, None, False):
+        summaries = summary_settings(data["voxels"], layer_spans(attrs, args.binning))
+    lr_decay = float(st.get("lr_decay", args.lr_decay, None, 1.0))
     latent = st.get("latent_dim", args.latent_dim, "latentDim", int(attrs["latent_dim"]), "training file")
     batch = st.get("batch_size", args.batch_size, "batchSize", 128)
     n_critic = st.get("n_critic", args.n_critic, "gdratio", 5)
@@ -776,7 +882,9 @@ def make_config(args, data, dropped):
         "generator": {"hidden": [int(n) for n in hidden], "activation": activation, "batchnorm": batchnorm,
                       "output_activation": output_activation, "output_batchnorm": output_batchnorm,
                       "batchnorm_mode": bn_mode, "layout": "fastcalogan"},
-        "critic": {"hidden": [int(n) for n in critic], "activation": "relu"},
+        "critic": {"hidden": [int(n) for n in critic], "activation": "relu", "summaries": summaries},
+        "recipe": args.recipe, "recipe_description": RECIPES[args.recipe]["description"],
+        "lr_decay": lr_decay, "lr_decay_iterations": int(args.iterations),
         "strategy": {"name": args.strategy, "first_sample_iterations": int(args.first_sample_iterations),
                      "add_every": int(args.add_every)},
         "settings_xml": xml_path,
@@ -815,7 +923,7 @@ def _resume_config(args, run):
 
 
 #: settings a resumed run may change: how long it runs and how it checkpoints, not what it trains
-RESUME_FREE = ("iterations", "checkpoint_every", "keep_resume", "jit", "backend",
+RESUME_FREE = ("iterations", "checkpoint_every", "keep_resume", "jit", "backend", "lr_decay_iterations",
                "settings_source", "settings_xml", "xml_settings")    # where values came from; the values are checked
 
 
@@ -842,9 +950,9 @@ def check_resume_settings(stored, fresh, run):
                             f"(resume with the run's settings, or train into another --out)")
 
 
-def _main(argv):
-    args = parse_args(argv)
-    data = load_training_file(args.data)
+def open_run(args, data):
+    """Check --out and --resume, write config.json; returns (cfg, checkpoint to resume from or None, voxels,
+    labels, incident energies) of the events to train on."""
     run = args.out
     ckpts = list_checkpoints(run) if os.path.isdir(run) else []
     resumable = [(it, p) for it, p in ckpts if _resumable(p)]
@@ -853,14 +961,14 @@ def _main(argv):
                         f"or choose another --out")
     if args.resume and ckpts and not resumable:
         raise UserError(f"{run}: no checkpoint with resume state (ckpt_<N>/resume/) to continue from")
-    resuming = bool(args.resume and resumable)
-    if resuming:
+    resume_from = resumable[-1][1] if args.resume and resumable else None
+    if resume_from:
         cfg = _resume_config(args, run)
         excluded = cfg.get("excluded_energies", [])
     else:
         excluded = args.exclude_energy
     voxels, label, dropped, einc = select_training_events(data, excluded, args.data)
-    if resuming:
+    if resume_from:
         check_resume_settings(cfg, make_config(args, data, dropped), run)
     else:
         cfg = make_config(args, data, dropped)
@@ -872,43 +980,42 @@ def _main(argv):
         raise UserError(f"{args.data}: 'voxels' has {voxels.shape[1]} columns, the run expects {cfg['n_voxels']}")
     cfg["backend"] = _backend()
     write_json(os.path.join(run, "config.json"), cfg)
+    return cfg, resume_from, voxels, label, einc
 
+
+def build_training(cfg, run, resume_from, deterministic=True):
+    """Seeded networks, optimisers and batch generator, restored from ``resume_from`` when given; returns
+    (gen, critic, opt_g, opt_d, rng, first iteration - 1)."""
     keras = _keras()
     keras.utils.set_random_seed(cfg["seed"])
-    if args.deterministic and cfg["backend"] == "tensorflow":
+    if deterministic and cfg["backend"] == "tensorflow":
         import tensorflow as tf
         tf.config.experimental.enable_op_determinism()
     gen, critic = networks_from_config(cfg)
-    opt_g, opt_d = make_optimizer(cfg), make_optimizer(cfg)
+    opt_g, opt_d = make_optimizer(cfg), make_optimizer(cfg, cfg["n_critic"])
     losses_path = os.path.join(run, "losses.csv")
     rng = np.random.default_rng(cfg["seed"])
     start = 0
-    if resuming:
-        _, path = resumable[-1]
-        state = restore_checkpoint(path, gen, critic, opt_g, opt_d)
+    if resume_from:
+        state = restore_checkpoint(resume_from, gen, critic, opt_g, opt_d)
         rng.bit_generator.state = state["rng"]
         start = int(state["iteration"])
         trim_losses(losses_path, start)
     else:
         init_losses(losses_path)
+    return gen, critic, opt_g, opt_d, rng, start
 
-    target = cfg["iterations"]
-    if start >= target:
-        print(f"train.py: {run} is already at iteration {start} (target {target}); nothing to do")
-        return 0
-    cond = condition_vector(label)
-    step = make_train_step(gen, critic, opt_g, opt_d, cfg, voxels, cond, jit=cfg.get("jit", True))
-    every = cfg["checkpoint_every"]
-    n_events = voxels.shape[0]
-    strategy = cfg.get("strategy", {"name": "all"})
-    sequential = SequentialPool(einc, cfg) if strategy["name"] == "sequential" else None
-    if sequential:
-        sequential(start + 1)             # an empty starting sample fails here, before any work
 
+def train_loop(run, cfg, nets, step, rng, start, n_events, sequential=None):
+    """Iterations start + 1 .. cfg["iterations"]: losses appended and a checkpoint written every
+    ``checkpoint_every`` and at the end; returns (checkpoints written, iterations per second)."""
     from tqdm import tqdm
+
+    gen, critic, opt_g, opt_d = nets
+    losses_path = os.path.join(run, "losses.csv")
+    target, every = cfg["iterations"], cfg["checkpoint_every"]
     t0 = time.perf_counter()
-    pending, first = [], start + 1
-    written = []
+    pending, first, written = [], start + 1, []
     tty = sys.stderr.isatty()
     with tqdm(total=target, initial=start, file=sys.stderr, desc="train", unit="it", dynamic_ncols=tty,
               mininterval=1.0 if tty else 60.0) as bar:       # a line a minute into log files
@@ -930,7 +1037,24 @@ def _main(argv):
                 bar.set_postfix(critic=f"{rows[-1, 0]:.3g}", gen=f"{rows[-1, 1]:.3g}", refresh=False)
                 pending, first = [], it + 1
     dt = time.perf_counter() - t0
-    rate = (target - start) / dt if dt > 0 else float("nan")
+    return written, (target - start) / dt if dt > 0 else float("nan")
+
+
+def _main(argv):
+    args = parse_args(argv)
+    data = load_training_file(args.data)
+    run = args.out
+    cfg, resume_from, voxels, label, einc = open_run(args, data)
+    gen, critic, opt_g, opt_d, rng, start = build_training(cfg, run, resume_from, args.deterministic)
+    target = cfg["iterations"]
+    if start >= target:
+        print(f"train.py: {run} is already at iteration {start} (target {target}); nothing to do")
+        return 0
+    step = make_train_step(gen, critic, opt_g, opt_d, cfg, voxels, condition_vector(label), jit=cfg.get("jit", True))
+    sequential = SequentialPool(einc, cfg) if cfg.get("strategy", {"name": "all"})["name"] == "sequential" else None
+    if sequential:
+        sequential(start + 1)             # an empty starting sample fails here, before any work
+    written, rate = train_loop(run, cfg, (gen, critic, opt_g, opt_d), step, rng, start, voxels.shape[0], sequential)
     print(f"train.py: {run}: iterations {start + 1}..{target} ({rate:.1f} it/s, {cfg['backend']}), "
           f"{len(written)} checkpoints written, last {os.path.basename(written[-1])}")
     return 0

@@ -1,0 +1,94 @@
+"""train.py --recipe: named settings, the critic that sees the energies, the decaying learning rate.
+
+Each recipe writes what it is into config.json, a flag beats the recipe, the critic's fixed summary layer
+computes (E_layer - mean) / std exactly, the cosine schedule has its analytic values, a killed calokit-recipe
+run resumes exactly, and its generator exports to lwtnn JSON and ONNX equal to Keras.
+"""
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import export_lwtnn
+import plumbing
+import train
+from test_train import read_losses, write_training_file
+
+ARGS = ("--batch-size", "16", "--seed", "7")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_training_file(str(tmp_path_factory.mktemp("data") / "train_photon_eta_20_25_all.h5"),
+                               n_per_energy=60)
+
+
+def _train(data, out, iterations, every, *extra):
+    return train.main(["--data", data, "--out", str(out), "--iterations", str(iterations),
+                       "--checkpoint-every", str(every), *ARGS, *extra])
+
+
+def test_recipes_are_recorded_and_flags_win(tmp_path, data):
+    assert _train(data, tmp_path / "fcg", 2, 2, "--no-jit") == 0
+    cfg = plumbing.read_run_config(str(tmp_path / "fcg"))
+    assert cfg["recipe"] == "fastcalogan" and cfg["recipe_description"] == train.RECIPES["fastcalogan"]["description"]
+    assert (cfg["n_critic"], cfg["lr"], cfg["lr_decay"], cfg["critic"]["summaries"]) == (5, 1e-4, 1.0, None)
+
+    assert _train(data, tmp_path / "ck", 2, 2, "--no-jit", "--recipe", "calokit", "--n-critic", "3") == 0
+    cfg = plumbing.read_run_config(str(tmp_path / "ck"))
+    src = cfg["settings_source"]
+    assert cfg["recipe"] == "calokit"
+    assert (cfg["n_critic"], src["n_critic"]) == (3, "command line")
+    assert (cfg["lr"], src["lr"]) == (2e-4, "recipe calokit")
+    assert (cfg["lr_decay"], src["lr_decay"]) == (0.1, "recipe calokit")
+    summ = cfg["critic"]["summaries"]
+    # dataset-1 photons: the total and the 5 voxelised layers (8, 160, 190, 5, 5 voxels)
+    assert summ["spans"] == [[0, 8], [8, 168], [168, 358], [358, 363], [363, 368]]
+    assert len(summ["mean"]) == len(summ["std"]) == 6
+
+
+def test_critic_summary_layer_is_standardised_layer_energies(tmp_path, data):
+    rng = np.random.default_rng(3)
+    vox = rng.exponential(0.01, size=(50, 368)).astype(np.float32)
+    spans = [[0, 8], [8, 168], [168, 358], [358, 363], [363, 368]]
+    summ = train.summary_settings(vox, spans)
+    critic = train.build_critic(368, 2, [16, 16, 16], summaries=summ)
+    layer = critic.get_layer("summaries")
+    assert not layer.trainable and len(critic.trainable_weights) == 8      # 4 Dense kernels + biases
+    keras = plumbing.import_keras()
+    probe = keras.Model(critic.inputs[0], layer.output)
+    got = np.asarray(probe(vox))
+    sums = np.stack([vox.sum(1)] + [vox[:, a:b].sum(1) for a, b in spans], axis=1).astype(np.float64)
+    want = (sums - sums.mean(0)) / sums.std(0)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(got.mean(0), 0, atol=1e-4)          # standardised on this very sample
+    np.testing.assert_allclose(got.std(0), 1, rtol=1e-3)
+
+
+def test_cosine_learning_rate_values():
+    sched = train.learning_rate({"lr": 2e-4, "lr_decay": 0.1, "lr_decay_iterations": 1000})
+    for step, want in ((0, 2e-4), (500, 2e-4 * (0.1 + 0.9 * 0.5)), (1000, 2e-5), (5000, 2e-5)):
+        assert float(sched(step)) == pytest.approx(want, rel=1e-5)
+    assert train.learning_rate({"lr": 1e-4, "lr_decay": 1.0, "lr_decay_iterations": 10}) == 1e-4
+    assert train.main(["--data", "x.h5", "--out", "y", "--lr-decay", "0"]) == 2
+
+
+def test_calokit_recipe_resumes_exactly(tmp_path, data):
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    assert _train(data, ref, 8, 4, "--recipe", "calokit", "--keep-resume", "2", "--no-jit") == 0
+    shutil.copytree(ref, cut)
+    shutil.rmtree(cut / "ckpt_8")          # as if killed after the first checkpoint
+    assert _train(data, cut, 8, 4, "--recipe", "calokit", "--keep-resume", "2", "--no-jit", "--resume") == 0
+    np.testing.assert_array_equal(read_losses(str(cut)), read_losses(str(ref)))
+
+
+@pytest.mark.parametrize("recipe", sorted(train.RECIPES))
+def test_every_recipe_exports_equal_to_keras(tmp_path, data, recipe):
+    run, out = tmp_path / "run", tmp_path / "lwtnn"
+    assert _train(data, run, 2, 2, "--no-jit", "--recipe", recipe) == 0
+    # --check: the lwtnn JSON (numpy evaluator) and the ONNX model (ONNX Runtime) against Keras, within 1e-5
+    assert export_lwtnn.main(["--run", str(run), "--out", str(out), "--format", "both", "--check",
+                              "--tolerance", "1e-5"]) == 0
+    assert sorted(f for f in os.listdir(out) if not f.startswith(".")) == [
+        f"neural_net_22_eta_20_25_all.{ext}" for ext in ("json", "meta.json", "onnx")]
