@@ -19,7 +19,8 @@ file attributes are optional) and maps every hit to its voxel FastCaloGAN's way:
 particle position
 of the hit's layer, deta_mm = (eta - eta_x) |2 e^-eta_x / (1 + e^-2 eta_x)| sqrt(r_x^2 + z_x^2),
 dphi_mm = wrap(phi - phi_x) r_x with wrap into (-pi, pi], r = sqrt(deta_mm^2 + dphi_mm^2),
-alpha = atan2(dphi_mm, deta_mm) (atan2(|dphi_mm|, deta_mm) with symmetriseAlpha); hits beyond the last r edge
+alpha = atan2(dphi_mm, deta_mm) (atan2(|dphi_mm|, deta_mm) with symmetriseAlpha), deta_mm negated where eta_x < 0
+and dphi_mm for the negative charges of FastCaloGAN's convention (``NEGATIVE_PDG``, from ``truth_pdg``); hits beyond the last r edge
 go to the last r bin; hits in layers listed in the XML without voxels are dropped and counted. The |eta| slice
 is the one of the XML that holds the median over events of |extrap_eta| (every event must lie in it, within
 ``--eta-tolerance``). Output: CaloChallenge HDF5 (``incident_energies`` = truth_p in MeV, (N, 1) float64;
@@ -78,6 +79,9 @@ SLICE_WIDTH = 5                  # FastCaloGAN |eta| slices are 0.05 wide (x100 
 HIT_FIELDS = ("event", "layer", "eta", "phi", "energy")   # hit columns the mapping uses (r, z are optional)
 EXTRAP_FIELDS = ("extrap_eta", "extrap_phi", "extrap_r", "extrap_z")
 LAYER_ABSENT, LAYER_DROPPED = -2, -1   # layer codes of the look-up table besides voxelised positions 0..L-1
+#: PDG ids whose dphi FastCaloGAN negates (BoloGAN rootToCsv's GetCharge < 0: e+, pi-, anti-proton, K-; it counts
+#: pdg 11 as charge +1, so e- and pi+ keep their sign). With symmetriseAlpha (|dphi|) the flip changes nothing.
+NEGATIVE_PDG = frozenset((-11, -211, -2212, -321))
 
 
 
@@ -132,6 +136,16 @@ def run_toy(args):
 
 # ----------------------------------------------------------------------------------------------
 # voxelise: the vectorised hit -> voxel kernel
+
+
+def phi_signs(pdg):
+    """Per-event factor of dphi: -1 for FastCaloGAN's negative charges (``NEGATIVE_PDG``), else +1.
+
+    >>> phi_signs([22, 11, -11, 211, -211]).tolist()
+    [1.0, 1.0, -1.0, 1.0, -1.0]
+    """
+    pdg = np.asarray(pdg, dtype=np.int64).reshape(-1)
+    return np.where(np.isin(pdg, sorted(NEGATIVE_PDG)), -1.0, 1.0)
 
 
 class VoxelMapper:
@@ -206,12 +220,14 @@ class VoxelMapper:
 
     # -- per-event geometry --------------------------------------------------------------------
 
-    def event_tables(self, ex_eta, ex_phi, ex_r, ex_z):
+    def event_tables(self, ex_eta, ex_phi, ex_r, ex_z, pdg=None):
         """Per (event, voxelised layer) constants of the mapping from (n_events, n_columns) extrapolations.
 
-        Returns flat arrays over ``event * n_layers + k``: eta_x, phi_x, mm per unit eta, r_x, and a bool
-        array marking (event, layer) pairs whose extrapolation is not finite (their constants are set to 0),
-        or None when every pair is finite.
+        Returns flat arrays over ``event * n_layers + k``: eta_x, phi_x, mm per unit eta (signed), r_x
+        (signed), and a bool array marking (event, layer) pairs whose extrapolation is not finite (their
+        constants are set to 0), or None when every pair is finite. FastCaloGAN's sign flips live in the
+        signs: deta is negated where eta_x < 0 (showers at -eta are mirrored onto +eta) and dphi for the
+        events whose PDG id ``pdg`` (per event, optional) is one of ``NEGATIVE_PDG`` (see :func:`phi_signs`).
         """
         cols = self.layer_ids
         eta = np.asarray(ex_eta, dtype=np.float64)[:, cols]
@@ -221,6 +237,9 @@ class VoxelMapper:
         with np.errstate(invalid="ignore", over="ignore"):
             feta = eta_to_mm(eta, r, z)
         bad = ~(np.isfinite(eta) & np.isfinite(phi) & np.isfinite(r) & np.isfinite(feta))
+        feta = np.where(eta < 0, -feta, feta)
+        if pdg is not None:
+            r = r * phi_signs(pdg)[:, None]
         out = [np.where(bad, 0.0, a).ravel() for a in (eta, phi, feta, r)]
         return (*out, bad.ravel() if bad.any() else None)
 
@@ -248,10 +267,10 @@ class VoxelMapper:
         t_eta, t_phi, t_feta, t_r = tables[:4]
         c = ev * self.n_layers + k
         x = eta - np.take(t_eta, c)
-        x *= np.take(t_feta, c)                             # deta in mm
+        x *= np.take(t_feta, c)                             # deta in mm (negated where eta_x < 0)
         d = phi - np.take(t_phi, c)
         wrap_phi(d, out=d)                                   # (-pi, pi], in place
-        d *= np.take(t_r, c)                                # dphi in mm
+        d *= np.take(t_r, c)                                # dphi in mm (negated for NEGATIVE_PDG)
         g = self.r_bins(k, np.sqrt(x * x + d * d))
         if not self.any_alpha:
             return np.take(self.vox_base, g)
@@ -350,9 +369,10 @@ def _check_hits(where, first_row, ev, layer, eta, phi, energy, n_events, code):
 
 def voxelise_arrays(geom, hits, extrap, n_events, mapper=None):
     """Voxelise in-memory hits: ``hits`` dict (event, layer, eta, phi, [r, z,] energy), ``extrap`` dict of
-    (n_events, n_columns) arrays (extrap_eta/phi/r/z). Returns (float64 showers (n_events, V), Accumulator)."""
+    (n_events, n_columns) arrays (extrap_eta/phi/r/z) [and per-event ``truth_pdg``].
+    Returns (float64 showers (n_events, V), Accumulator)."""
     mapper = mapper or VoxelMapper(geom)
-    tables = mapper.event_tables(*(extrap[k] for k in EXTRAP_FIELDS))
+    tables = mapper.event_tables(*(extrap[k] for k in EXTRAP_FIELDS), pdg=extrap.get("truth_pdg"))
     acc = Accumulator(mapper, n_events)
     acc.add(tables, np.asarray(hits["event"], dtype=np.int64), np.asarray(hits["layer"], dtype=np.int64),
             np.asarray(hits["eta"], dtype=np.float64), np.asarray(hits["phi"], dtype=np.float64),
@@ -361,7 +381,8 @@ def voxelise_arrays(geom, hits, extrap, n_events, mapper=None):
 
 
 def voxelise_python_loop(geom, hits, extrap, n_events):
-    """Reference implementation: the hit -> (r, alpha) mapping written hit by hit with the math module (slow; for tests and bench).
+    """Reference implementation: the hit -> (r, alpha) mapping written hit by hit with the math module (slow; for tests and bench),
+    FastCaloGAN's sign flips included (deta negated where eta_x < 0, dphi for ``NEGATIVE_PDG`` events).
 
     Independent of :class:`VoxelMapper`: bisect on the edges, math.remainder for the phi wrap.
     """
@@ -374,6 +395,8 @@ def voxelise_python_loop(geom, hits, extrap, n_events):
     lo = 0.0 if sym else -math.pi
     cols = [np.asarray(hits[k]).tolist() for k in ("event", "layer", "eta", "phi", "energy")]
     ex = [np.asarray(extrap[k], dtype=np.float64).tolist() for k in EXTRAP_FIELDS]
+    pdg = extrap.get("truth_pdg")
+    flip_phi = [False] * n_events if pdg is None else [int(p) in NEGATIVE_PDG for p in np.ravel(pdg)]
     for ev, lid, eta, phi, e in zip(*cols):
         lay = by_id[lid]
         if lay.n_voxels == 0:
@@ -383,8 +406,8 @@ def voxelise_python_loop(geom, hits, extrap, n_events):
         if dphi <= -math.pi:
             dphi += 2.0 * math.pi
         scale = abs(2.0 * math.exp(-eta0) / (1.0 + math.exp(-2.0 * eta0))) * math.sqrt(r0 * r0 + z0 * z0)
-        x = (eta - eta0) * scale
-        y = dphi * r0
+        x = (eta - eta0) * scale * (-1.0 if eta0 < 0 else 1.0)
+        y = dphi * r0 * (-1.0 if flip_phi[ev] else 1.0)
         r = math.sqrt(x * x + y * y)
         ir = min(bisect.bisect_right(edges[lid], r) - 1, lay.n_r - 1)
         ia, n_a = 0, int(lay.alpha_per_r[ir])
@@ -501,7 +524,8 @@ def voxelise_file(task):
         if int(mapper.layer_ids.max()) >= n_cols:
             raise UserError(f"{path}: extrapolation arrays have {n_cols} layer columns but the XML voxelises layer "
                             f"{int(mapper.layer_ids.max())}")
-        tables = mapper.event_tables(*(f[k][:] for k in EXTRAP_FIELDS))
+        pdg = f["truth_pdg"][:] if "truth_pdg" in f else None
+        tables = mapper.event_tables(*(f[k][:] for k in EXTRAP_FIELDS), pdg=pdg)
         acc = Accumulator(mapper, n_events)
         n = f["energy"].shape[0]
         for a in range(0, n, chunk):
