@@ -19,7 +19,8 @@ file attributes are optional) and maps every hit to its voxel FastCaloGAN's way:
 particle position
 of the hit's layer, deta_mm = (eta - eta_x) |2 e^-eta_x / (1 + e^-2 eta_x)| sqrt(r_x^2 + z_x^2),
 dphi_mm = wrap(phi - phi_x) r_x with wrap into (-pi, pi], r = sqrt(deta_mm^2 + dphi_mm^2),
-alpha = atan2(dphi_mm, deta_mm) (atan2(|dphi_mm|, deta_mm) with symmetriseAlpha); hits beyond the last r edge
+alpha = atan2(dphi_mm, deta_mm) (atan2(|dphi_mm|, deta_mm) with symmetriseAlpha), deta_mm negated where eta_x < 0
+and dphi_mm for the negative charges of FastCaloGAN's convention (``NEGATIVE_PDG``, from ``truth_pdg``); hits beyond the last r edge
 go to the last r bin; hits in layers listed in the XML without voxels are dropped and counted. The |eta| slice
 is the one of the XML that holds the median over events of |extrap_eta| (every event must lie in it, within
 ``--eta-tolerance``). Output: CaloChallenge HDF5 (``incident_energies`` = truth_p in MeV, (N, 1) float64;
@@ -58,6 +59,7 @@ import contextlib
 import math
 import os
 import sys
+import warnings
 
 import numpy as np
 
@@ -78,6 +80,9 @@ SLICE_WIDTH = 5                  # FastCaloGAN |eta| slices are 0.05 wide (x100 
 HIT_FIELDS = ("event", "layer", "eta", "phi", "energy")   # hit columns the mapping uses (r, z are optional)
 EXTRAP_FIELDS = ("extrap_eta", "extrap_phi", "extrap_r", "extrap_z")
 LAYER_ABSENT, LAYER_DROPPED = -2, -1   # layer codes of the look-up table besides voxelised positions 0..L-1
+#: PDG ids whose dphi FastCaloGAN negates (BoloGAN rootToCsv's GetCharge < 0: e+, pi-, anti-proton, K-; it counts
+#: pdg 11 as charge +1, so e- and pi+ keep their sign). With symmetriseAlpha (|dphi|) the flip changes nothing.
+NEGATIVE_PDG = frozenset((-11, -211, -2212, -321))
 
 
 
@@ -132,6 +137,16 @@ def run_toy(args):
 
 # ----------------------------------------------------------------------------------------------
 # voxelise: the vectorised hit -> voxel kernel
+
+
+def phi_signs(pdg):
+    """Per-event factor of dphi: -1 for FastCaloGAN's negative charges (``NEGATIVE_PDG``), else +1.
+
+    >>> phi_signs([22, 11, -11, 211, -211]).tolist()
+    [1.0, 1.0, -1.0, 1.0, -1.0]
+    """
+    pdg = np.asarray(pdg, dtype=np.int64).reshape(-1)
+    return np.where(np.isin(pdg, sorted(NEGATIVE_PDG)), -1.0, 1.0)
 
 
 class VoxelMapper:
@@ -206,12 +221,14 @@ class VoxelMapper:
 
     # -- per-event geometry --------------------------------------------------------------------
 
-    def event_tables(self, ex_eta, ex_phi, ex_r, ex_z):
+    def event_tables(self, ex_eta, ex_phi, ex_r, ex_z, pdg=None):
         """Per (event, voxelised layer) constants of the mapping from (n_events, n_columns) extrapolations.
 
-        Returns flat arrays over ``event * n_layers + k``: eta_x, phi_x, mm per unit eta, r_x, and a bool
-        array marking (event, layer) pairs whose extrapolation is not finite (their constants are set to 0),
-        or None when every pair is finite.
+        Returns flat arrays over ``event * n_layers + k``: eta_x, phi_x, mm per unit eta (signed), r_x
+        (signed), and a bool array marking (event, layer) pairs whose extrapolation is not finite (their
+        constants are set to 0), or None when every pair is finite. FastCaloGAN's sign flips live in the
+        signs: deta is negated where eta_x < 0 (showers at -eta are mirrored onto +eta) and dphi for the
+        events whose PDG id ``pdg`` (per event, optional) is one of ``NEGATIVE_PDG`` (see :func:`phi_signs`).
         """
         cols = self.layer_ids
         eta = np.asarray(ex_eta, dtype=np.float64)[:, cols]
@@ -221,6 +238,9 @@ class VoxelMapper:
         with np.errstate(invalid="ignore", over="ignore"):
             feta = eta_to_mm(eta, r, z)
         bad = ~(np.isfinite(eta) & np.isfinite(phi) & np.isfinite(r) & np.isfinite(feta))
+        feta = np.where(eta < 0, -feta, feta)
+        if pdg is not None:
+            r = r * phi_signs(pdg)[:, None]
         out = [np.where(bad, 0.0, a).ravel() for a in (eta, phi, feta, r)]
         return (*out, bad.ravel() if bad.any() else None)
 
@@ -248,10 +268,10 @@ class VoxelMapper:
         t_eta, t_phi, t_feta, t_r = tables[:4]
         c = ev * self.n_layers + k
         x = eta - np.take(t_eta, c)
-        x *= np.take(t_feta, c)                             # deta in mm
+        x *= np.take(t_feta, c)                             # deta in mm (negated where eta_x < 0)
         d = phi - np.take(t_phi, c)
         wrap_phi(d, out=d)                                   # (-pi, pi], in place
-        d *= np.take(t_r, c)                                # dphi in mm
+        d *= np.take(t_r, c)                                # dphi in mm (negated for NEGATIVE_PDG)
         g = self.r_bins(k, np.sqrt(x * x + d * d))
         if not self.any_alpha:
             return np.take(self.vox_base, g)
@@ -350,9 +370,10 @@ def _check_hits(where, first_row, ev, layer, eta, phi, energy, n_events, code):
 
 def voxelise_arrays(geom, hits, extrap, n_events, mapper=None):
     """Voxelise in-memory hits: ``hits`` dict (event, layer, eta, phi, [r, z,] energy), ``extrap`` dict of
-    (n_events, n_columns) arrays (extrap_eta/phi/r/z). Returns (float64 showers (n_events, V), Accumulator)."""
+    (n_events, n_columns) arrays (extrap_eta/phi/r/z) [and per-event ``truth_pdg``].
+    Returns (float64 showers (n_events, V), Accumulator)."""
     mapper = mapper or VoxelMapper(geom)
-    tables = mapper.event_tables(*(extrap[k] for k in EXTRAP_FIELDS))
+    tables = mapper.event_tables(*(extrap[k] for k in EXTRAP_FIELDS), pdg=extrap.get("truth_pdg"))
     acc = Accumulator(mapper, n_events)
     acc.add(tables, np.asarray(hits["event"], dtype=np.int64), np.asarray(hits["layer"], dtype=np.int64),
             np.asarray(hits["eta"], dtype=np.float64), np.asarray(hits["phi"], dtype=np.float64),
@@ -361,7 +382,8 @@ def voxelise_arrays(geom, hits, extrap, n_events, mapper=None):
 
 
 def voxelise_python_loop(geom, hits, extrap, n_events):
-    """Reference implementation: the hit -> (r, alpha) mapping written hit by hit with the math module (slow; for tests and bench).
+    """Reference implementation: the hit -> (r, alpha) mapping written hit by hit with the math module (slow; for tests and bench),
+    FastCaloGAN's sign flips included (deta negated where eta_x < 0, dphi for ``NEGATIVE_PDG`` events).
 
     Independent of :class:`VoxelMapper`: bisect on the edges, math.remainder for the phi wrap.
     """
@@ -374,6 +396,8 @@ def voxelise_python_loop(geom, hits, extrap, n_events):
     lo = 0.0 if sym else -math.pi
     cols = [np.asarray(hits[k]).tolist() for k in ("event", "layer", "eta", "phi", "energy")]
     ex = [np.asarray(extrap[k], dtype=np.float64).tolist() for k in EXTRAP_FIELDS]
+    pdg = extrap.get("truth_pdg")
+    flip_phi = [False] * n_events if pdg is None else [int(p) in NEGATIVE_PDG for p in np.ravel(pdg)]
     for ev, lid, eta, phi, e in zip(*cols):
         lay = by_id[lid]
         if lay.n_voxels == 0:
@@ -383,8 +407,8 @@ def voxelise_python_loop(geom, hits, extrap, n_events):
         if dphi <= -math.pi:
             dphi += 2.0 * math.pi
         scale = abs(2.0 * math.exp(-eta0) / (1.0 + math.exp(-2.0 * eta0))) * math.sqrt(r0 * r0 + z0 * z0)
-        x = (eta - eta0) * scale
-        y = dphi * r0
+        x = (eta - eta0) * scale * (-1.0 if eta0 < 0 else 1.0)
+        y = dphi * r0 * (-1.0 if flip_phi[ev] else 1.0)
         r = math.sqrt(x * x + y * y)
         ir = min(bisect.bisect_right(edges[lid], r) - 1, lay.n_r - 1)
         ia, n_a = 0, int(lay.alpha_per_r[ir])
@@ -408,6 +432,16 @@ class HitsFile:
         self.n_hits = n_hits
         self.truth_p = truth_p
         self.event_eta = event_eta
+        self.root = None       # ROOT ntuples: form, reference points, PDG ids, selected entries
+        self.skipped = 0       # ROOT ntuples: entries outside the slice (FastCaloGAN's selection)
+
+    def select(self, keep):
+        """Keep only the entries ``keep`` (ROOT ntuples: the events inside the slice)."""
+        self.root["keep"] = keep
+        self.skipped = int((~keep).sum())
+        self.n_events = int(keep.sum())
+        self.truth_p = self.truth_p[keep]
+        self.event_eta = self.event_eta[keep]
 
 
 def _check_particle_attr(f, path, particle, what):
@@ -478,6 +512,10 @@ def choose_slice(binning, particle, files, tolerance):
         except GeometryError as err:
             raise UserError(f"{hf.path}: |eta| {eta:.4f} of the hits is outside the XML's slices ({err})") from None
         lo, hi = g.eta_min / 100.0, g.eta_max / 100.0
+        if hf.root is not None:   # FastCaloGAN: only entries with |eta| x 100 in [etaMin, etaMax] are used
+            hf.select((hf.event_eta * 100 >= g.eta_min) & (hf.event_eta * 100 <= g.eta_max))
+            if hf.n_events == 0:
+                raise UserError(f"{hf.path}: no entry has |{ROOT_BOUNDARY}| inside the slice {lo:.2f}-{hi:.2f}")
         out = (hf.event_eta < lo - tolerance) | (hf.event_eta > hi + tolerance)
         if out.any():
             i = _first_bad(out)
@@ -501,7 +539,8 @@ def voxelise_file(task):
         if int(mapper.layer_ids.max()) >= n_cols:
             raise UserError(f"{path}: extrapolation arrays have {n_cols} layer columns but the XML voxelises layer "
                             f"{int(mapper.layer_ids.max())}")
-        tables = mapper.event_tables(*(f[k][:] for k in EXTRAP_FIELDS))
+        pdg = f["truth_pdg"][:] if "truth_pdg" in f else None
+        tables = mapper.event_tables(*(f[k][:] for k in EXTRAP_FIELDS), pdg=pdg)
         acc = Accumulator(mapper, n_events)
         n = f["energy"].shape[0]
         for a in range(0, n, chunk):
@@ -518,18 +557,373 @@ def voxelise_file(task):
     return path, acc.showers.astype(np.float32), stats
 
 
+# ----------------------------------------------------------------------------------------------
+# voxelise: FastCaloSim input ntuples (ROOT, read through the optional uproot)
+
+ROOT_TREE = "FCS_ParametrizationInput"
+#: the hit branches of each ntuple form: (x, y, z, energy, sampling[, sampling fraction])
+ROOT_FORMS = {
+    "ATLAS SaveAllBranches": ("HitX", "HitY", "HitZ", "HitE", "HitSampling", "HitSamplingFraction"),
+    "Open Data Detector": ("hits.hit_x", "hits.hit_y", "hits.hit_z", "hits.hit_energy", "hits.sampling"),
+}
+ROOT_SAMPLING_BRANCHES = tuple(f"Sampling_{i}" for i in range(25))   # 24 = hits of invalid cells
+ROOT_TRUTH = ("TruthPx", "TruthPy", "TruthPz", "TruthPDG")
+ROOT_MID = ("newTTC_mid_eta", "newTTC_mid_phi", "newTTC_mid_r", "newTTC_mid_z")
+ROOT_BOUNDARY = "newTTC_IDCaloBoundary_eta"
+ODD_GEV = 1000.0                  # Open Data Detector ntuples carry EDM4hep energies in GeV
+TILE_SAMPLINGS = (12, 20)         # ATLAS Tile samplings: energy = raw x sampling fraction (LAr: raw / fraction)
+PLACEHOLDER = -998.0              # extrapolated values at or below this are placeholders (-999)
+
+
+def is_root_input(path):
+    """True for ROOT file names: ``*.root`` and the grid's ``*.root.1``.
+
+    >>> is_root_input("a/pid22_E65536.root.1"), is_root_input("hits.h5")
+    (True, False)
+    """
+    import re
+    return re.search(r"\.root(\.\d+)?$", path) is not None
+
+
+def expand_inputs(paths):
+    """Command-line inputs -> files: a directory gives its ROOT files, an unmatched pattern is globbed."""
+    import glob
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(q for q in glob.glob(os.path.join(p, "*")) if is_root_input(q))
+            if not found:
+                raise UserError(f"{p}: directory holds no ROOT files (*.root, *.root.N)")
+            out += found
+        elif not os.path.exists(p) and any(c in p for c in "*?["):
+            found = sorted(glob.glob(p))
+            if not found:
+                raise UserError(f"{p}: no file matches")
+            out += found
+        else:
+            out.append(p)
+    return out
+
+
+def _uproot(path):
+    try:
+        import awkward  # noqa: F401
+        import uproot
+    except ImportError:
+        raise UserError(f"{path}: reading ROOT input needs the optional uproot and awkward packages "
+                        f"(pip install -r requirements.txt, or make .venv)") from None
+    return uproot
+
+
+class RootNtuple:
+    """One FastCaloSim input ntuple: the tree, its form and the branch names (uproot and awkward)."""
+
+    def __init__(self, path):
+        uproot = _uproot(path)
+        self.path = path
+        try:
+            f = uproot.open(path)
+            tree = f[ROOT_TREE] if ROOT_TREE in f else None
+        except Exception as err:   # uproot raises many types on damaged files; all mean the same here
+            raise UserError(f"{path}: not a readable ROOT file (truncated or corrupt: {_one_line(err)})") from None
+        if tree is None:
+            raise UserError(f"{path}: no TTree '{ROOT_TREE}' (FastCaloSim input ntuples have one)")
+        kind = str(getattr(tree, "classname", type(tree).__name__))
+        if kind != "TTree":
+            raise UserError(f"{path}: '{ROOT_TREE}' is a {kind}, not the TTree of a FastCaloSim input ntuple")
+        self.tree = tree
+        self.names = {}
+        for key in tree.keys(recursive=True):
+            self.names.setdefault(key.rsplit("/", 1)[-1], key)
+        self.n_entries = int(tree.num_entries)
+        self.form = next((name for name, br in ROOT_FORMS.items() if all(b in self.names for b in br)), None)
+        if self.form is None:
+            self._no_hit_branches()
+        self.hit_branches = ROOT_FORMS[self.form]
+        self.energy_scale = ODD_GEV if self.form == "Open Data Detector" else 1.0
+
+    def _no_hit_branches(self):
+        sampling = [b for b in ROOT_SAMPLING_BRANCHES if b in self.names]
+        flat = ROOT_FORMS["ATLAS SaveAllBranches"]
+        if sampling:   # FCS_matchedcellvector: a ROOT dictionary class uproot does not deserialise reliably
+            raise UserError(f"{self.path}: hits only in the FCS_matchedcellvector branches {sampling[0]}.."
+                            f"{sampling[-1]}, which calokit does not read; it needs the flat hit branches "
+                            f"{', '.join(flat)} (ISF_HitAnalysis with SaveAllBranches) or the Open Data Detector "
+                            f"'hits' branch")
+        have = [n for n in flat + ROOT_FORMS["Open Data Detector"] if n in self.names]
+        raise UserError(f"{self.path}: missing hit branches: expected {', '.join(flat)} (ATLAS) or "
+                        f"{', '.join(ROOT_FORMS['Open Data Detector'])} (Open Data Detector)"
+                        f"{'; found only ' + ', '.join(have) if have else ''}")
+
+    def read(self, name, start=0, stop=None):
+        """Branch ``name`` of entries start..stop as an awkward array; UserError on damaged baskets."""
+        import awkward as ak
+        try:
+            return ak.Array(self.tree[self.names[name]].array(entry_start=start, entry_stop=stop, library="ak"))
+        except Exception as err:
+            raise UserError(f"{self.path}: cannot read branch '{name}' entries {start}..{stop or self.n_entries} "
+                            f"(truncated or corrupt file, or an unreadable type: {_one_line(err)})") from None
+
+
+def _one_line(err):
+    return " ".join(str(err).split())[:200] or type(err).__name__
+
+
+def _numeric(nt, name, arr, depth):
+    """Check that ``arr`` (branch ``name``) is numeric with ``depth`` list levels (vector<...>); UserError if not."""
+    import awkward as ak
+    try:
+        lead = ak.to_layout(arr).purelist_depth - 1
+        kind = np.dtype(str(ak.type(ak.flatten(arr, axis=None)).content)).kind
+    except Exception:
+        lead, kind = -1, "O"
+    if kind not in "fiu" or (depth is not None and lead not in depth):
+        want = {1: "vector<float/int>", 2: "vector<vector<float>> or float[N]"}[max(depth or (1,))]
+        raise UserError(f"{nt.path}: branch '{name}' has type {ak.type(arr)} but a FastCaloSim ntuple has {want}")
+    return lead
+
+
+def _first_particle(nt, name, arr):
+    """vector<...>[particle] per event -> particle 0 per event (float64); NaN where the vector is empty."""
+    import awkward as ak
+    _numeric(nt, name, arr, (1,))
+    out = np.full(len(arr), np.nan)
+    has = ak.to_numpy(ak.num(arr, axis=1)) > 0
+    if has.any():
+        out[has] = ak.to_numpy(ak.firsts(arr[has]), allow_missing=False).astype(np.float64)
+    return out
+
+
+def _per_layer(nt, name, arr):
+    """Extrapolated positions per event and sampling of particle 0: vector<vector<float>> [particle][layer],
+    or one level less ([layer], as float[N] or vector<float>) -> (events, layers) float64, NaN for empty or
+    placeholder (<= -998) entries."""
+    import awkward as ak
+    lead = _numeric(nt, name, arr, (1, 2))
+    if lead == 2:
+        arr = ak.firsts(arr, axis=1)                       # particle 0 (None where there is no particle)
+        arr = ak.fill_none(arr, [], axis=0)
+    n_cols = int(ak.max(ak.num(arr, axis=1), initial=0)) if len(arr) else 0
+    if n_cols == 0:
+        return np.full((len(arr), 1), np.nan)
+    padded = ak.fill_none(ak.pad_none(arr, n_cols, axis=1, clip=True), np.nan)
+    out = ak.to_numpy(padded).astype(np.float64)
+    out[~np.isfinite(out) | (out <= PLACEHOLDER)] = np.nan
+    return out
+
+
+def energy_from_name(path):
+    """The incident energy a FastCaloSim file name carries (``..._E65536_...`` -> 65536.0), or None.
+
+    >>> energy_from_name("mc16_13TeV.pid22_E65536_disj_eta_m25_m20_20_25_zv_0.root.1")
+    65536.0
+    """
+    import re
+    m = re.search(r"(?:^|[._-])E(\d+(?:\.\d+)?)(?=[._-]|$)", os.path.basename(path))
+    return float(m.group(1)) if m else None
+
+
+def _entry_steps(nt, chunk):
+    """Entry ranges of about ``chunk`` hits each (from the branches' stored sizes), so memory stays bounded."""
+    try:
+        step = int(nt.tree.num_entries_for(chunk * 4 * len(nt.hit_branches), filter_name=list(nt.hit_branches)))
+    except Exception:
+        step = 10_000
+    step = max(1, min(step, nt.n_entries))
+    return [(a, min(a + step, nt.n_entries)) for a in range(0, nt.n_entries, step)]
+
+
+def read_root_hits(nt, start, stop):
+    """Hits of entries start..stop: (hits per entry, x, y, z [mm], energy [MeV], sampling) as numpy arrays.
+
+    ATLAS flat branches hold raw energies: LAr hits are divided by their sampling fraction and Tile hits
+    (samplings 12-20) multiplied by it, as ISF_HitAnalysis does for its FCS_hit (a zero fraction gives 0);
+    Open Data Detector energies are GeV and become MeV.
+    """
+    import awkward as ak
+    arrs = [nt.read(name, start, stop) for name in nt.hit_branches]
+    energy_name = nt.hit_branches[3]
+    for name, arr in zip(nt.hit_branches, arrs):
+        _numeric(nt, name, arr, (1,))
+    counts = ak.to_numpy(ak.num(arrs[3], axis=1)).astype(np.int64)
+    for name, arr in zip(nt.hit_branches, arrs):
+        if not np.array_equal(ak.to_numpy(ak.num(arr, axis=1)), counts):
+            raise UserError(f"{nt.path}: branch '{name}' has a different number of hits than '{energy_name}' "
+                            f"(entries {start}..{stop})")
+    x, y, z, e = (ak.to_numpy(ak.flatten(a)).astype(np.float64) for a in arrs[:4])
+    sampling = ak.to_numpy(ak.flatten(arrs[4])).astype(np.int64)
+    if len(arrs) > 5:   # ATLAS: raw energies and their sampling fractions
+        frac = ak.to_numpy(ak.flatten(arrs[5])).astype(np.float64)
+        tile = (sampling >= TILE_SAMPLINGS[0]) & (sampling <= TILE_SAMPLINGS[1])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            e = np.where(frac == 0, 0.0, np.where(tile, e * frac, e / frac))
+    if nt.energy_scale != 1.0:
+        e *= nt.energy_scale
+    return counts, x, y, z, e, sampling
+
+
+def hit_eta_phi(x, y, z):
+    """Pseudorapidity and azimuth of hit positions (mm), as ROOT's TVector3 Eta() and Phi().
+
+    >>> [round(float(v[0]), 6) for v in hit_eta_phi(np.array([0.0]), np.array([1500.0]), np.array([0.0]))]
+    [0.0, 1.570796]
+    """
+    rt = np.hypot(x, y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        eta = np.arcsinh(z / rt)
+    return eta, np.arctan2(y, x)
+
+
+def root_barycentres(nt, chunk):
+    """Per entry and sampling, the energy-weighted mean hit position as (eta, phi, r, z) arrays (NaN where a
+    layer has no energy), and per entry the |eta| of the whole shower's energy-weighted position."""
+    n = nt.n_entries
+    n_cols = 32
+    sums = np.zeros((8, n, n_cols))   # E x, E y, E z, E, then x, y, z, 1 for layers whose hits carry no energy
+    for a, b in _entry_steps(nt, chunk):
+        counts, x, y, z, e, s = read_root_hits(nt, a, b)
+        ok = (s >= 0) & np.isfinite(x) & np.isfinite(y) & np.isfinite(z) & np.isfinite(e)
+        entry = np.repeat(np.arange(a, b), counts)[ok]
+        s, x, y, z, e = s[ok], x[ok], y[ok], z[ok], e[ok]
+        if s.size and s.max() >= n_cols:
+            grown = np.zeros((8, n, int(s.max()) + 1))
+            grown[:, :, :n_cols] = sums
+            sums, n_cols = grown, int(s.max()) + 1
+        idx = entry * n_cols + s
+        for j, w in enumerate((e * x, e * y, e * z, e, x, y, z, np.ones_like(x))):
+            sums[j] += np.bincount(idx, weights=w, minlength=n * n_cols).reshape(n, n_cols)
+    weighted = sums[3] > 0
+    sums[:4] = np.where(weighted, sums[:4], sums[4:])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cx, cy, cz = (sums[j] / sums[3] for j in range(3))
+        eta, phi = hit_eta_phi(cx, cy, cz)
+        tot = sums[:4].sum(axis=2)
+        ev_eta = np.abs(hit_eta_phi(tot[0] / tot[3], tot[1] / tot[3], tot[2] / tot[3])[0])
+    empty = ~(sums[3] > 0)
+    out = [np.where(empty, np.nan, a) for a in (eta, phi, np.hypot(cx, cy), cz)]
+    return out, ev_eta
+
+
+def inspect_root_file(path, particle, centre, energy, chunk):
+    """Pre-pass over a FastCaloSim ntuple: form, truth momentum and PDG id of particle 0, the reference point
+    per entry and sampling, and |eta| per entry (newTTC_IDCaloBoundary_eta); hits are read only for
+    ``centre == "barycentre"``. Returns a :class:`HitsFile` whose events are selected later by the slice."""
+    nt = RootNtuple(path)
+    n = nt.n_entries
+    if n == 0:
+        raise UserError(f"{path}: empty input (no entries in '{ROOT_TREE}')")
+    p, pdg = _root_truth(nt, particle, energy)
+    if centre == "barycentre":
+        extrap, ev_eta = root_barycentres(nt, chunk)
+    else:
+        missing = [b for b in ROOT_MID if b not in nt.names]
+        if missing:
+            raise UserError(f"{path}: missing extrapolation branches {', '.join(missing)} (pass --centre barycentre "
+                            f"to centre each layer on its energy-weighted hit position instead)")
+        extrap = [_per_layer(nt, b, nt.read(b)) for b in ROOT_MID]
+        n_cols = max(a.shape[1] for a in extrap)
+        extrap = [np.pad(a, ((0, 0), (0, n_cols - a.shape[1])), constant_values=np.nan) for a in extrap]
+        if np.isnan(extrap[0]).all():
+            raise UserError(f"{path}: no usable extrapolation: newTTC_mid_eta holds only placeholders (-999 or empty "
+                            f"per-layer vectors); pass --centre barycentre to centre each layer on its "
+                            f"energy-weighted hit position")
+        with warnings.catch_warnings():   # all-NaN rows give NaN (reported below), not a warning
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ev_eta = np.nanmedian(np.abs(extrap[0]), axis=1)
+    if ROOT_BOUNDARY in nt.names:   # FastCaloGAN selects events by the calorimeter-boundary |eta|
+        boundary = np.abs(_first_particle(nt, ROOT_BOUNDARY, nt.read(ROOT_BOUNDARY)))
+        boundary[boundary >= -PLACEHOLDER] = np.nan
+        ev_eta = np.where(np.isfinite(boundary), boundary, ev_eta)
+    bad = ~np.isfinite(ev_eta)
+    if bad.any():
+        raise UserError(f"{path}: entry {_first_bad(bad)} has no |eta| (no finite {ROOT_BOUNDARY}, extrapolation or "
+                        f"hit)")
+    hf = HitsFile(path, n, -1, p, ev_eta)
+    hf.root = {"form": nt.form, "extrap": extrap, "pdg": pdg, "keep": np.ones(n, dtype=bool)}
+    return hf
+
+
+def _root_truth(nt, particle, energy):
+    """(momentum p in MeV, PDG id) of particle 0 per entry, from TruthPx/Py/Pz/PDG, else from --energy or the
+    file name (and --particle's PDG id)."""
+    want = PARTICLES[particle][0]
+    n, path = nt.n_entries, nt.path
+    if all(b in nt.names for b in ROOT_TRUTH[:3]):
+        px, py, pz = (_first_particle(nt, b, nt.read(b)) for b in ROOT_TRUTH[:3])
+        p = np.sqrt(px * px + py * py + pz * pz)
+        bad = ~np.isfinite(p) | (p <= 0)
+        if bad.any():
+            raise UserError(f"{path}: entry {_first_bad(bad)} has no truth particle (TruthPx/Py/Pz empty or zero)")
+        pdg = np.full(n, want, dtype=np.int64)
+        if "TruthPDG" in nt.names:
+            got = _first_particle(nt, "TruthPDG", nt.read("TruthPDG"))
+            if (~np.isfinite(got)).any() or (np.abs(got) != want).any():
+                i = _first_bad(~np.isfinite(got) | (np.abs(got) != want))
+                raise UserError(f"{path}: 'TruthPDG' of entry {i} is {got[i]:g} but --particle {particle} is {want}")
+            pdg = got.astype(np.int64)
+        return p, pdg
+    e = energy if energy is not None else energy_from_name(path)
+    if e is None:
+        raise UserError(f"{path}: no truth branches (TruthPx, TruthPy, TruthPz) to take the incident momentum from; "
+                        f"pass --energy MeV, or name the file like ..._E65536_...")
+    return np.full(n, float(e)), np.full(n, want, dtype=np.int64)
+
+
+def voxelise_root_file(task):
+    """Worker: voxelise one FastCaloSim ntuple in entry chunks through the same mapper and accumulator as
+    the HDF5 hits; returns (path, float32 showers, counters dict)."""
+    path, geom, n_events, chunk, info = task
+    nt = RootNtuple(path)
+    mapper = VoxelMapper(geom)
+    keep = info["keep"]
+    sel = np.flatnonzero(keep)
+    n_cols = max(mapper.code.size, info["extrap"][0].shape[1])
+    ex = [np.pad(a[sel], ((0, 0), (0, n_cols - a.shape[1])), constant_values=np.nan) for a in info["extrap"]]
+    tables = mapper.event_tables(*ex, pdg=info["pdg"][sel])
+    row_of = np.full(nt.n_entries, -1, dtype=np.int64)
+    row_of[sel] = np.arange(sel.size)
+    acc = Accumulator(mapper, n_events)
+    unlisted = unlisted_energy = 0
+    first = 0
+    for a, b in _entry_steps(nt, chunk):
+        counts, x, y, z, e, s = read_root_hits(nt, a, b)
+        ev = np.repeat(row_of[a:b], counts)
+        m = ev >= 0
+        # samplings the XML does not list (ATLAS writes -1 for hits without a cell) are dropped and counted
+        listed = (s >= 0) & (s < mapper.code.size)
+        listed[listed] = mapper.code[s[listed]] != LAYER_ABSENT
+        drop = m & ~listed
+        unlisted += int(drop.sum())
+        unlisted_energy += float(e[drop].sum())
+        m &= listed
+        eta, phi = hit_eta_phi(x[m], y[m], z[m])
+        acc.add(tables, ev[m], s[m], eta, phi, e[m], where=path, first_row=first)
+        first += int(m.sum())
+    acc.hits += unlisted
+    acc.dropped_hits += unlisted
+    acc.dropped_energy += unlisted_energy
+    stats = {"hits": acc.hits, "dropped_hits": acc.dropped_hits, "dropped_energy": acc.dropped_energy,
+             "energy": acc.energy, "voxel_energy": float(acc.showers.sum())}
+    return path, acc.showers.astype(np.float32), stats
+
+
+def voxelise_task(task):
+    """Worker entry: a ROOT ntuple task carries its pre-pass results (5 items), a hits HDF5 task 4."""
+    return voxelise_root_file(task) if len(task) == 5 else voxelise_file(task)
+
+
 def _map_tasks(tasks, jobs):
     """Yield voxelise_file results in task order, with ``jobs`` worker processes when there is more than one file."""
     if jobs <= 1 or len(tasks) <= 1:
         for t in tasks:
-            yield voxelise_file(t)
+            yield voxelise_task(t)
         return
     import multiprocessing as mp
 
     # spawn, not fork: safe even when the caller has threads (e.g. TensorFlow loaded in the same process)
     pool = mp.get_context("spawn").Pool(min(jobs, len(tasks)))
     try:
-        yield from pool.imap(voxelise_file, tasks)
+        yield from pool.imap(voxelise_task, tasks)
         pool.close()
     finally:
         pool.terminate()
@@ -598,9 +992,13 @@ def run_voxelise(args):
     if args.jobs < 1 or args.chunk < 1:
         raise UserError("--jobs and --chunk must be >= 1")
     particle = _particle(args.particle)
-    if os.path.abspath(args.out) in {os.path.abspath(p) for p in args.hits}:
+    inputs = expand_inputs(args.hits)
+    if os.path.abspath(args.out) in {os.path.abspath(p) for p in inputs}:
         raise UserError(f"{args.out}: --out would overwrite an input file")
-    files = [inspect_hits_file(p, particle) for p in args.hits]
+    if args.energy is not None and not (args.energy > 0 and math.isfinite(args.energy)):
+        raise UserError(f"--energy must be a positive momentum in MeV, got {args.energy}")
+    files = [inspect_root_file(p, particle, args.centre, args.energy, args.chunk) if is_root_input(p)
+             else inspect_hits_file(p, particle) for p in inputs]
     geom = choose_slice(args.binning, particle, files, args.eta_tolerance)
     VoxelMapper(geom)   # geometry errors before any work
     if args.csv:        # checked now, created only once the voxels are done (nothing is left behind on errors)
@@ -609,7 +1007,7 @@ def run_voxelise(args):
             raise UserError(f"{args.csv}: CSV directory (or its parent) is not writable")
     n_total = sum(hf.n_events for hf in files)
     V = geom.n_voxels
-    tasks = [(hf.path, geom, hf.n_events, args.chunk) for hf in files]
+    tasks = [(hf.path, geom, hf.n_events, args.chunk) + ((hf.root,) if hf.root is not None else ()) for hf in files]
     totals = {"hits": 0, "dropped_hits": 0, "dropped_energy": 0.0, "energy": 0.0, "voxel_energy": 0.0}
     csv_paths = []
     with contextlib.ExitStack() as stack:
@@ -621,7 +1019,11 @@ def run_voxelise(args):
         out.attrs.update({"particle": geom.particle, "pid": geom.pid, "eta_min": float(geom.eta_min),
                           "eta_max": float(geom.eta_max), "binning": args.binning, "n_hits_files": len(files),
                           "creator": "calokit preprocess.py voxelise"})
-        bar = tqdm(total=sum(hf.n_hits for hf in files), desc=f"voxelise {geom.slice_name()}", unit="hit",
+        forms = sorted({hf.root["form"] for hf in files if hf.root is not None})
+        if forms:
+            out.attrs.update({"root_forms": ", ".join(forms), "reference_point": args.centre})
+        known = all(hf.n_hits >= 0 for hf in files)   # ROOT ntuples: hits counted as they are read
+        bar = tqdm(total=sum(hf.n_hits for hf in files) if known else None, desc=f"voxelise {geom.slice_name()}", unit="hit",
                    unit_scale=True, file=sys.stderr, disable=None)
         start = 0
         results = stack.enter_context(contextlib.closing(_map_tasks(tasks, args.jobs)))   # pool ends with the block
@@ -631,15 +1033,18 @@ def run_voxelise(args):
             start += hf.n_events
             for key in totals:
                 totals[key] += stats[key]
-            bar.update(hf.n_hits)
+            bar.update(stats["hits"])
         bar.close()
         if args.csv:
             csv_paths = write_csvs(args.csv, args.csv_layout, geom, d_e, d_s, stack)
         out.close()
     msg = (f"voxelise: wrote {args.out} ({n_total} events x {V} voxels, {geom.particle}, |eta| "
-           f"{geom.eta_min / 100:.2f}-{geom.eta_max / 100:.2f} of {args.binning}) from {len(files)} hits files: "
+           f"{geom.eta_min / 100:.2f}-{geom.eta_max / 100:.2f} of {args.binning}) from {len(files)} input files: "
            f"{totals['hits']} hits, {totals['dropped_hits']} dropped in non-voxelised layers "
            f"({totals['dropped_energy']:.6g} MeV), {totals['voxel_energy']:.6g} MeV voxelised")
+    skipped = sum(hf.skipped for hf in files)
+    if skipped:
+        msg += f"; {skipped} ROOT entries outside the slice skipped"
     if args.csv:
         msg += f"; {len(csv_paths)} CSV files in {args.csv}"
     return msg
@@ -826,7 +1231,16 @@ def build_parser():
     v.add_argument("--chunk", type=int, default=DEFAULT_CHUNK_HITS, help="hits read at a time")
     v.add_argument("--eta-tolerance", type=float, default=DEFAULT_ETA_TOLERANCE,
                    help=f"|eta| an event may lie outside its slice (default {DEFAULT_ETA_TOLERANCE})")
-    v.add_argument("hits", nargs="+", help="hits HDF5 files of one |eta| slice")
+    v.add_argument("--centre", default="extrapolation", choices=["extrapolation", "barycentre"],
+                   help="ROOT input: reference point of each layer: the extrapolated position newTTC_mid_* of "
+                        "particle 0 (FastCaloGAN), or each layer's energy-weighted hit position (for ntuples whose "
+                        "extrapolation is a placeholder; default extrapolation)")
+    v.add_argument("--energy", type=float, default=None,
+                   help="ROOT input without truth branches: the incident momentum in MeV (default: the file "
+                        "name's E<MeV>, e.g. pid22_E65536_...)")
+    v.add_argument("hits", nargs="+",
+                   help="inputs of one |eta| slice: hits HDF5 files and/or FastCaloSim input ntuples (*.root, "
+                        "*.root.N; a directory or a quoted glob is expanded)")
 
     p = sub.add_parser("prepare", formatter_class=HelpFormatter,
                        help="CaloChallenge HDF5 -> training file of one GAN")

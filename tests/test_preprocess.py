@@ -103,7 +103,8 @@ def _custom_xml(path, symmetrise):
     return str(path)
 
 
-# (event, layer, x_mm or None, y_mm or None, r_mm, alpha, energy, ia without / with symmetrisation, ir)
+# (event, layer, x_mm or None, y_mm or None, r_mm, alpha, energy, ia without / with symmetrisation, ir);
+# x is eta_hit - eta_x in mm, before the sign flip of events at eta < 0
 # layer 0: r edges 0,10,20,50 and 4 alpha bins: (-pi, pi] in pi/2 steps, or [0, pi] in pi/4 steps (symmetrised)
 HAND_HITS = [
     (0, 0, None, None, 15.0, math.pi / 8, 1.0, 2, 0, 1),
@@ -115,8 +116,9 @@ HAND_HITS = [
     (0, 0, None, None, 25.0, -math.pi + 0.02, 64.0, 0, 3, 2),          # just above -pi: other side of the cut
     (0, 0, -25.0, 0.0, None, math.pi, 128.0, 3, 3, 2),                 # alpha = pi exactly: last bin
     (0, 0, 10.0, 100.0, None, math.atan2(100, 10), 256.0, 2, 1, 2),    # phi of the hit wraps past +pi
-    (1, 0, -10.0, -100.0, None, math.atan2(-100, -10), 512.0, 0, 2, 2),  # phi wraps past -pi
-    (1, 0, None, None, 15.0, 3 * math.pi / 8, 1024.0, 2, 1, 1),
+    # event 1 is at eta < 0: FastCaloGAN negates deta there, so its alpha is pi - alpha (the bins say so)
+    (1, 0, -10.0, -100.0, None, math.atan2(-100, -10), 512.0, 1, 1, 2),  # phi wraps past -pi
+    (1, 0, None, None, 15.0, 3 * math.pi / 8, 1024.0, 3, 2, 1),
     (0, 1, 2.0, 2.0, None, math.pi / 4, 2048.0, 0, 0, 0),
     (1, 1, None, None, 50.0, 0.3, 4096.0, 0, 0, 1),
     (1, 1, None, None, 500.0, -2.0, 8192.0, 0, 0, 1),

@@ -187,14 +187,15 @@ def test_damaged_layer_is_rejected_naming_file_and_element(layers, data):
 # hits -> voxels
 
 def spec_position(eta, phi, eta_x, phi_x, r_x, z_x, symmetrise):
-    """(r, alpha) of a hit by the mapping's definition, written with the math module, hit by hit."""
+    """(r, alpha) of a hit by the mapping's definition, written with the math module, hit by hit
+    (FastCaloGAN negates deta where the extrapolated eta is negative)."""
     dphi = phi - phi_x
     while dphi > math.pi:
         dphi -= 2 * math.pi
     while dphi <= -math.pi:
         dphi += 2 * math.pi
     scale = abs(2 * math.exp(-eta_x) / (1 + math.exp(-2 * eta_x))) * math.hypot(r_x, z_x)
-    x, y = (eta - eta_x) * scale, dphi * r_x
+    x, y = (eta - eta_x) * scale * (-1 if eta_x < 0 else 1), dphi * r_x
     return math.hypot(x, y), math.atan2(abs(y) if symmetrise else y, x)
 
 
