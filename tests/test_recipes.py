@@ -43,27 +43,37 @@ def test_recipes_are_recorded_and_flags_win(tmp_path, data):
     assert (cfg["lr"], src["lr"]) == (2e-4, "recipe calokit")
     assert (cfg["lr_decay"], src["lr_decay"]) == (0.1, "recipe calokit")
     summ = cfg["critic"]["summaries"]
+    assert summ["mode"] == "energy" and np.shape(summ["mu"]) == np.shape(summ["log_sigma"]) == (4, 6)
     # dataset-1 photons: the total and the 5 voxelised layers (8, 160, 190, 5, 5 voxels)
     assert summ["spans"] == [[0, 8], [8, 168], [168, 358], [358, 363], [363, 368]]
     assert len(summ["mean"]) == len(summ["std"]) == 6
 
 
-def test_critic_summary_layer_is_standardised_layer_energies(tmp_path, data):
+@pytest.mark.parametrize("mode", ["global", "energy"])
+def test_critic_summary_layer_is_standardised_layer_energies(mode):
+    """The critic's summaries equal numpy's: (E_layer - mean) / std over the sample, and at each energy
+    (``energy``) the values standardised again by the fitted per-energy mean and spread."""
     rng = np.random.default_rng(3)
-    vox = rng.exponential(0.01, size=(50, 368)).astype(np.float32)
+    label = np.repeat(np.linspace(0, 1, 4), 50)
+    vox = (rng.exponential(0.01, size=(200, 368)) * (1 + label[:, None])).astype(np.float32)
     spans = [[0, 8], [8, 168], [168, 358], [358, 363], [363, 368]]
-    summ = train.summary_settings(vox, spans)
+    summ = train.summary_settings(vox, spans, label, mode)
     critic = train.build_critic(368, 2, [16, 16, 16], summaries=summ)
-    layer = critic.get_layer("summaries")
-    assert not layer.trainable and len(critic.trainable_weights) == 8      # 4 Dense kernels + biases
+    assert not critic.get_layer("summaries").trainable and len(critic.trainable_weights) == 8  # 4 Dense layers
     keras = plumbing.import_keras()
-    probe = keras.Model(critic.inputs[0], layer.output)
-    got = np.asarray(probe(vox))
+    out = critic.get_layer("summaries_at_energy" if mode == "energy" else "summaries").output
+    probe = keras.Model(critic.inputs, out)
+    got = np.asarray(probe([vox, plumbing.condition_vector(label)]))
     sums = np.stack([vox.sum(1)] + [vox[:, a:b].sum(1) for a, b in spans], axis=1).astype(np.float64)
     want = (sums - sums.mean(0)) / sums.std(0)
-    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
-    np.testing.assert_allclose(got.mean(0), 0, atol=1e-4)          # standardised on this very sample
-    np.testing.assert_allclose(got.std(0), 1, rtol=1e-3)
+    if mode == "energy":
+        powers = label[:, None] ** np.arange(4)[None, :]          # 4 energies: a cubic through each point
+        want = (want - powers @ np.asarray(summ["mu"])) * np.exp(-powers @ np.asarray(summ["log_sigma"]))
+        for v in np.unique(label):                                 # so N(0, 1) at every energy
+            np.testing.assert_allclose(got[label == v].mean(0), 0, atol=2e-3)
+            np.testing.assert_allclose(got[label == v].std(0), 1, rtol=2e-3)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(got.mean(0), 0, atol=2e-3)
 
 
 def test_cosine_learning_rate_values():
