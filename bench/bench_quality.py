@@ -1,0 +1,421 @@
+"""bench_quality.py -- how well a training recipe learns the showers: several seeds, one budget, JSON + curves.
+
+For each recipe (a ``train.py --recipe`` name, or NAME=ARGS for any set of train.py flags) and each seed, the
+demo slice (toy photons, |eta| 0.20-0.25, by default) is trained for the budget, the epoch is chosen as
+``make all`` chooses it (select_epoch.py on the training sample, the demo's selection flags), and the chosen
+generator is evaluated against held-out toy showers of another seed with one fixed evaluation seed
+(evaluate.py: hist-chi, cls-high, fpd). Per recipe and seed it records:
+
+* ``cls_high_auc``, ``etot_einc_separation`` (overall), ``fpd_x1e3``, ``separation_power_mean``;
+* per energy: the E_tot/E_inc separation power, the generated / reference resolution RMS(E_tot)/<E_tot>
+  (``resolution_ratio``) and response <E_tot> (``response_ratio``); ``worst_resolution_ratio_ge_1gev`` is the
+  largest max(ratio, 1/ratio) over the energies >= 1 GeV;
+* ``train_iterations_per_s``, ``train_cpu_s`` (process CPU seconds of the training), ``best_iteration``;
+* a learning curve: every few checkpoints, E_tot/E_inc separation and the resolution ratio of that checkpoint
+  (generated like the held-out sample), against the iteration and the training CPU seconds.
+
+and per recipe the mean and the spread (standard deviation, min, max) over seeds. Jobs run in parallel
+(``--jobs``, one TensorFlow thread each). The data are made once in ``--work`` (toy hits, voxels, training
+file, as ``make all`` makes them) and reused.
+
+Prints one JSON object on stdout (also written to OUT/quality.json); OUT/learning_curves.png shows the curves,
+one line per recipe (mean over seeds), the seed spread (min..max) shaded.
+
+Usage:
+    python bench/bench_quality.py --quick                       # under a minute: tiny data, budget, 1 seed
+    python bench/bench_quality.py --recipes fastcalogan calokit --seeds 1 2 3 --iterations 4000
+    python bench/bench_quality.py --recipes calokit "no-summaries=--recipe calokit --no-critic-summaries"
+    python bench/bench_quality.py --ablation                    # calokit, and calokit minus each ingredient
+"""
+import argparse
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+#: every key of the printed JSON object (dotted: nested); per recipe under recipes.<name>.mean / .spread
+KEYS = ("slice", "budget.iterations", "seeds", "eval_seed", "recipes")
+#: the scalar metrics of each seed, averaged (mean) and spread over seeds per recipe
+SCALARS = ("cls_high_auc", "etot_einc_separation", "separation_power_mean", "fpd_x1e3",
+           "worst_resolution_ratio_ge_1gev", "train_iterations_per_s", "train_cpu_s", "best_iteration")
+#: calokit's recipe minus one ingredient at a time (``--ablation``)
+ABLATION = {
+    "calokit": "--recipe calokit",
+    "calokit-no-decay": "--recipe calokit --lr-decay 1",
+    "calokit-global-summaries": "--recipe calokit --critic-summaries global",
+    "calokit-fcg-optimiser": "--recipe calokit --n-critic 5 --lr 1e-4",
+    "fastcalogan": "--recipe fastcalogan",
+}
+DEMO_SELECT_ARGS = "--overflow"
+CLS_ARGS = "--cls_n_hidden 512"
+#: FPD with evaluate.py's batch sizes but 4 batches per size (the ranking of recipes, not the published
+#: number), KPD (not reported) as small as allowed
+FPD_ARGS = "--fpd_num_batches 4 --kpd_num_batches 1 --kpd_batch_size 1000"
+QUICK_FPD_ARGS = "--fpd_min_samples 300 --fpd_max_samples 600 --fpd_num_batches 2 --fpd_num_points 3 " \
+                 "--kpd_num_batches 1 --kpd_batch_size 300"
+CURVE_POINTS = 12
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="bench_quality.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipes", nargs="+", default=["fastcalogan", "calokit"],
+                   help="train.py recipe names, or NAME=ARGS (train.py flags, e.g. 'fast=--recipe calokit --lr 4e-4')")
+    p.add_argument("--ablation", action="store_true", help="the recipes " + ", ".join(ABLATION))
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="training seeds")
+    p.add_argument("--iterations", type=int, default=6000, help="training budget in generator iterations "
+                   "(a recipe's ARGS may give its own --iterations)")
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--particle", default="photon")
+    p.add_argument("--eta", type=float, default=0.20)
+    p.add_argument("--events", type=int, default=1000, help="toy events per energy (training and held-out)")
+    p.add_argument("--select-events", type=int, default=2000, help="select_epoch.py --events")
+    p.add_argument("--select-args", default=DEMO_SELECT_ARGS, help="extra select_epoch.py flags (the demo's)")
+    p.add_argument("--cls-epochs", type=int, default=10, help="evaluate.py --cls_n_epochs")
+    p.add_argument("--eval-seed", type=int, default=1, help="evaluate.py --seed (the same for every run)")
+    p.add_argument("--cls-args", default=CLS_ARGS, help="evaluate.py classifier flags (the demo's, as make all)")
+    p.add_argument("--fpd-args", default=FPD_ARGS, help="evaluate.py FPD/KPD flags (KPD is not reported here)")
+    p.add_argument("--jobs", type=int, default=2, help="trainings at once (one TensorFlow thread each)")
+    p.add_argument("--work", default=os.path.join(ROOT, "work", "bench_quality"), help="data and runs")
+    p.add_argument("--out", default=os.path.join(ROOT, "results", "bench_quality"), help="JSON and plot")
+    p.add_argument("--quick", action="store_true", help="tiny data and budget, 1 seed (for the test suite)")
+    p.add_argument("--job", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.events, args.iterations, args.checkpoint_every = 60, 20, 10
+        args.seeds, args.select_events, args.cls_epochs = args.seeds[:1], 200, 1
+        args.fpd_args = QUICK_FPD_ARGS
+        args.work = os.path.join(args.work, "quick")
+        args.out = os.path.join(args.out, "quick")
+    if args.ablation:
+        args.recipes = [f"{k}={v}" for k, v in ABLATION.items()]
+    return args
+
+
+def recipe_args(spec):
+    """'name' -> (name, ['--recipe', name]); 'name=--flags ...' -> (name, [flags])."""
+    if "=" in spec:
+        name, flags = spec.split("=", 1)
+        return name.strip(), shlex.split(flags)
+    return spec, ["--recipe", spec]
+
+
+@contextlib.contextmanager
+def quiet():
+    """Stage scripts print a summary line on stdout: keep stdout for the JSON object."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        yield buf
+
+
+def call(main, argv):
+    with quiet():
+        rc = main(argv)
+    if rc:
+        raise RuntimeError(f"{main.__module__} {' '.join(argv)}: exit {rc}")
+
+
+# ----------------------------------------------------------------------------------------------
+# data (made once, as make all makes it)
+
+def make_data(args):
+    """Toy hits -> voxels (training and held-out) -> training file in args.work; returns the three paths."""
+    import preprocess
+
+    tag = f"{args.particle}_{args.eta:.2f}_ev{args.events}"
+    d = os.path.join(args.work, "data", tag)
+    paths = {k: os.path.join(d, f"{k}.h5") for k in ("voxels", "voxels_heldout", "train")}
+    if all(os.path.isfile(p) for p in paths.values()):
+        return paths
+    binning = os.path.join(ROOT, "binning", "binning_fastcalogan.xml")
+    for kind, seed in (("voxels", 1), ("voxels_heldout", 1001)):
+        hits = os.path.join(d, f"hits_{kind}")
+        call(preprocess.main, ["toy", "--particle", args.particle, "--eta", f"{args.eta:.2f}",
+                               "--events-per-energy", str(args.events), "--seed", str(seed), "--out", hits])
+        files = sorted(os.path.join(hits, f) for f in os.listdir(hits) if f.endswith(".h5"))
+        call(preprocess.main, ["voxelise", "--binning", binning, "--particle", args.particle,
+                               "--out", paths[kind], *files])
+        for f in files:
+            os.remove(f)
+    call(preprocess.main, ["prepare", "--binning", binning, "--particle", args.particle, "--range", "all",
+                           "--out", paths["train"], paths["voxels"]])
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics of a generated file against the held-out one
+
+def etot_by_energy(path):
+    """{incident energy (MeV): E_tot array} of a CaloChallenge file (raw voxel sums)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        einc = f["incident_energies"][:, 0].astype(np.float64)
+        etot = f["showers"][...].sum(axis=1, dtype=np.float64)
+    return {float(e): etot[np.isclose(einc, e, rtol=1e-3)] for e in np.unique(einc)}, einc, etot
+
+
+def energy_table(gen_path, ref_path):
+    """Per energy: E_tot/E_inc separation (evaluate.py's per-energy binning), resolution and response ratios."""
+    from HighLevelFeatures import separation_power
+
+    gen, gen_einc, gen_etot = etot_by_energy(gen_path)
+    ref, ref_einc, ref_etot = etot_by_energy(ref_path)
+    rows = []
+    for e in sorted(ref):
+        g, r = gen.get(e), ref[e]
+        if g is None or g.size < 2 or r.size < 2:
+            continue
+        bins = np.linspace(0.9, 1.1, 21) if e >= 2**12 else np.linspace(0.4, 1.4, 21)
+        hg = np.histogram(g / e, bins)[0] / g.size
+        hr = np.histogram(r / e, bins)[0] / r.size
+        res_g, res_r = g.std() / max(g.mean(), 1e-12), r.std() / max(r.mean(), 1e-12)
+        rows.append({"energy_mev": e, "etot_einc_separation": float(separation_power(hr, hg)),
+                     "resolution_gen": float(res_g), "resolution_ref": float(res_r),
+                     "resolution_ratio": float(res_g / res_r), "response_ratio": float(g.mean() / r.mean())})
+    bins = np.linspace(0.5, 1.5, 101)
+    overall = separation_power(np.histogram(ref_etot / ref_einc, bins)[0] / ref_etot.size,
+                               np.histogram(gen_etot / gen_einc, bins)[0] / gen_etot.size)
+    return rows, float(overall)
+
+
+def worst_resolution(rows, min_energy=1000.0):
+    """max over energies >= min_energy of max(ratio, 1/ratio) of the resolution ratio (1 = perfect)."""
+    vals = [max(r["resolution_ratio"], 1 / r["resolution_ratio"]) for r in rows
+            if r["energy_mev"] >= min_energy and r["resolution_ratio"] > 0]
+    return float(max(vals)) if vals else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# one (recipe, seed): train, select, evaluate, curve (runs in its own process)
+
+def run_job(job):
+    import evaluate
+    import plumbing
+    import select_epoch
+    import train
+
+    run, out = job["run"], job["out"]
+    argv = ["--data", job["train"], "--out", run, "--iterations", str(job["iterations"]),
+            "--checkpoint-every", str(job["checkpoint_every"]), "--seed", str(job["seed"]), *job["train_args"]]
+    if os.path.isdir(run):
+        argv.append("--resume")
+    t0, c0 = time.perf_counter(), time.process_time()
+    call(train.main, argv)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    cfg = plumbing.read_run_config(run)
+    sel = os.path.join(out, "select")
+    call(select_epoch.main, ["--run", run, "--reference", job["voxels"], "--events", str(job["select_events"]),
+                             "--generate-like", job["heldout"], "--seed", str(job["seed"]), "--out", sel,
+                             *shlex.split(job["select_args"])])
+    with open(os.path.join(sel, "best.json")) as f:
+        best = json.load(f)
+    metrics = {}
+    for mode in ("hist-chi", "cls-high", "fpd"):
+        path = os.path.join(out, f"eval_{mode}.json")
+        call(evaluate.main, ["-i", os.path.join(sel, "generated.h5"), "-r", job["heldout"], "-m", mode,
+                             "-d", "1-pions" if cfg["particle"] in ("pion", "proton") else "1-photons",
+                             "--output_dir", os.path.join(out, f"eval_{mode}"), "--seed", str(job["eval_seed"]),
+                             "--cls_n_epochs", str(job["cls_epochs"]), "--json", path, "-q",
+                             *shlex.split(job["fpd_args"] if mode == "fpd" else job["cls_args"])])
+        with open(path) as f:
+            metrics[mode] = json.load(f)
+    rows, overall = energy_table(os.path.join(sel, "generated.h5"), job["heldout"])
+    iters = (int(cfg["iterations"]) if not os.path.isfile(os.path.join(run, "losses.csv")) else
+             sum(1 for _ in open(os.path.join(run, "losses.csv"))) - 1)
+    result = {
+        "train_args": job["train_args"], "recipe": cfg.get("recipe"), "best_iteration": int(best["best_iteration"]),
+        "select_chi2_ndf": float(best["chi2_ndf"]),
+        "cls_high_auc": float(metrics["cls-high"]["classifier"]["cls-high"]["auc"]),
+        "etot_einc_separation": float(metrics["hist-chi"]["separation_power"]["Etot / Einc"]),
+        "separation_power_mean": float(metrics["hist-chi"]["separation_power_mean"]["value"]),
+        "fpd_x1e3": float(metrics["fpd"]["fpd_x1e3"]),
+        "per_energy": rows, "etot_einc_separation_raw_sums": overall,
+        "worst_resolution_ratio_ge_1gev": worst_resolution(rows),
+        "train_iterations_per_s": iters / wall if wall > 0 else float("nan"),
+        "train_cpu_s": cpu, "train_cpu_s_per_iteration": cpu / max(iters, 1),
+        "curve": learning_curve(run, job, cpu / max(iters, 1)),
+    }
+    return result
+
+
+def learning_curve(run, job, cpu_per_it):
+    """E_tot/E_inc separation and worst resolution ratio of every few checkpoints, generated like the held-out."""
+    import h5py
+
+    import plumbing
+
+    ckpts = plumbing.list_checkpoints(run)
+    step = max(1, math.ceil(len(ckpts) / CURVE_POINTS))
+    chosen = ckpts[step - 1::step]
+    if ckpts and chosen[-1] != ckpts[-1]:
+        chosen.append(ckpts[-1])
+    cfg = plumbing.read_run_config(run)
+    with h5py.File(job["heldout"], "r") as f:
+        einc = f["incident_energies"][:, 0].astype(np.float64)
+    ekin = plumbing.kinetic_energy(einc, cfg["particle"])
+    label = plumbing.condition_label(ekin, cfg["ekin_min"], cfg["ekin_max"], cfg.get("label_scheme", "V2"),
+                                     cfg.get("max_exp", plumbing.MAX_EXP))
+    tmp = os.path.join(job["out"], "curve_generated.h5")
+    points = []
+    for it, path in chosen:
+        g = plumbing.load_generator_file(os.path.join(path, "generator.keras"))
+        showers = plumbing.generate(g, label, job["seed"]) * ekin[:, None]
+        plumbing.write_calo_file(tmp, einc[:, None], showers.astype(np.float32))
+        rows, overall = energy_table(tmp, job["heldout"])
+        points.append({"iteration": it, "cpu_s": it * cpu_per_it, "etot_einc_separation": overall,
+                       "worst_resolution_ratio_ge_1gev": worst_resolution(rows)})
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    return points
+
+
+def spawn(job, threads):
+    env = dict(os.environ, TF_NUM_INTRAOP_THREADS=str(threads), TF_NUM_INTEROP_THREADS=str(threads),
+               OMP_NUM_THREADS=str(threads), TF_CPP_MIN_LOG_LEVEL="2", MPLBACKEND="Agg")
+    return subprocess.Popen([sys.executable, os.path.abspath(__file__), "--job", json.dumps(job)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run_all(jobs, n_parallel):
+    """Run the jobs, n_parallel at a time; returns their results in order (RuntimeError naming a failed one)."""
+    results, running, queue = [None] * len(jobs), {}, list(enumerate(jobs))
+    threads = 1 if n_parallel > 1 else 2
+    while queue or running:
+        while queue and len(running) < n_parallel:
+            i, job = queue.pop(0)
+            running[i] = spawn(job, threads)
+            print(f"bench_quality: started {job['name']} seed {job['seed']}", file=sys.stderr)
+        time.sleep(0.5)
+        for i, proc in list(running.items()):
+            if proc.poll() is None:
+                continue
+            out, err = proc.communicate()
+            del running[i]
+            if proc.returncode:
+                raise RuntimeError(f"{jobs[i]['name']} seed {jobs[i]['seed']} failed:\n{err[-3000:]}")
+            results[i] = json.loads(out.strip().splitlines()[-1])
+            print(f"bench_quality: done {jobs[i]['name']} seed {jobs[i]['seed']}: AUC "
+                  f"{results[i]['cls_high_auc']:.4f}, Etot/Einc sep {results[i]['etot_einc_separation']:.3f}",
+                  file=sys.stderr)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# aggregation and the plot
+
+def spread(values):
+    v = np.asarray(values, dtype=np.float64)
+    return {"std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "min": float(v.min()), "max": float(v.max())}
+
+
+def aggregate(per_seed):
+    """Mean and spread over seeds of the scalar metrics and of the per-energy ratios."""
+    seeds = list(per_seed.values())
+    mean = {k: float(np.mean([s[k] for s in seeds])) for k in SCALARS}
+    spr = {k: spread([s[k] for s in seeds]) for k in SCALARS}
+    energies = sorted({r["energy_mev"] for s in seeds for r in s["per_energy"]})
+    per_energy = []
+    for e in energies:
+        rows = [r for s in seeds for r in s["per_energy"] if r["energy_mev"] == e]
+        per_energy.append({"energy_mev": e, **{k: float(np.mean([r[k] for r in rows])) for k in
+                                                ("etot_einc_separation", "resolution_ratio", "response_ratio",
+                                                 "resolution_ref")},
+                           "resolution_ratio_spread": spread([r["resolution_ratio"] for r in rows])})
+    mean["per_energy"] = per_energy
+    return mean, spr
+
+
+def plot_curves(recipes, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = (("etot_einc_separation", "E_tot/E_inc separation power"),
+               ("worst_resolution_ratio_ge_1gev", "worst resolution ratio (E >= 1 GeV)"))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), constrained_layout=True)
+    for col, (xkey, xlabel) in enumerate((("iteration", "generator iteration"),
+                                          ("cpu_s", "training CPU seconds"))):
+        for row, (key, ylabel) in enumerate(metrics):
+            ax = axes[row, col]
+            for name, rec in recipes.items():
+                curves = [s["curve"] for s in rec["seeds"].values() if s["curve"]]
+                n = min(len(c) for c in curves) if curves else 0
+                if n == 0:
+                    continue
+                x = np.mean([[p[xkey] for p in c[:n]] for c in curves], axis=0)
+                y = np.array([[p[key] for p in c[:n]] for c in curves])
+                line, = ax.plot(x, y.mean(0), marker="o", ms=3, label=f"{name} ({len(curves)} seeds)")
+                ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle("learning curves: mean over seeds, min..max shaded")
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.job:
+        print(json.dumps(run_job(json.loads(args.job))))
+        return 0
+    paths = make_data(args)
+    jobs = []
+    for spec in args.recipes:
+        name, flags = recipe_args(spec)
+        iterations = args.iterations
+        if "--iterations" in flags:
+            i = flags.index("--iterations")
+            iterations = int(flags[i + 1])
+            flags = flags[:i] + flags[i + 2:]
+        for seed in args.seeds:
+            tag = f"{name}_s{seed}_it{iterations}"
+            jobs.append({"name": name, "seed": seed, "iterations": iterations, "train_args": flags,
+                         "checkpoint_every": args.checkpoint_every, "train": paths["train"],
+                         "voxels": paths["voxels"], "heldout": paths["voxels_heldout"],
+                         "run": os.path.join(args.work, "runs", tag), "out": os.path.join(args.out, "runs", tag),
+                         "select_events": args.select_events, "select_args": args.select_args,
+                         "cls_epochs": args.cls_epochs, "eval_seed": args.eval_seed, "fpd_args": args.fpd_args,
+                         "cls_args": args.cls_args})
+    results = run_all(jobs, max(1, args.jobs))
+    recipes = {}
+    for job, res in zip(jobs, results):
+        rec = recipes.setdefault(job["name"], {"train_args": job["train_args"], "iterations": job["iterations"],
+                                               "seeds": {}})
+        rec["seeds"][str(job["seed"])] = res
+    for rec in recipes.values():
+        rec["mean"], rec["spread"] = aggregate(rec["seeds"])
+    report = {"slice": f"{args.particle} |eta| {args.eta:.2f}-{args.eta + 0.05:.2f} (toy, {args.events} events "
+                       f"per energy)",
+              "budget": {"iterations": args.iterations, "checkpoint_every": args.checkpoint_every},
+              "seeds": args.seeds, "eval_seed": args.eval_seed, "select_args": args.select_args,
+              "cls_epochs": args.cls_epochs, "fpd_args": args.fpd_args, "cls_args": args.cls_args,
+              "recipes": recipes}
+    os.makedirs(args.out, exist_ok=True)
+    plot_curves(recipes, os.path.join(args.out, "learning_curves.png"))
+    tmp = os.path.join(args.out, "quality.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, os.path.join(args.out, "quality.json"))
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
