@@ -1431,28 +1431,51 @@ def _check_pair(args, geom):
     return counts["input"]
 
 
+UNIT_ATTRS = ("unit", "units", "energy_unit", "energy_units")
+
+
+def stated_unit(f):
+    """(where, unit) of the first energy unit an open CaloChallenge file states in its attributes (on the root,
+    'incident_energies' or 'showers': one of UNIT_ATTRS), or None; CaloChallenge files state none."""
+    for where, obj in (("/", f), ("incident_energies", f["incident_energies"]), ("showers", f["showers"])):
+        for key in UNIT_ATTRS:
+            if key in obj.attrs:
+                value = obj.attrs[key]
+                value = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+                return f"{where} attribute '{key}'", value.strip()
+    return None
+
+
 def check_units(input_file, reference_file, dataset, n_probe=2000):
-    """UserError when the generated file looks like it is in other units than the reference (GeV vs MeV):
-    the medians of the incident energies, or of the total energies of the first ``n_probe`` showers, differ by
-    a factor 10^(3 +- 0.5) either way (a model that is merely bad, even 30x off, is left to the metrics); or, for
-    dataset 1 (15 discrete energies), none of the generated incident energies is one of the reference's (relative
-    1e-3). Values that are not finite and positive are ignored here: the scans report them, naming the event."""
+    """Refuse (UserError) a generated file that is in other units than the reference (GeV vs MeV); return the
+    warnings (strings) for a file whose showers alone are off by about that factor.
+
+    Refused: a file that states an energy unit other than MeV in its attributes (see :func:`stated_unit`); median
+    incident energies that differ by a factor 10^(3 +- 0.5) either way (a model does not generate its incident
+    energies: they are the conditions it was given); for dataset 1 (15 discrete energies), no generated incident
+    energy on one of the reference's (relative 1e-3). Only warned: the median total energies of the first
+    ``n_probe`` showers differ by more than 10^2.5 while the incident energies agree; this is a shower file in GeV
+    or a model far from trained (an early checkpoint sums to ~0.002 x the reference's), which the metrics then show.
+    Values that are not finite and positive are ignored here: the scans report them, naming the event."""
     import h5py
+
+    hint = "calokit and CaloChallenge files are in MeV; --allow_unit_mismatch evaluates anyway"
 
     def probe(path):
         with h5py.File(path, "r") as f:
+            said = stated_unit(f)
             einc = np.asarray(f["incident_energies"][:], dtype=np.float64).reshape(-1)
             etot = np.asarray(f["showers"][:n_probe], dtype=np.float64).sum(axis=1)
+        if said and said[1].lower() != "mev":
+            raise UserError(f"{path}: its {said[0]} says its energies are in '{said[1]}'; {hint}")
         return [x[np.isfinite(x) & (x > 0)] for x in (einc, etot)]
 
     (e_gen, t_gen), (e_ref, t_ref) = probe(input_file), probe(reference_file)
-    hint = "calokit and CaloChallenge files are in MeV; --allow_unit_mismatch evaluates anyway"
-    for what, g, r in (("incident energies", e_gen, e_ref), ("total shower energies", t_gen, t_ref)):
-        if g.size and r.size:
-            mg, mr = float(np.median(g)), float(np.median(r))
-            if abs(abs(math.log10(mg / mr)) - 3.0) < 0.5:
-                raise UserError(f"{input_file}: its {what} are ~{mg / mr:.3g} times the reference's (median {mg:.4g} "
-                                f"vs {mr:.4g}): a unit mistake (GeV vs MeV)? {hint}")
+    if e_gen.size and e_ref.size:
+        mg, mr = float(np.median(e_gen)), float(np.median(e_ref))
+        if abs(abs(math.log10(mg / mr)) - 3.0) < 0.5:
+            raise UserError(f"{input_file}: its incident energies are ~{mg / mr:.3g} times the reference's (median "
+                            f"{mg:.4g} vs {mr:.4g}): a unit mistake (GeV vs MeV)? {hint}")
     if dataset.startswith("1") and e_gen.size and e_ref.size:
         levels = np.unique(e_ref)
         near = np.abs(e_gen[:, None] / levels[None, :] - 1.0).min(axis=1) < 1e-3
@@ -1460,6 +1483,15 @@ def check_units(input_file, reference_file, dataset, n_probe=2000):
             raise UserError(f"{input_file}: none of its incident energies ({e_gen.min():.4g}..{e_gen.max():.4g}) is "
                             f"one of the reference's {len(levels)} energies ({levels.min():.4g}..{levels.max():.4g} "
                             f"MeV): wrong units or the wrong dataset? {hint}")
+    found = []
+    if t_gen.size and t_ref.size:
+        mg, mr = float(np.median(t_gen)), float(np.median(t_ref))
+        if abs(math.log10(mg / mr)) > 2.5:
+            found.append(f"{input_file}: its total shower energies are ~{mg / mr:.3g} times the reference's "
+                         f"(median {mg:.4g} vs {mr:.4g} MeV, first {n_probe} events) while the incident energies "
+                         f"agree: either the showers alone are in other units (GeV vs MeV: convert and evaluate "
+                         f"again) or the model is far from trained (an early checkpoint); evaluated as it is")
+    return found
 
 
 def _check_output_place(path, what):
@@ -1626,8 +1658,10 @@ def _main(argv):
     todo = what_to_do(args.mode)
     geom = dataset_geometry(args.dataset, find_binning(args.dataset, args.binning))
     n_events = _check_pair(args, geom)
-    if not args.allow_unit_mismatch:
-        check_units(args.input_file, args.reference_file, args.dataset)
+    unit_warnings = [] if args.allow_unit_mismatch else check_units(args.input_file, args.reference_file,
+                                                                    args.dataset)
+    for warning in unit_warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     _check_output_place(args.output_dir, "outputs")                  # fail now, not after reading the files
     if not args.no_cache:
         _check_output_place(args.cache_dir or os.path.join(args.output_dir, "reference_cache"), "reference cache")
@@ -1663,6 +1697,8 @@ def _main(argv):
             "reference_sha256": ref_sha, "binning": os.path.abspath(geom.filename),
             "threshold_mev": threshold, "n_events": n_events,
         }
+        if unit_warnings:
+            metrics["warnings"] = list(unit_warnings)
         written = []
         if todo["hist"]:
             written += histogram_outputs(args, todo, geom, ref, gen, threshold, ranges, voxel_bins, metrics, pool)
