@@ -23,6 +23,9 @@ Prints one JSON object on stdout:
     python bench/bench_bigfile.py --quick
     python bench/bench_bigfile.py                      # 2 x 20k events, 6.5 GB on disk for a few minutes
     python bench/bench_bigfile.py --events 50000 --dir /scratch
+
+The printed keys are listed in KEYS (numbers) and OTHER_KEYS below; tests/test_bench.py runs --quick and checks
+every one of them is printed.
 """
 import argparse
 import json
@@ -44,6 +47,14 @@ from bench_evaluate import LAUNCHER  # noqa: E402  (peak RSS of the command alon
 
 RSS_LIMIT_MB = 3 * 1024.0
 CHUNK_EVENTS = 250                 # events generated and written per block (40 MB of float32)
+
+
+#: the keys of the printed JSON object (dotted = nested), checked by tests/test_bench.py on every --quick run:
+#: KEYS hold numbers, OTHER_KEYS anything else (text, true/false, objects)
+KEYS = ("ds3_events", "voxels", "file_gb", "generate_s", "evaluate_hist_s", "evaluate_hist_cached_s",
+        "evaluate_peak_rss_mb", "evaluate_tree_peak_rss_mb", "evaluate_cached_peak_rss_mb", "rss_limit_mb",
+        "histograms")
+OTHER_KEYS = ("rss_below_limit",)
 
 
 def write_ds3_file(path, n_events, seed):

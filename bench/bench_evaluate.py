@@ -18,6 +18,9 @@ cls-high runs with a reduced classifier (--cls_n_hidden 256, --cls_n_epochs 5; q
 
     python bench/bench_evaluate.py --quick
     python bench/bench_evaluate.py --keep /tmp/evalbench      # keep the synthetic files for reuse
+
+The printed keys are listed in KEYS (numbers) and OTHER_KEYS below; tests/test_bench.py runs --quick and checks
+every one of them is printed.
 """
 import argparse
 import json
@@ -44,6 +47,15 @@ LAUNCHER = ("import os, sys, time; t = time.perf_counter(); pid = os.fork()\n"
             "sys.exit(os.waitstatus_to_exitcode(status))")
 
 
+#: the keys of the printed JSON object (dotted = nested), checked by tests/test_bench.py on every --quick run:
+#: KEYS hold numbers, OTHER_KEYS anything else (text, true/false, objects)
+KEYS = ("ds1_photons.hist_s", "ds1_photons.cls_high_s", "ds1_photons.peak_rss_mb", "ds2.hist_s", "ds2.peak_rss_mb",
+        "ds1_photons.prdc_s", "ds1_photons.prdc_peak_rss_mb", "ds1_photons.prdc_events", "ds1_photons.hist_rss_mb",
+        "ds1_photons.cls_high_rss_mb", "ds1_photons.tensorflow_rss_mb", "ds1_photons.file_float64_mb",
+        "ds2.hist_rss_mb", "ds2.file_float64_mb")
+OTHER_KEYS = ()
+
+
 def run_measured(cmd):
     """Run ``cmd``; return (wall seconds, peak RSS in MB of that process and the children it waited for)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONHASHSEED="0")
@@ -59,7 +71,8 @@ def run_measured(cmd):
 
 
 #: what Keras on TensorFlow alone occupies (the floor of any cls-high run, whatever the file size)
-KERAS_ONLY = f"import sys; sys.path.insert(0, {ROOT!r}); import HighLevelFeatures as h; h.import_keras(); import keras; keras.layers.Dense(1)(keras.ops.ones((1, 1)))"
+KERAS_ONLY = (f"import sys; sys.path.insert(0, {ROOT!r}); import plumbing; keras = plumbing.import_keras(); "
+              "keras.layers.Dense(1)(keras.ops.ones((1, 1)))")
 
 
 def n_events(path):
