@@ -10,7 +10,7 @@ prdc_s / prdc_peak_rss_mb (under ds1_photons): ``-m prdc`` on two dataset-1 phot
 size, 121k events each (every event: the dataset-1 default), separate from peak_rss_mb (hist and cls-high).
 
 Full mode: two 100k-event dataset-1 photon files and two 20k-event dataset-2 files (the issue's sizes), and the
-two 121k-event files for prdc. --quick: 10k and 2k events, 5k for prdc. --prdc_only: only the prdc measurement.
+two 121k-event files for prdc. --quick: 3k and 1k events, 2k for prdc. --prdc_only: only the prdc measurement.
 Every measurement is a fresh ``python evaluate.py`` subprocess with a fresh output
 directory (no reference cache), so the times include reading, features, histograms and all PNG plots.
 cls-high runs with a reduced classifier (--cls_n_hidden 256, --cls_n_epochs 5; quick: 64 and 2) because the default
@@ -100,7 +100,7 @@ def main(argv=None):
     os.makedirs(work, exist_ok=True)
     try:
         result = {} if args.prdc_only else measure_modes(size, work)
-        n_prdc = 5000 if args.quick else 121000
+        n_prdc = 2000 if args.quick else 121000
         gen = evalutils.ensure_file(os.path.join(work, f"ds1_photons_{n_prdc}_gen.h5"), "1-photons", n_prdc, 1,
                                     scale=1.02)
         ref = evalutils.ensure_file(os.path.join(work, f"ds1_photons_{n_prdc}_ref.h5"), "1-photons", n_prdc, 2)
@@ -120,7 +120,7 @@ def measure_modes(size, work):
     """hist (all datasets) and cls-high (dataset 1) wall times and peak RSS."""
     import evalutils
 
-    n1, n2 = (10000, 2000) if size == "quick" else (100000, 20000)
+    n1, n2 = (3000, 1000) if size == "quick" else (100000, 20000)
     result = {}
     for tag, dataset, n in (("ds1_photons", "1-photons", n1), ("ds2", "2", n2)):
         gen = evalutils.ensure_file(os.path.join(work, f"{tag}_{n}_gen.h5"), dataset, n, 1, scale=1.02)
