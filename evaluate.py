@@ -154,8 +154,9 @@ def build_parser():
     p.add_argument("--label", default="generated", help="legend name of the evaluated model in the plots")
     p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)   # progress is on by default now
     p.add_argument("--allow_unit_mismatch", action="store_true",
-                   help="evaluate even when the two files' energy scales differ ~1000x or the generated incident "
-                        "energies match none of the reference's (a GeV file against a MeV one)")
+                   help="evaluate even when the incident energies differ ~1000x from the reference's, match none of "
+                        "its energies (dataset 1), or a file states a unit other than MeV (a GeV file against a MeV "
+                        "one)")
     g = p.add_argument_group("classifier")
     g.add_argument("--cls_n_layer", type=int, default=2, help="hidden layers after the input layer (default 2)")
     g.add_argument("--cls_n_hidden", type=int, default=2048, help="units per hidden layer (default 2048)")
