@@ -154,8 +154,9 @@ def build_parser():
     p.add_argument("--label", default="generated", help="legend name of the evaluated model in the plots")
     p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)   # progress is on by default now
     p.add_argument("--allow_unit_mismatch", action="store_true",
-                   help="evaluate even when the two files' energy scales differ ~1000x or the generated incident "
-                        "energies match none of the reference's (a GeV file against a MeV one)")
+                   help="evaluate even when the incident energies differ ~1000x from the reference's, match none of "
+                        "its energies (dataset 1), or a file states a unit other than MeV (a GeV file against a MeV "
+                        "one)")
     g = p.add_argument_group("classifier")
     g.add_argument("--cls_n_layer", type=int, default=2, help="hidden layers after the input layer (default 2)")
     g.add_argument("--cls_n_hidden", type=int, default=2048, help="units per hidden layer (default 2048)")
@@ -1431,28 +1432,51 @@ def _check_pair(args, geom):
     return counts["input"]
 
 
+UNIT_ATTRS = ("unit", "units", "energy_unit", "energy_units")
+
+
+def stated_unit(f):
+    """(where, unit) of the first energy unit an open CaloChallenge file states in its attributes (on the root,
+    'incident_energies' or 'showers': one of UNIT_ATTRS), or None; CaloChallenge files state none."""
+    for where, obj in (("/", f), ("incident_energies", f["incident_energies"]), ("showers", f["showers"])):
+        for key in UNIT_ATTRS:
+            if key in obj.attrs:
+                value = obj.attrs[key]
+                value = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+                return f"{where} attribute '{key}'", value.strip()
+    return None
+
+
 def check_units(input_file, reference_file, dataset, n_probe=2000):
-    """UserError when the generated file looks like it is in other units than the reference (GeV vs MeV):
-    the medians of the incident energies, or of the total energies of the first ``n_probe`` showers, differ by
-    a factor 10^(3 +- 0.5) either way (a model that is merely bad, even 30x off, is left to the metrics); or, for
-    dataset 1 (15 discrete energies), none of the generated incident energies is one of the reference's (relative
-    1e-3). Values that are not finite and positive are ignored here: the scans report them, naming the event."""
+    """Refuse (UserError) a generated file that is in other units than the reference (GeV vs MeV); return the
+    warnings (strings) for a file whose showers alone are off by about that factor.
+
+    Refused: a file that states an energy unit other than MeV in its attributes (see :func:`stated_unit`); median
+    incident energies that differ by a factor 10^(3 +- 0.5) either way (a model does not generate its incident
+    energies: they are the conditions it was given); for dataset 1 (15 discrete energies), no generated incident
+    energy on one of the reference's (relative 1e-3). Only warned: the median total energies of the first
+    ``n_probe`` showers differ by more than 10^2.5 while the incident energies agree; this is a shower file in GeV
+    or a model far from trained (an early checkpoint sums to ~0.002 x the reference's), which the metrics then show.
+    Values that are not finite and positive are ignored here: the scans report them, naming the event."""
     import h5py
+
+    hint = "calokit and CaloChallenge files are in MeV; --allow_unit_mismatch evaluates anyway"
 
     def probe(path):
         with h5py.File(path, "r") as f:
+            said = stated_unit(f)
             einc = np.asarray(f["incident_energies"][:], dtype=np.float64).reshape(-1)
             etot = np.asarray(f["showers"][:n_probe], dtype=np.float64).sum(axis=1)
+        if said and said[1].lower() != "mev":
+            raise UserError(f"{path}: its {said[0]} says its energies are in '{said[1]}'; {hint}")
         return [x[np.isfinite(x) & (x > 0)] for x in (einc, etot)]
 
     (e_gen, t_gen), (e_ref, t_ref) = probe(input_file), probe(reference_file)
-    hint = "calokit and CaloChallenge files are in MeV; --allow_unit_mismatch evaluates anyway"
-    for what, g, r in (("incident energies", e_gen, e_ref), ("total shower energies", t_gen, t_ref)):
-        if g.size and r.size:
-            mg, mr = float(np.median(g)), float(np.median(r))
-            if abs(abs(math.log10(mg / mr)) - 3.0) < 0.5:
-                raise UserError(f"{input_file}: its {what} are ~{mg / mr:.3g} times the reference's (median {mg:.4g} "
-                                f"vs {mr:.4g}): a unit mistake (GeV vs MeV)? {hint}")
+    if e_gen.size and e_ref.size:
+        mg, mr = float(np.median(e_gen)), float(np.median(e_ref))
+        if abs(abs(math.log10(mg / mr)) - 3.0) < 0.5:
+            raise UserError(f"{input_file}: its incident energies are ~{mg / mr:.3g} times the reference's (median "
+                            f"{mg:.4g} vs {mr:.4g}): a unit mistake (GeV vs MeV)? {hint}")
     if dataset.startswith("1") and e_gen.size and e_ref.size:
         levels = np.unique(e_ref)
         near = np.abs(e_gen[:, None] / levels[None, :] - 1.0).min(axis=1) < 1e-3
@@ -1460,6 +1484,15 @@ def check_units(input_file, reference_file, dataset, n_probe=2000):
             raise UserError(f"{input_file}: none of its incident energies ({e_gen.min():.4g}..{e_gen.max():.4g}) is "
                             f"one of the reference's {len(levels)} energies ({levels.min():.4g}..{levels.max():.4g} "
                             f"MeV): wrong units or the wrong dataset? {hint}")
+    found = []
+    if t_gen.size and t_ref.size:
+        mg, mr = float(np.median(t_gen)), float(np.median(t_ref))
+        if abs(math.log10(mg / mr)) > 2.5:
+            found.append(f"{input_file}: its total shower energies are ~{mg / mr:.3g} times the reference's "
+                         f"(median {mg:.4g} vs {mr:.4g} MeV, first {n_probe} events) while the incident energies "
+                         f"agree: either the showers alone are in other units (GeV vs MeV: convert and evaluate "
+                         f"again) or the model is far from trained (an early checkpoint); evaluated as it is")
+    return found
 
 
 def _check_output_place(path, what):
@@ -1619,59 +1652,71 @@ def scan_both(args, todo, geom, n_events, run, pool, n_workers, in_worker):
                                  voxel_bins=voxel_bins)
 
 
-def _main(argv):
-    args = build_parser().parse_args(argv)
+def prepare_run(args):
+    """Everything decided before a file is read: arguments, geometry, both files' shapes and units, writable
+    output places, classifier split sizes (too few events fail now), and the per-run settings. Returns a namespace:
+    todo, geom, n_events, threshold, ranges, chunk, low_kind, prdc_rows, voxels, sizes, log, warnings."""
     _validate_args(args)
     log = None if args.quiet else _progress
     todo = what_to_do(args.mode)
     geom = dataset_geometry(args.dataset, find_binning(args.dataset, args.binning))
     n_events = _check_pair(args, geom)
-    if not args.allow_unit_mismatch:
-        check_units(args.input_file, args.reference_file, args.dataset)
+    unit_warnings = [] if args.allow_unit_mismatch else check_units(args.input_file, args.reference_file,
+                                                                    args.dataset)
+    for warning in unit_warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     _check_output_place(args.output_dir, "outputs")                  # fail now, not after reading the files
     if not args.no_cache:
         _check_output_place(args.cache_dir or os.path.join(args.output_dir, "reference_cache"), "reference cache")
     if args.json:
         _check_output_place(os.path.dirname(os.path.abspath(args.json)), "metrics file")
     sizes = split_sizes(n_events, args.dataset) if todo["classifiers"] else None    # too few events: fail first
-    threshold = MIN_ENERGY[args.dataset]
-    ranges = energy_ranges(args.dataset)
     chunk = chunk_events(geom.n_voxels, int(args.chunk_mb * 2**20))
     low_kind = next(("cls-low" if k == "cls-resnet" else k for k in todo["classifiers"] if k != "cls-high"), None)
     prdc_rows = prdc_subsample(n_events, args) if todo["prdc"] else None
     voxels = bool(low_kind) or prdc_rows is not None      # per-event voxel inputs kept in memory
-    out_dir = args.output_dir
-    d = args.dataset
+    return types.SimpleNamespace(todo=todo, geom=geom, n_events=n_events, threshold=MIN_ENERGY[args.dataset],
+                                 ranges=energy_ranges(args.dataset), chunk=chunk, low_kind=low_kind,
+                                 prdc_rows=prdc_rows, voxels=voxels, sizes=sizes, log=log, warnings=unit_warnings)
 
+
+def scan_and_histograms(args, run):
+    """Both files read (scan_both) and, for the histogram modes, their outputs, with worker processes when
+    --jobs > 1. Returns (scans, metrics, written files)."""
+    todo, geom, n_events = run.todo, run.geom, run.n_events
     # --- worker processes (--jobs > 1), forked now while this process is small: one streams the input file while
     # this process reads the reference (big files without per-event voxel inputs, which would be too large to ship
     # back; otherwise the input is read here, after the reference); the others hash the reference, count half of
     # each voxel histogram and draw the PNGs
-    in_worker = n_events > chunk and not voxels
+    in_worker = n_events > run.chunk and not run.voxels
     n_workers = (args.jobs if todo["hist_plots"] else 1 if in_worker else 0) if args.jobs > 1 else 0
     pool = worker_pool(n_workers)
     in_worker = in_worker and pool is not None
     try:
-        run = types.SimpleNamespace(threshold=threshold, ranges=ranges, chunk=chunk, low_kind=low_kind,
-                                    prdc_rows=prdc_rows, voxels=voxels, log=log)
         scans = scan_both(args, todo, geom, n_events, run, pool, n_workers, in_worker)
-        ref, gen, ref_sha, cache_hit, cache_dir, voxel_bins = (scans.ref, scans.gen, scans.ref_sha, scans.cache_hit,
-                                                               scans.cache_dir, scans.voxel_bins)
         metrics = {
-            "dataset": d, "mode": args.mode, "seed": args.seed,
+            "dataset": args.dataset, "mode": args.mode, "seed": args.seed,
             "input_file": os.path.abspath(args.input_file), "reference_file": os.path.abspath(args.reference_file),
-            "reference_sha256": ref_sha, "binning": os.path.abspath(geom.filename),
-            "threshold_mev": threshold, "n_events": n_events,
+            "reference_sha256": scans.ref_sha, "binning": os.path.abspath(geom.filename),
+            "threshold_mev": run.threshold, "n_events": n_events,
         }
+        if run.warnings:
+            metrics["warnings"] = list(run.warnings)
         written = []
         if todo["hist"]:
-            written += histogram_outputs(args, todo, geom, ref, gen, threshold, ranges, voxel_bins, metrics, pool)
+            written += histogram_outputs(args, todo, geom, scans.ref, scans.gen, run.threshold, run.ranges,
+                                         scans.voxel_bins, metrics, pool)
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
+    return scans, metrics, written
 
-    # --- average showers
-    if todo["avg"]:
+
+def average_outputs(args, run, ref, gen):
+    """The average-shower PNGs of modes avg (per layer, whole file) and avg-E (per energy range); their paths."""
+    geom, ranges, out_dir, d = run.geom, run.ranges, args.output_dir, args.dataset
+    written = []
+    if run.todo["avg"]:
         ensure_dir(out_dir)
         written += plot_layer_comparison(geom, gen.mean_shower, ref.mean_shower, out_dir, d, args.dpi)
         written.append(plot_average_shower(geom, gen.mean_shower,
@@ -1680,7 +1725,7 @@ def _main(argv):
         written.append(plot_average_shower(geom, ref.mean_shower,
                                            os.path.join(out_dir, f"reference_average_shower_dataset_{d}.png"),
                                            "Shower average reference dataset", args.dpi))
-    if todo["avg_e"]:
+    if run.todo["avg_e"]:
         ensure_dir(out_dir)
         for i in range(len(ranges) - 1):
             lo, hi = ranges[i], ranges[i + 1]
@@ -1691,70 +1736,92 @@ def _main(argv):
                 n_sel = int(scan.range_counts[i])
                 written.append(plot_average_shower(geom, scan.range_mean(i), os.path.join(out_dir, prefix + fname),
                                                    f"{extra}{title} ({n_sel} events)", args.dpi))
+    return written
 
-    # --- classifiers
-    if todo["classifiers"]:
-        if "cls-resnet" in todo["classifiers"]:
-            # TensorFlow's own CPU Conv3D gradients (oneDNN off, the quieter default of _keras) take minutes per
-            # batch; oneDNN's take a fraction of a second. Only effective before TensorFlow is imported.
-            os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-        metrics["classifier"] = {}
-        separation = histogram_separation(gen, ref, ranges, d)
-        cls_batch = classifier_batch(args.cls_batch_size, sizes[0], d)
-        for kind in todo["classifiers"]:
-            if log:
-                log(f"{kind}: {args.cls_n_epochs} epochs of batch {cls_batch} on {sizes[0]} + {sizes[0]} events")
-            if kind == "cls-high":
-                x_gen = high_level_inputs(gen.features, gen.einc, geom)
-                x_ref = high_level_inputs(ref.features, ref.einc, geom)
-            else:                     # cls-low, cls-low-normed, and cls-resnet (on the cls-low inputs)
-                x_gen, x_ref = gen.cls_low, ref.cls_low
-            builder = (functools.partial(build_resnet, image_shape=resnet_image_shape(geom),
-                                         depth=args.cls_resnet_layers) if kind == "cls-resnet" else None)
-            res = train_classifier(x_gen, x_ref, sizes, args.cls_n_layer, args.cls_n_hidden,
-                                   args.cls_dropout_probability, cls_batch, args.cls_n_epochs, args.cls_lr,
-                                   args.seed, log, builder=builder)
-            metrics["classifier"][kind] = res
-            warning = classifier_warning(kind, res, separation, args)
-            if warning:
-                print(f"warning: {warning}", file=sys.stderr)
-                metrics.setdefault("warnings", []).append(warning)
-            ensure_dir(out_dir)
-            text = classifier_text(res["auc"], res["jsd"])
-            written.append(write_text(os.path.join(out_dir, f"classifier_{kind}_{d}.txt"), text))
-            if args.mode == "all" and kind == "cls-low":   # the reference's 'all' runs the low-level classifier
-                written.append(write_text(os.path.join(out_dir, f"classifier_all_{d}.txt"), text))
 
-    # --- FPD / KPD
-    if todo["fpd"]:
+def classifier_outputs(args, run, ref, gen, metrics):
+    """Train each classifier of the mode; metrics["classifier"], the chance warnings, and the
+    classifier_<kind>_<d>.txt files (their paths)."""
+    todo, geom, sizes, log, out_dir, d = run.todo, run.geom, run.sizes, run.log, args.output_dir, args.dataset
+    if "cls-resnet" in todo["classifiers"]:
+        # TensorFlow's own CPU Conv3D gradients (oneDNN off, the quieter default of _keras) take minutes per
+        # batch; oneDNN's take a fraction of a second. Only effective before TensorFlow is imported.
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+    metrics["classifier"] = {}
+    separation = histogram_separation(gen, ref, run.ranges, d)
+    cls_batch = classifier_batch(args.cls_batch_size, sizes[0], d)
+    written = []
+    for kind in todo["classifiers"]:
         if log:
-            log("FPD / KPD")
-        x_gen = high_level_inputs(gen.features, gen.einc, geom)
-        x_ref = high_level_inputs(ref.features, ref.einc, geom)
-        fv, fe = fpd(x_ref, x_gen, args.fpd_min_samples, args.fpd_max_samples, args.fpd_num_batches,
-                     args.fpd_num_points, args.seed)
-        kv, ke = kpd(x_ref, x_gen, args.kpd_num_batches, args.kpd_batch_size, args.seed)
-        metrics["fpd_x1e3"] = fv * 1e3
-        metrics["fpd_err_x1e3"] = fe * 1e3
-        metrics["kpd_x1e3"] = kv * 1e3
-        metrics["kpd_err_x1e3"] = ke * 1e3
+            log(f"{kind}: {args.cls_n_epochs} epochs of batch {cls_batch} on {sizes[0]} + {sizes[0]} events")
+        if kind == "cls-high":
+            x_gen = high_level_inputs(gen.features, gen.einc, geom)
+            x_ref = high_level_inputs(ref.features, ref.einc, geom)
+        else:                     # cls-low, cls-low-normed, and cls-resnet (on the cls-low inputs)
+            x_gen, x_ref = gen.cls_low, ref.cls_low
+        builder = (functools.partial(build_resnet, image_shape=resnet_image_shape(geom),
+                                     depth=args.cls_resnet_layers) if kind == "cls-resnet" else None)
+        res = train_classifier(x_gen, x_ref, sizes, args.cls_n_layer, args.cls_n_hidden,
+                               args.cls_dropout_probability, cls_batch, args.cls_n_epochs, args.cls_lr,
+                               args.seed, log, builder=builder)
+        metrics["classifier"][kind] = res
+        warning = classifier_warning(kind, res, separation, args)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
+            metrics.setdefault("warnings", []).append(warning)
         ensure_dir(out_dir)
-        written.append(write_text(os.path.join(out_dir, f"fpd_kpd_{d}.txt"), fpd_text(fv, fe, kv, ke)))
+        text = classifier_text(res["auc"], res["jsd"])
+        written.append(write_text(os.path.join(out_dir, f"classifier_{kind}_{d}.txt"), text))
+        if args.mode == "all" and kind == "cls-low":   # the reference's 'all' runs the low-level classifier
+            written.append(write_text(os.path.join(out_dir, f"classifier_all_{d}.txt"), text))
+    return written
 
-    if todo["prdc"]:
-        written.append(prdc_outputs(args, ref, gen, prdc_rows, n_events, metrics, log))
 
-    # --- cache (only now: a bad input file leaves nothing behind) and metrics.json
-    if not cache_hit and not args.no_cache:
-        save_cache(*cache_entry(cache_dir, ref_sha, geom, d, threshold), ref)
-    json_path = args.json or os.path.join(out_dir, "metrics.json")
+def fpd_kpd_outputs(args, run, ref, gen, metrics):
+    """FPD and KPD (x 1e3) into metrics and fpd_kpd_<d>.txt; returns that file's path."""
+    if run.log:
+        run.log("FPD / KPD")
+    x_gen = high_level_inputs(gen.features, gen.einc, run.geom)
+    x_ref = high_level_inputs(ref.features, ref.einc, run.geom)
+    fv, fe = fpd(x_ref, x_gen, args.fpd_min_samples, args.fpd_max_samples, args.fpd_num_batches,
+                 args.fpd_num_points, args.seed)
+    kv, ke = kpd(x_ref, x_gen, args.kpd_num_batches, args.kpd_batch_size, args.seed)
+    metrics["fpd_x1e3"] = fv * 1e3
+    metrics["fpd_err_x1e3"] = fe * 1e3
+    metrics["kpd_x1e3"] = kv * 1e3
+    metrics["kpd_err_x1e3"] = ke * 1e3
+    ensure_dir(args.output_dir)
+    return write_text(os.path.join(args.output_dir, f"fpd_kpd_{args.dataset}.txt"), fpd_text(fv, fe, kv, ke))
+
+
+def finish_run(args, run, scans, metrics, written):
+    """The reference cache (only now: a bad input file leaves nothing behind), metrics.json and the one summary
+    line on stdout."""
+    if not scans.cache_hit and not args.no_cache:
+        save_cache(*cache_entry(scans.cache_dir, scans.ref_sha, run.geom, args.dataset, run.threshold), scans.ref)
+    json_path = args.json or os.path.join(args.output_dir, "metrics.json")
     ensure_dir(os.path.dirname(os.path.abspath(json_path)))
     written.append(write_text(json_path, json.dumps(metrics, indent=1) + "\n"))
     note = "" if args.input_file_2 is None and args.reference_file_2 is None else \
         " (--input_file_2/--reference_file_2 ignored: files are streamed whole)"
-    print(f"evaluate.py: mode {args.mode}, dataset {d}, {n_events} events: wrote {len(written)} files to {out_dir} "
-          f"(metrics {json_path}; reference cache {'used' if cache_hit else 'off' if args.no_cache else 'written'})"
-          f"{note}")
+    cache = "used" if scans.cache_hit else "off" if args.no_cache else "written"
+    print(f"evaluate.py: mode {args.mode}, dataset {args.dataset}, {run.n_events} events: wrote {len(written)} "
+          f"files to {args.output_dir} (metrics {json_path}; reference cache {cache}){note}")
+
+
+def _main(argv):
+    args = build_parser().parse_args(argv)
+    run = prepare_run(args)
+    scans, metrics, written = scan_and_histograms(args, run)
+    ref, gen = scans.ref, scans.gen
+    written += average_outputs(args, run, ref, gen)
+    if run.todo["classifiers"]:
+        written += classifier_outputs(args, run, ref, gen, metrics)
+    if run.todo["fpd"]:
+        written.append(fpd_kpd_outputs(args, run, ref, gen, metrics))
+    if run.todo["prdc"]:
+        written.append(prdc_outputs(args, ref, gen, run.prdc_rows, run.n_events, metrics, run.log))
+    finish_run(args, run, scans, metrics, written)
     return 0
 
 

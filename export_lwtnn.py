@@ -269,6 +269,92 @@ def _numpy(variable):
     return np.asarray(keras.ops.convert_to_numpy(variable), dtype=np.float64)
 
 
+#: layers that are the identity at inference (skipped by the export)
+IDENTITY_LAYERS = ("Dropout", "GaussianNoise", "GaussianDropout", "AlphaDropout", "Identity", "SpatialDropout1D",
+                   "ActivityRegularization")
+
+
+def _functional_graph(model, where):
+    """(layer config by name, the one output's (layer, node, tensor) reference) of a Keras functional model;
+    UserError for anything else or for several outputs."""
+    config = model.get_config()
+    if "layers" not in config or "output_layers" not in config:
+        raise UserError(f"{where}not a Keras functional model (class {type(model).__name__})")
+    outputs = config["output_layers"]
+    if outputs and not isinstance(outputs[0], (list, tuple)):
+        outputs = [outputs]
+    if len(outputs) != 1:
+        raise UserError(f"{where}the generator must have one output, it has {len(outputs)}")
+    return {entry["name"]: entry for entry in config["layers"]}, tuple(outputs[0])
+
+
+def _input_op(name, cfg, desc):
+    shape = cfg.get("batch_shape") or cfg.get("batch_input_shape")
+    if shape is None or len(shape) != 2 or shape[1] is None:
+        raise UserError(f"{desc}: input shape {shape} is not (batch, features)")
+    return {"kind": "input", "src": [], "size": int(shape[1]), "layer": name}
+
+
+def _dense_op(layer, cfg, srcs, n_in, desc):
+    weights = layer.get_weights()
+    kernel = np.asarray(weights[0], dtype=np.float64)
+    if kernel.ndim != 2 or kernel.shape[0] != n_in:
+        raise UserError(f"{desc}: kernel shape {kernel.shape} does not take {n_in} inputs")
+    bias = (np.asarray(weights[1], dtype=np.float64) if cfg.get("use_bias", True) and len(weights) > 1
+            else np.zeros(kernel.shape[1]))
+    act = _keras_activation(cfg.get("activation", "linear"), desc)
+    return {"kind": "dense", "src": srcs, "size": kernel.shape[1], "layer": layer.name, "W": kernel.T.copy(),
+            "b": bias, "act": act}
+
+
+def _batchnorm_op(layer, cfg, srcs, n_in, desc):
+    if cfg.get("axis", -1) not in (-1, 1, [-1], [1]):
+        raise UserError(f"{desc}: only batch normalisation over the feature axis is supported")
+    gamma = _numpy(layer.gamma) if getattr(layer, "gamma", None) is not None else np.ones(n_in)
+    beta = _numpy(layer.beta) if getattr(layer, "beta", None) is not None else np.zeros(n_in)
+    return {"kind": "bn", "src": srcs, "size": n_in, "layer": layer.name, "gamma": gamma, "beta": beta,
+            "mean": _numpy(layer.moving_mean), "var": _numpy(layer.moving_variance), "eps": float(cfg["epsilon"])}
+
+
+def _activation_layer(cls, cfg, desc):
+    """The (lwtnn name, parameter) of an activation layer (Activation, ReLU, LeakyReLU, ELU, Softmax)."""
+    if cls == "Activation":
+        return _keras_activation(cfg.get("activation"), desc)
+    if cls == "ReLU":
+        if cfg.get("max_value") is not None or float(cfg.get("threshold", 0.0) or 0.0) != 0.0:
+            raise UserError(f"{desc}: ReLU with max_value/threshold is not exported (lwtnn has no equivalent)")
+        slope = float(cfg.get("negative_slope", 0.0) or 0.0)
+        return ("rectified", None) if slope == 0.0 else ("leakyrelu", slope)
+    if cls == "LeakyReLU":
+        return ("leakyrelu", float(cfg.get("negative_slope", cfg.get("alpha", 0.3))))
+    if cls == "ELU":
+        return ("elu", float(cfg.get("alpha", 1.0)))
+    if cfg.get("axis", -1) not in (-1, 1):
+        raise UserError(f"{desc}: softmax over a non-feature axis")
+    return ("softmax", None)
+
+
+def _layer_op(model, name, cls, cfg, srcs, ops, desc):
+    """The op (dict) of one non-input, non-identity layer whose inputs are the ops ``srcs``; UserError for a layer
+    neither export supports."""
+    layer = model.get_layer(name)
+    if cls != "Concatenate" and len(srcs) != 1:
+        raise UserError(f"{desc}: expected one input tensor, found {len(srcs)}")
+    n_in = ops[srcs[0]]["size"] if srcs else 0
+    if cls == "Concatenate":
+        if cfg.get("axis", -1) not in (-1, 1):
+            raise UserError(f"{desc}: only concatenation along the feature axis is supported")
+        return {"kind": "concat", "src": srcs, "size": sum(ops[s]["size"] for s in srcs), "layer": name}
+    if cls == "Dense":
+        return _dense_op(layer, cfg, srcs, n_in, desc)
+    if cls == "BatchNormalization":
+        return _batchnorm_op(layer, cfg, srcs, n_in, desc)
+    if cls in ("Activation", "ReLU", "LeakyReLU", "ELU", "Softmax"):
+        return {"kind": "act", "src": srcs, "size": n_in, "layer": name, "act": _activation_layer(cls, cfg, desc)}
+    raise UserError(f"{desc} is supported by neither the lwtnn nor the ONNX export (supported: Dense, "
+                    "BatchNormalization, Concatenate, Activation, ReLU, LeakyReLU, ELU, Softmax, Dropout)")
+
+
 def keras_to_ops(model, source=""):
     """Translate a Keras functional generator into a list of operations in dependency order.
 
@@ -278,21 +364,8 @@ def keras_to_ops(model, source=""):
     UserError naming the layer.
     """
     where = f"{source}: " if source else ""
-    config = model.get_config()
-    if "layers" not in config or "output_layers" not in config:
-        raise UserError(f"{where}not a Keras functional model (class {type(model).__name__})")
-    layer_cfg = {entry["name"]: entry for entry in config["layers"]}
-    outputs = config["output_layers"]
-    if outputs and not isinstance(outputs[0], (list, tuple)):
-        outputs = [outputs]
-    if len(outputs) != 1:
-        raise UserError(f"{where}the generator must have one output, it has {len(outputs)}")
-
+    layer_cfg, output = _functional_graph(model, where)
     ops, done = [], {}
-
-    def add(op):
-        ops.append(op)
-        return len(ops) - 1
 
     def resolve(ref, stack=()):
         name, node_index, tensor_index = ref
@@ -306,69 +379,22 @@ def keras_to_ops(model, source=""):
         if tensor_index != 0:
             raise UserError(f"{desc}: layers with several outputs are not supported by the export")
         if cls == "InputLayer":
-            shape = cfg.get("batch_shape") or cfg.get("batch_input_shape")
-            if shape is None or len(shape) != 2 or shape[1] is None:
-                raise UserError(f"{desc}: input shape {shape} is not (batch, features)")
-            done[ref] = add({"kind": "input", "src": [], "size": int(shape[1]), "layer": name})
-            return done[ref]
-        call = entry["inbound_nodes"][node_index]
-        srcs = [resolve(r, stack + (ref,)) for r in _tensor_refs(call.get("args", []))]
-        if any(_tensor_refs(call.get("kwargs", {}))):
-            raise UserError(f"{desc}: tensor keyword arguments (masks, ...) are not supported")
-        layer = model.get_layer(name)
-        if cls != "Concatenate" and len(srcs) != 1:
-            raise UserError(f"{desc}: expected one input tensor, found {len(srcs)}")
-        n_in = ops[srcs[0]]["size"] if srcs else 0
-        if cls in ("Dropout", "GaussianNoise", "GaussianDropout", "AlphaDropout", "Identity",
-                   "SpatialDropout1D", "ActivityRegularization"):
-            op = srcs[0]                                     # identity at inference
-        elif cls == "Concatenate":
-            if cfg.get("axis", -1) not in (-1, 1):
-                raise UserError(f"{desc}: only concatenation along the feature axis is supported")
-            op = add({"kind": "concat", "src": srcs, "size": sum(ops[s]["size"] for s in srcs), "layer": name})
-        elif cls == "Dense":
-            weights = layer.get_weights()
-            kernel = np.asarray(weights[0], dtype=np.float64)
-            if kernel.ndim != 2 or kernel.shape[0] != n_in:
-                raise UserError(f"{desc}: kernel shape {kernel.shape} does not take {n_in} inputs")
-            bias = (np.asarray(weights[1], dtype=np.float64) if cfg.get("use_bias", True) and len(weights) > 1
-                    else np.zeros(kernel.shape[1]))
-            act = _keras_activation(cfg.get("activation", "linear"), desc)
-            op = add({"kind": "dense", "src": srcs, "size": kernel.shape[1], "layer": name,
-                      "W": kernel.T.copy(), "b": bias, "act": act})
-        elif cls == "BatchNormalization":
-            if cfg.get("axis", -1) not in (-1, 1, [-1], [1]):
-                raise UserError(f"{desc}: only batch normalisation over the feature axis is supported")
-            gamma = _numpy(layer.gamma) if getattr(layer, "gamma", None) is not None else np.ones(n_in)
-            beta = _numpy(layer.beta) if getattr(layer, "beta", None) is not None else np.zeros(n_in)
-            op = add({"kind": "bn", "src": srcs, "size": n_in, "layer": name, "gamma": gamma, "beta": beta,
-                      "mean": _numpy(layer.moving_mean), "var": _numpy(layer.moving_variance),
-                      "eps": float(cfg["epsilon"])})
-        elif cls in ("Activation", "ReLU", "LeakyReLU", "ELU", "Softmax"):
-            if cls == "Activation":
-                act = _keras_activation(cfg.get("activation"), desc)
-            elif cls == "ReLU":
-                if cfg.get("max_value") is not None or float(cfg.get("threshold", 0.0) or 0.0) != 0.0:
-                    raise UserError(f"{desc}: ReLU with max_value/threshold is not exported (lwtnn has no equivalent)")
-                slope = float(cfg.get("negative_slope", 0.0) or 0.0)
-                act = ("rectified", None) if slope == 0.0 else ("leakyrelu", slope)
-            elif cls == "LeakyReLU":
-                act = ("leakyrelu", float(cfg.get("negative_slope", cfg.get("alpha", 0.3))))
-            elif cls == "ELU":
-                act = ("elu", float(cfg.get("alpha", 1.0)))
-            else:
-                if cfg.get("axis", -1) not in (-1, 1):
-                    raise UserError(f"{desc}: softmax over a non-feature axis")
-                act = ("softmax", None)
-            op = add({"kind": "act", "src": srcs, "size": n_in, "layer": name, "act": act})
+            ops.append(_input_op(name, cfg, desc))
         else:
-            raise UserError(f"{desc} is supported by neither the lwtnn nor the ONNX export (supported: Dense, "
-                            "BatchNormalization, Concatenate, Activation, ReLU, LeakyReLU, ELU, Softmax, Dropout)")
-        done[ref] = op
-        return op
+            call = entry["inbound_nodes"][node_index]
+            srcs = [resolve(r, stack + (ref,)) for r in _tensor_refs(call.get("args", []))]
+            if any(_tensor_refs(call.get("kwargs", {}))):
+                raise UserError(f"{desc}: tensor keyword arguments (masks, ...) are not supported")
+            if cls in IDENTITY_LAYERS:
+                if len(srcs) != 1:
+                    raise UserError(f"{desc}: expected one input tensor, found {len(srcs)}")
+                done[ref] = srcs[0]                               # identity at inference
+                return done[ref]
+            ops.append(_layer_op(model, name, cls, cfg, srcs, ops, desc))
+        done[ref] = len(ops) - 1
+        return done[ref]
 
-    out = resolve(tuple(outputs[0]))
-    return ops, out
+    return ops, resolve(output)
 
 
 # ----------------------------------------------------------------------------------------------

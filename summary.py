@@ -372,18 +372,62 @@ def _clean(obj):
     return obj
 
 
+#: the grid's title: two lines, each broken between these pieces where the figure is too narrow (one slice)
+GRID_TITLE = (("response <E_tot>/E_kin,", "resolution RMS/<E_tot>,", "chi2/ndf per energy"),
+              ("reference: black dots,", "generated: red squares"))
+GRID_TITLE_FONTSIZE = 10
+
+
+def wrap_to_width(fig, groups, fontsize, max_px):
+    """Lines of text: each group of pieces joined by spaces, broken between pieces where a line would be wider
+    than ``max_px`` display pixels of ``fig`` (measured with its renderer at ``fontsize``)."""
+    renderer = fig.canvas.get_renderer()
+
+    def width(text):
+        t = fig.text(0, 0, text, fontsize=fontsize)
+        w = t.get_window_extent(renderer).width
+        t.remove()
+        return w
+
+    lines = []
+    for pieces in groups:
+        line = pieces[0]
+        for piece in pieces[1:]:
+            if width(f"{line} {piece}") <= max_px:
+                line = f"{line} {piece}"
+            else:
+                lines.append(line)
+                line = piece
+        lines.append(line)
+    return lines
+
+
 def plot_grid(slices, path, dpi):
     """response_resolution.png: per slice response / resolution / chi2-per-point versus E_kin."""
+    import matplotlib.pyplot as plt
+
+    fig = grid_figure(slices)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def grid_figure(slices):
+    """The figure of response_resolution.png: a panel per slice (6 a row, a new row per particle) under a title
+    wrapped to the figure's width; the top margin grows with the title's lines."""
     import matplotlib.pyplot as plt
 
     particles = list(dict.fromkeys(s["particle"] for s in slices))
     rows_of = {p: max(1, math.ceil(sum(s["particle"] == p for s in slices) / GRID_COLUMNS)) for p in particles}
     n_rows = sum(rows_of.values())
     n_cols = min(GRID_COLUMNS, max(sum(s["particle"] == p for s in slices) for p in particles))
-    width, height = 3.3 * n_cols + 0.9, 4.3 * n_rows + 0.9          # inches: panels plus fixed margins
-    fig = plt.figure(figsize=(width, height))
+    width = 3.3 * n_cols + 0.9                                       # inches: panels plus fixed margins
+    fig = plt.figure(figsize=(width, 1.0))
+    title = wrap_to_width(fig, GRID_TITLE, GRID_TITLE_FONTSIZE, 0.94 * fig.bbox.width)
+    top = 0.5 + 1.25 * GRID_TITLE_FONTSIZE / 72 * len(title)         # title lines plus the panels' 2-line titles
+    height = 4.3 * n_rows + 0.45 + top
+    fig.set_size_inches(width, height)
     outer = fig.add_gridspec(n_rows, n_cols, hspace=0.32, wspace=0.38, left=0.7 / width, right=1 - 0.2 / width,
-                             top=1 - 0.85 / height, bottom=0.45 / height)
+                             top=1 - top / height, bottom=0.45 / height)
     row0 = 0
     for p in particles:
         for k, s in enumerate([s for s in slices if s["particle"] == p]):
@@ -391,10 +435,8 @@ def plot_grid(slices, path, dpi):
                                                                                  hspace=0.08)
             _panel(fig, inner, s)
         row0 += rows_of[p]
-    fig.suptitle("response <E_tot>/E_kin, resolution RMS/<E_tot>, chi2/ndf per energy\n"
-                 "reference: black dots, generated: red squares", fontsize=10, y=1 - 0.08 / height, va="top")
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    fig.suptitle("\n".join(title), fontsize=GRID_TITLE_FONTSIZE, y=1 - 0.08 / height, va="top")
+    return fig
 
 
 def _few_ticks(ax, logx=True, logy=False):

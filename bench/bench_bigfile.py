@@ -1,7 +1,7 @@
 """bench_bigfile.py -- evaluate.py on two dataset-3-shaped files (40500 voxels): wall time and peak memory.
 
 Writes two synthetic CaloChallenge files with the dataset-3 voxelisation (full: 20k events each, 3.2 GB each as
-float32; --quick: 2k events) chunk by chunk into a scratch folder (default under /tmp; the free space is checked
+float32; --quick: 500 events) chunk by chunk into a scratch folder (default under /tmp; the free space is checked
 first), drops them from the page cache (posix_fadvise DONTNEED after fsync, so evaluate.py reads from disk), then
 runs ``python evaluate.py -m hist -d 3`` twice as a subprocess: first with an empty reference cache (every file
 read and all plots drawn), then again with the cache written by the first run. Peak RSS is measured two ways:
@@ -23,6 +23,9 @@ Prints one JSON object on stdout:
     python bench/bench_bigfile.py --quick
     python bench/bench_bigfile.py                      # 2 x 20k events, 6.5 GB on disk for a few minutes
     python bench/bench_bigfile.py --events 50000 --dir /scratch
+
+The printed keys are listed in KEYS (numbers) and OTHER_KEYS below; tests/test_bench.py runs --quick and checks
+every one of them is printed.
 """
 import argparse
 import json
@@ -44,6 +47,14 @@ from bench_evaluate import LAUNCHER  # noqa: E402  (peak RSS of the command alon
 
 RSS_LIMIT_MB = 3 * 1024.0
 CHUNK_EVENTS = 250                 # events generated and written per block (40 MB of float32)
+
+
+#: the keys of the printed JSON object (dotted = nested), checked by tests/test_bench.py on every --quick run:
+#: KEYS hold numbers, OTHER_KEYS anything else (text, true/false, objects)
+KEYS = ("ds3_events", "voxels", "file_gb", "generate_s", "evaluate_hist_s", "evaluate_hist_cached_s",
+        "evaluate_peak_rss_mb", "evaluate_tree_peak_rss_mb", "evaluate_cached_peak_rss_mb", "rss_limit_mb",
+        "histograms")
+OTHER_KEYS = ("rss_below_limit",)
 
 
 def write_ds3_file(path, n_events, seed):
@@ -141,14 +152,14 @@ def run_measured(cmd, env):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="2k events per file (< 60 s)")
-    ap.add_argument("--events", type=int, default=None, help="events per file (default 20000, --quick 2000)")
+    ap.add_argument("--quick", action="store_true", help="500 events per file (< 60 s)")
+    ap.add_argument("--events", type=int, default=None, help="events per file (default 20000, --quick 500)")
     ap.add_argument("--dir", default="/tmp", help="where the scratch folder goes (default /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder (files and outputs)")
     args = ap.parse_args(argv)
     from HighLevelFeatures import DATASETS
 
-    n = args.events or (2000 if args.quick else 20000)
+    n = args.events or (500 if args.quick else 20000)
     voxels = DATASETS["3"][2]
     need = 2 * n * voxels * 4
     free = shutil.disk_usage(args.dir).free

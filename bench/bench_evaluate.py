@@ -10,7 +10,7 @@ prdc_s / prdc_peak_rss_mb (under ds1_photons): ``-m prdc`` on two dataset-1 phot
 size, 121k events each (every event: the dataset-1 default), separate from peak_rss_mb (hist and cls-high).
 
 Full mode: two 100k-event dataset-1 photon files and two 20k-event dataset-2 files (the issue's sizes), and the
-two 121k-event files for prdc. --quick: 10k and 2k events, 5k for prdc. --prdc_only: only the prdc measurement.
+two 121k-event files for prdc. --quick: 3k and 1k events, 2k for prdc. --prdc_only: only the prdc measurement.
 Every measurement is a fresh ``python evaluate.py`` subprocess with a fresh output
 directory (no reference cache), so the times include reading, features, histograms and all PNG plots.
 cls-high runs with a reduced classifier (--cls_n_hidden 256, --cls_n_epochs 5; quick: 64 and 2) because the default
@@ -18,6 +18,9 @@ cls-high runs with a reduced classifier (--cls_n_hidden 256, --cls_n_epochs 5; q
 
     python bench/bench_evaluate.py --quick
     python bench/bench_evaluate.py --keep /tmp/evalbench      # keep the synthetic files for reuse
+
+The printed keys are listed in KEYS (numbers) and OTHER_KEYS below; tests/test_bench.py runs --quick and checks
+every one of them is printed.
 """
 import argparse
 import json
@@ -44,6 +47,15 @@ LAUNCHER = ("import os, sys, time; t = time.perf_counter(); pid = os.fork()\n"
             "sys.exit(os.waitstatus_to_exitcode(status))")
 
 
+#: the keys of the printed JSON object (dotted = nested), checked by tests/test_bench.py on every --quick run:
+#: KEYS hold numbers, OTHER_KEYS anything else (text, true/false, objects)
+KEYS = ("ds1_photons.hist_s", "ds1_photons.cls_high_s", "ds1_photons.peak_rss_mb", "ds2.hist_s", "ds2.peak_rss_mb",
+        "ds1_photons.prdc_s", "ds1_photons.prdc_peak_rss_mb", "ds1_photons.prdc_events", "ds1_photons.hist_rss_mb",
+        "ds1_photons.cls_high_rss_mb", "ds1_photons.tensorflow_rss_mb", "ds1_photons.file_float64_mb",
+        "ds2.hist_rss_mb", "ds2.file_float64_mb")
+OTHER_KEYS = ()
+
+
 def run_measured(cmd):
     """Run ``cmd``; return (wall seconds, peak RSS in MB of that process and the children it waited for)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONHASHSEED="0")
@@ -59,7 +71,8 @@ def run_measured(cmd):
 
 
 #: what Keras on TensorFlow alone occupies (the floor of any cls-high run, whatever the file size)
-KERAS_ONLY = f"import sys; sys.path.insert(0, {ROOT!r}); import HighLevelFeatures as h; h.import_keras(); import keras; keras.layers.Dense(1)(keras.ops.ones((1, 1)))"
+KERAS_ONLY = (f"import sys; sys.path.insert(0, {ROOT!r}); import plumbing; keras = plumbing.import_keras(); "
+              "keras.layers.Dense(1)(keras.ops.ones((1, 1)))")
 
 
 def n_events(path):
@@ -87,7 +100,7 @@ def main(argv=None):
     os.makedirs(work, exist_ok=True)
     try:
         result = {} if args.prdc_only else measure_modes(size, work)
-        n_prdc = 5000 if args.quick else 121000
+        n_prdc = 2000 if args.quick else 121000
         gen = evalutils.ensure_file(os.path.join(work, f"ds1_photons_{n_prdc}_gen.h5"), "1-photons", n_prdc, 1,
                                     scale=1.02)
         ref = evalutils.ensure_file(os.path.join(work, f"ds1_photons_{n_prdc}_ref.h5"), "1-photons", n_prdc, 2)
@@ -107,7 +120,7 @@ def measure_modes(size, work):
     """hist (all datasets) and cls-high (dataset 1) wall times and peak RSS."""
     import evalutils
 
-    n1, n2 = (10000, 2000) if size == "quick" else (100000, 20000)
+    n1, n2 = (3000, 1000) if size == "quick" else (100000, 20000)
     result = {}
     for tag, dataset, n in (("ds1_photons", "1-photons", n1), ("ds2", "2", n2)):
         gen = evalutils.ensure_file(os.path.join(work, f"{tag}_{n}_gen.h5"), dataset, n, 1, scale=1.02)

@@ -15,6 +15,9 @@ Prints one JSON object on stdout:
 
     python bench/bench_export.py
     python bench/bench_export.py --quick               # only the Makefile's call (--format both --check)
+
+The printed keys are listed in KEYS (numbers) and OTHER_KEYS below; tests/test_bench.py runs --quick and checks
+every one of them is printed.
 """
 import argparse
 import json
@@ -35,6 +38,15 @@ CONFIG = {"particle": "photon", "pid": 22, "eta_min": 20, "eta_max": 25, "range"
           "binning": "binning/binning_dataset_1_photons.xml", "noise": {"mean": 0.5, "std": 0.5}}
 SETTINGS = {"both --check": ["--format", "both", "--check"], "both": ["--format", "both"],
             "json": ["--format", "json"], "onnx": ["--format", "onnx"]}
+
+
+#: the keys of the printed JSON object (dotted = nested), checked by tests/test_bench.py on every --quick run:
+#: KEYS hold numbers, OTHER_KEYS anything else (text, true/false, objects)
+KEYS = ("voxels", "latent", "parameters", "runs.both --check", "bytes.json", "bytes.onnx", "bytes.meta",
+        "check.max_diff", "check.max_diff_json", "check.max_diff_onnx", "check.tolerance", "writer_s.walk",
+        "writer_s.json", "writer_s.onnx", "writer_s.ort_1000_rows_one_per_call", "writer_s.ort_1000_rows_one_call",
+        "writer_s.json_evaluator_1000_rows")
+OTHER_KEYS = ("hidden",)
 
 
 def make_run(run):

@@ -12,6 +12,9 @@ Usage:
     python bench/bench_hlf.py            # full: 200,000 ds1 / 10,000 ds2 events, 7 runs each
     python bench/bench_hlf.py --quick    # under a minute: 50,000 / 2,500 events, 5 runs each
     python bench/bench_hlf.py --hlf OLD/HighLevelFeatures.py   # time another revision of the module
+
+The printed keys are listed in KEYS (numbers) and OTHER_KEYS below; tests/test_bench.py runs --quick and checks
+every one of them is printed.
 """
 import os
 
@@ -35,6 +38,12 @@ QUICK = {"ds1_events": 50_000, "ds2_events": 2_500, "runs": 5}
 ZERO_FRACTION = 0.65      # share of empty voxels
 MEAN_ENERGY_MEV = 40.0    # mean of the exponential voxel energies
 SEED = 1234
+
+
+#: the keys of the printed JSON object (dotted = nested), checked by tests/test_bench.py on every --quick run:
+#: KEYS hold numbers, OTHER_KEYS anything else (text, true/false, objects)
+KEYS = ("ds1_photons_events_per_s", "ds2_events_per_s", "peak_rss_mb")
+OTHER_KEYS = ()
 
 
 def parse_args(argv=None):

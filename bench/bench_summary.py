@@ -14,6 +14,9 @@ Usage:
     python bench/bench_summary.py            # 300 events per energy (the 3x2 demo's EVENTS=300), 4500 per file
     python bench/bench_summary.py --quick    # 60 events per energy
     python bench/bench_summary.py --keep DIR # build into DIR and keep it
+
+The printed keys are listed in KEYS (numbers) and OTHER_KEYS below; tests/test_bench.py runs --quick and checks
+every one of them is printed.
 """
 import argparse
 import json
@@ -35,6 +38,12 @@ from plumbing import kinetic_energy, write_calo_file  # noqa: E402
 PARTICLES = {"photon": 22, "electron": 11, "pion": 211}
 ENERGIES = [2.0 ** k for k in range(8, 23)]
 N_VOXELS = 368
+
+
+#: the keys of the printed JSON object (dotted = nested), checked by tests/test_bench.py on every --quick run:
+#: KEYS hold numbers, OTHER_KEYS anything else (text, true/false, objects)
+KEYS = ("slices", "events_per_file", "input_mb", "summary_s", "summary_cpu_s", "build_s")
+OTHER_KEYS = ("states",)
 
 
 def showers(rng, einc, particle, scale):

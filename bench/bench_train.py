@@ -12,6 +12,9 @@ Usage:
     python bench/bench_train.py [--quick] [--plain]  # --quick: under a minute on a 2-core CPU; --plain: also
                                                      # plain Keras generation (predict_on_batch), same run
     KERAS_BACKEND=jax python bench/bench_train.py    # on a GPU
+
+The printed keys are listed in KEYS (numbers) and OTHER_KEYS below; tests/test_bench.py runs --quick and checks
+every one of them is printed.
 """
 import argparse
 import json
@@ -27,6 +30,13 @@ import plumbing  # noqa: E402
 import train  # noqa: E402
 
 N_VOXELS, LATENT = 368, 50
+
+
+#: the keys of the printed JSON object (dotted = nested), checked by tests/test_bench.py on every --quick run:
+#: KEYS hold numbers, OTHER_KEYS anything else (text, true/false, objects)
+KEYS = ("train_iterations_per_s", "generate_showers_per_s.1", "generate_showers_per_s.100",
+        "generate_showers_per_s.10000")
+OTHER_KEYS = ("backend", "device")
 
 
 def device_name(backend):

@@ -15,6 +15,9 @@ What is timed, in one process on one core:
   included; the page cache is warm);
 * ``python_loop_hits_per_s``: preprocess.voxelise_python_loop (the mapping hit by hit with the math module) on a
   subsample; the vectorised result on that subsample must agree with it (else exit 1).
+
+The printed keys are listed in KEYS (numbers) and OTHER_KEYS below; tests/test_bench.py runs --quick and checks
+every one of them is printed.
 """
 import argparse
 import json
@@ -34,6 +37,12 @@ from HighLevelFeatures import read_geometry  # noqa: E402
 
 ENERGY = 2.0 ** 20          # 1 TeV photons: ~1200 hits per event with the toy defaults
 XML = os.path.join(ROOT, "binning", "binning_dataset_1_photons.xml")
+
+
+#: the keys of the printed JSON object (dotted = nested), checked by tests/test_bench.py on every --quick run:
+#: KEYS hold numbers, OTHER_KEYS anything else (text, true/false, objects)
+KEYS = ("hits", "hits_per_s", "python_loop_hits_per_s", "speedup", "file_hits_per_s", "python_loop_hits")
+OTHER_KEYS = ("quick",)
 
 
 def make_hits(n_hits, seed=7):

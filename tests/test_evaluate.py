@@ -717,6 +717,50 @@ def test_gev_file_against_mev_reference_exits_2_with_the_unit_hint(tmp_path, cap
     assert rc == 0
 
 
+def test_mev_incident_energies_with_near_zero_showers_are_evaluated_with_a_warning(tmp_path, capsys, ds1):
+    """An early checkpoint: the incident energies are the reference's (MeV), the showers sum to ~0.0016 x the
+    reference's. Not a unit mistake to refuse: evaluated (exit 0), and stderr and metrics.json say both readings."""
+    _, gen, ref = ds1
+    early = tmp_path / "early.h5"
+    with h5py.File(gen) as f, h5py.File(early, "w") as g:
+        g["incident_energies"] = f["incident_energies"][:]
+        g["showers"] = f["showers"][:] * 0.0016
+    rc, out, err = _run(capsys, "-i", early, "-r", ref, "-m", "hist-p", "-d", "1-photons", "--output_dir",
+                        tmp_path / "o", "--jobs", "1")
+    assert rc == 0 and out.startswith("evaluate.py: mode hist-p")
+    (line,) = [x for x in error_lines(err) if x.startswith("warning: ")]
+    assert "~0.00165 times the reference's (median 52.48 vs 3.186e+04 MeV" in line
+    assert "GeV vs MeV" in line and "far from trained" in line           # both readings
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["warnings"] == [line[len("warning: "):]]
+    assert metrics["n_events"] == 600 and metrics["separation_power"]["Etot / Einc"] > 0.9   # the metrics show it
+    # the same model with showers that agree: no warning at all
+    rc, _, err = _run(capsys, "-i", gen, "-r", ref, "-m", "hist-p", "-d", "1-photons", "--output_dir",
+                      tmp_path / "p", "--jobs", "1")
+    assert rc == 0 and not any(x.startswith("warning: ") for x in error_lines(err))
+    assert "warnings" not in json.loads((tmp_path / "p" / "metrics.json").read_text())
+
+
+def test_file_that_states_gev_is_refused(tmp_path, capsys, ds1):
+    """A file that says its unit (an attribute) other than MeV is refused, even with MeV-like numbers."""
+    _, gen, ref = ds1
+    said = tmp_path / "said.h5"
+    with h5py.File(gen) as f, h5py.File(said, "w") as g:
+        g["incident_energies"] = f["incident_energies"][:]
+        g["showers"] = f["showers"][:]
+        g["showers"].attrs["unit"] = "GeV"
+    rc, out, err = _run(capsys, "-i", said, "-r", ref, "-m", "hist-p", "-d", "1-photons", "--output_dir",
+                        tmp_path / "o")
+    assert rc == 2 and out == "" and not (tmp_path / "o").exists()
+    (line,) = err.strip().splitlines()
+    assert "showers attribute 'unit' says its energies are in 'GeV'" in line and "--allow_unit_mismatch" in line
+    with h5py.File(said, "a") as g:
+        g["showers"].attrs["unit"] = "MeV"                             # stating MeV is fine
+    rc, _, _ = _run(capsys, "-i", said, "-r", ref, "-m", "hist-p", "-d", "1-photons", "--output_dir",
+                    tmp_path / "o", "--jobs", "1")
+    assert rc == 0
+
+
 def test_progress_on_stderr_by_default_and_one_line_on_stdout(tmp_path, capsys, ds1):
     _, gen, ref = ds1
     rc, out, err = _run(capsys, "-i", gen, "-r", ref, "-m", "hist-p", "-d", "1-photons", "--output_dir",

@@ -202,3 +202,45 @@ def test_help_exits_0(capsys):
     assert summary.main(["--help"]) == 0
     assert "--results" in capsys.readouterr().out
     assert math.isfinite(summary.DEFAULT_ENERGIES[0])
+
+
+def _texts(fig):
+    """Every visible, non-empty text of the figure: the title, panel titles, axis labels, tick labels, notes."""
+    out = [fig._suptitle]
+    for ax in fig.axes:
+        out += [ax.title, ax.xaxis.label, ax.yaxis.label, *ax.get_xticklabels(), *ax.get_yticklabels(), *ax.texts]
+    return [t for t in out if t is not None and t.get_visible() and t.get_text()]
+
+
+@pytest.mark.parametrize("n, kind", [(1, "complete"), (1, "incomplete"), (2, "complete"), (78, "mixed")])
+def test_grid_title_and_labels_lie_inside_the_figure(tmp_path, n, kind):
+    """response_resolution.png at 1 to 78 slices: the title (wrapped where the figure is narrow), every panel title,
+    axis label and tick label lie inside the figure, and the title sits above the panels' titles."""
+    results, work = str(tmp_path / "r"), str(tmp_path / "w")
+    make_slice(results, work, "photon_0.20", seed=1)
+    make_slice(results, work, "pion_0.20", seed=2, skip=("best", "generated", "metrics"))
+    full, empty = (summary.summarise_slice(results, name, 15) for name in ("photon_0.20", "pion_0.20"))
+    assert full["points"] and not empty["points"] and empty["state"] == "incomplete"
+    slices = []
+    for k in range(n):
+        base = {"complete": full, "incomplete": empty, "mixed": empty if k % 5 == 4 else full}[kind]
+        eta = 0.05 * (k % 26)
+        slices.append(dict(base, particle=summary.PARTICLE_ORDER[k // 26], eta_min=eta, eta_max=eta + 0.05))
+    fig = summary.grid_figure(slices)
+    try:
+        fig.canvas.draw()
+        box = fig.bbox
+        texts = _texts(fig)
+        assert len(texts) > (2 if kind == "incomplete" else 10 * n)
+        for t in texts:
+            e = t.get_window_extent()
+            assert box.x0 <= e.x0 and e.x1 <= box.x1 and box.y0 <= e.y0 and e.y1 <= box.y1, (t.get_text(), e, box)
+        title = fig._suptitle
+        lines = title.get_text().split("\n")
+        assert " ".join(lines) == " ".join(" ".join(g) for g in summary.GRID_TITLE)    # nothing dropped
+        assert len(lines) == (2 if n > 1 else 3)                 # wrapped only on the one-panel figure
+        top_of_panels = max(ax.title.get_window_extent().y1 for ax in fig.axes if ax.title.get_text())
+        assert title.get_window_extent().y0 >= top_of_panels
+    finally:
+        import matplotlib.pyplot as plt
+        plt.close(fig)
