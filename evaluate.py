@@ -761,7 +761,8 @@ def train_classifier(x_gen, x_ref, sizes, n_layer=2, n_hidden=2048, dropout=0.0,
         "jsd_uncalibrated": float((ln2 - _bce(p_val, yva)) / ln2),
         "best_epoch": int(best_epoch),
         "best_test_accuracy": float(best_acc),
-        "batch_size": int(batch_size), "epochs": int(n_epochs),
+        "batch_size": int(batch_size), "epochs": int(n_epochs), "lr": float(lr),
+        "n_layer": int(n_layer), "n_hidden": int(n_hidden), "dropout": float(dropout),
         "optimizer_steps": int(n_epochs * math.ceil(len(ytr) / batch_size)),
         "input_standardisation": "mean/std of the training split" if standardise else "none",
         "n_train": int(sizes[0]), "n_test": int(sizes[1]), "n_val": int(sizes[2]),
@@ -1790,6 +1791,8 @@ def fpd_kpd_outputs(args, run, ref, gen, metrics):
     metrics["fpd_err_x1e3"] = fe * 1e3
     metrics["kpd_x1e3"] = kv * 1e3
     metrics["kpd_err_x1e3"] = ke * 1e3
+    metrics["fpd_kpd_settings"] = {k: int(getattr(args, k)) for k in (
+        "fpd_min_samples", "fpd_max_samples", "fpd_num_batches", "fpd_num_points", "kpd_batch_size", "kpd_num_batches")}
     ensure_dir(args.output_dir)
     return write_text(os.path.join(args.output_dir, f"fpd_kpd_{args.dataset}.txt"), fpd_text(fv, fe, kv, ke))
 

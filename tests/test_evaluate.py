@@ -245,7 +245,11 @@ def test_all_mode_small_file_then_same_seed_rerun_is_identical(tmp_path, capsys,
     assert set(m["classifier"]) == {"cls-low", "cls-high"}
     for res in m["classifier"].values():
         assert 0.0 <= res["auc"] <= 1.0 and (res["n_train"], res["n_test"], res["n_val"]) == (396, 99, 104)
+        # the settings that made the number travel with it (a demo-sized classifier says so)
+        assert (res["n_layer"], res["n_hidden"], res["epochs"], res["lr"]) == (1, 16, 2, 2e-4)
     assert np.isfinite([m["fpd_x1e3"], m["fpd_err_x1e3"], m["kpd_x1e3"], m["kpd_err_x1e3"]]).all()
+    assert m["fpd_kpd_settings"] == {"fpd_min_samples": 300, "fpd_max_samples": 1000, "fpd_num_batches": 3,
+                                     "fpd_num_points": 3, "kpd_batch_size": 300, "kpd_num_batches": 3}
     names = set(os.listdir(out))
     for expected in ("histogram_chi2_1-photons.txt", "classifier_cls-low_1-photons.txt",
                      "classifier_cls-high_1-photons.txt", "classifier_all_1-photons.txt", "fpd_kpd_1-photons.txt",
