@@ -81,7 +81,7 @@ import numpy as np
 from HighLevelFeatures import (BINNING_DIR, DATASETS, chunk_events, compute_features, dataset_geometry, draw_layer,
                                draw_shower, separation_power)
 from plumbing import (UserError, atomic_output, ensure_dir, import_keras, iter_calo_chunks, native_float,
-                      open_calo_file, run_cli, write_text)
+                      negative_voxels, open_calo_file, run_cli, write_text)
 
 # ----------------------------------------------------------------------------------------------
 # facts and defaults
@@ -327,6 +327,8 @@ class Scan:
         self.voxel_counts = None
         self.cls_low = None
         self.prdc = None
+        self.n_negative = 0                           # voxels below zero before the threshold, and the lowest
+        self.min_negative = 0.0
 
     def etot_over_einc(self, sel=slice(None)):
         """Etot / Einc computed in the dtypes the reference divides (showers' and incident energies' own)."""
@@ -409,8 +411,10 @@ def scan_file(path, geom, threshold, ranges, chunk, voxel_bins=None, low_kind=No
         scan.prdc = np.empty((len(prdc_rows), geom.n_voxels), dtype=dtype)
     parts = []
     last_log = time.monotonic()
-    for start, einc, showers in iter_calo_chunks(path, geom.n_voxels, chunk_for(dtype, chunk), dtype=None):
+    for start, einc, showers in iter_calo_chunks(path, geom.n_voxels, chunk_for(dtype, chunk), dtype=None,
+                                                 allow_negative=True):
         stop = start + len(einc)
+        count_negative(scan, showers)
         threshold_showers(showers, threshold)
         scan.einc[start:stop] = einc
         feats = (compute_features(geom, showers, native_sums=True) if (features or low_kind == "cls-low-normed")
@@ -440,6 +444,28 @@ def scan_file(path, geom, threshold, ranges, chunk, voxel_bins=None, low_kind=No
     if features:
         scan.features = _concat(parts)
     return scan
+
+
+def count_negative(scan, showers):
+    """Add a chunk's negative voxels to ``scan`` (count and most negative value): CaloChallenge's evaluate.py sets
+    every voxel below its threshold, negative ones included, to zero and goes on; so does this one, and says so."""
+    n, lowest = negative_voxels(showers)
+    scan.n_negative += n
+    scan.min_negative = min(scan.min_negative, lowest)
+
+
+def negative_voxel_report(scans, names, metrics):
+    """metrics["negative_voxels"] and one stderr line per file that had negative voxels (set to zero by the
+    threshold, as the reference does)."""
+    report = {}
+    for scan, name in zip(scans, names):
+        n, lowest = int(getattr(scan, "n_negative", 0)), float(getattr(scan, "min_negative", 0.0))
+        report[name] = {"count": n, "fraction": n / max(scan.n * scan.shower_sum.size, 1),
+                        "most_negative_mev": lowest if n else None}
+        if n:
+            print(f"evaluate.py: note: {n} negative voxels in the {name} file (most negative {lowest:.6g} MeV), "
+                  f"set to zero by the threshold as CaloChallenge's evaluate.py does", file=sys.stderr)
+    metrics["negative_voxels"] = report
 
 
 def voxel_histogram(path, geom, threshold, bins, chunk, start=0, stop=None):
@@ -501,6 +527,7 @@ def save_cache(path, key, scan):
               "range_sums": scan.range_sums, "range_counts": scan.range_counts,
               "voxel_max": np.array(scan.voxel_max), "voxel_counts": scan.voxel_counts,
               "dtypes": np.array([scan.dtype.str, scan.einc_dtype.str]),
+              "negative": np.array([scan.n_negative, scan.min_negative]),
               "f__Etot": scan.features["Etot"]}
     for name, val in scan.features.items():
         if isinstance(val, dict):
@@ -527,6 +554,8 @@ def load_cache(path, key, n_voxels):
             scan.range_counts = z["range_counts"]
             scan.voxel_max = z["voxel_max"][()]
             scan.voxel_counts = z["voxel_counts"]
+            if "negative" in z.files:
+                scan.n_negative, scan.min_negative = int(z["negative"][0]), float(z["negative"][1])
             feats = {"Etot": z["f__Etot"]}
             for name in z.files:
                 if name.startswith("f__") and name != "f__Etot":
@@ -1663,6 +1692,7 @@ def _main(argv):
             "reference_sha256": ref_sha, "binning": os.path.abspath(geom.filename),
             "threshold_mev": threshold, "n_events": n_events,
         }
+        negative_voxel_report((gen, ref), ("generated", "reference"), metrics)
         written = []
         if todo["hist"]:
             written += histogram_outputs(args, todo, geom, ref, gen, threshold, ranges, voxel_bins, metrics, pool)

@@ -54,7 +54,7 @@ import time
 import numpy as np
 
 from HighLevelFeatures import PARTICLES, read_geometry
-from plumbing import (NOISE_MEAN, NOISE_STD, HelpFormatter, UserError, atomic_directory, atomic_output,
+from plumbing import (FASTCALOGAN_RANGES, NOISE_MEAN, NOISE_STD, HelpFormatter, UserError, atomic_directory, atomic_output,
                       condition_vector, ensure_dir, import_keras, kinetic_energy, open_h5, read_run_config, run_cli,
                       write_json)
 from plumbing import list_checkpoints as plumbing_list_checkpoints
@@ -118,6 +118,11 @@ def parse_args(argv=None):
                         "mean 0 / variance 1 kept, a learnt scale and shift; training, generation and export "
                         "agree), batch-stats = normalised by the batch's statistics, moving averages for "
                         "generation (default: inference)")
+    p.add_argument("--batches", default="replacement", choices=["replacement", "epoch"],
+                   help="how real showers are drawn: replacement = uniformly with replacement at every step; "
+                        "epoch = FastCaloGAN's (BoloGAN): epochs of the shuffled events, each event once per "
+                        "epoch, batches taken in turn across epoch ends (a new shuffle when the sequential "
+                        "strategy adds a momentum)")
     p.add_argument("--strategy", default="all", choices=["all", "sequential"],
                    help="all: every energy from the start; sequential (FastCaloGAN): the middle momentum first, "
                         "then one more momentum every --add-every iterations, alternately above and below")
@@ -410,16 +415,61 @@ def make_optimizer(cfg):
 # ----------------------------------------------------------------------------------------------
 # the training iteration (one compiled function per backend)
 
-def draw_batches(rng, n_events, cfg, pool=None):
+class EpochBatches:
+    """Event indices in epochs without replacement, as FastCaloGAN's input pipeline draws them (BoloGAN
+    model/conditional_wgangp.py: the events shuffled anew for every pass, passes repeated and cut into batches
+    in turn, so a batch may span the end of one pass and the start of the next).
+
+    Pass ``e`` over ``n`` events is ``default_rng([seed, n, e]).permutation(n)``: the state is three integers
+    (:meth:`state`, kept in each checkpoint's state.json), so a resumed run draws exactly what the uninterrupted
+    one would. A new set of events (the sequential strategy adding a momentum) starts again at pass 0.
+    """
+
+    def __init__(self, seed, state=None):
+        self.seed = int(seed)
+        st = state or {}
+        self.size, self.epoch, self.pos = st.get("size"), int(st.get("epoch", 0)), int(st.get("pos", 0))
+        self._order = None
+
+    def state(self):
+        return {"size": self.size, "epoch": self.epoch, "pos": self.pos}
+
+    def _pass(self):
+        return np.random.default_rng([self.seed, int(self.size), self.epoch]).permutation(int(self.size))
+
+    def take(self, n, n_events, pool=None):
+        """The next ``n`` event indices (of ``pool``, an index array, when given; else of range(n_events))."""
+        size = int(pool.size) if pool is not None else int(n_events)
+        if size != self.size:
+            self.size, self.epoch, self.pos, self._order = size, 0, 0, None
+        if self._order is None:
+            self._order = self._pass()
+        out, need = [], n
+        while need:
+            if self.pos == size:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._pass()
+            k = min(need, size - self.pos)
+            out.append(self._order[self.pos:self.pos + k])
+            self.pos += k
+            need -= k
+        idx = np.concatenate(out)
+        return pool[idx] if pool is not None else idx
+
+
+def draw_batches(rng, n_events, cfg, pool=None, sampler=None):
     """Random inputs of one iteration from the numpy Generator: event indices, noise, interpolation weights.
 
     Each iteration draws n_critic x batch real showers (FastCaloGAN's n_disc x batch), uniformly with
     replacement from the training events, or from the event indices ``pool`` when given (the sequential
-    strategy). Returns idx (n_critic, B) int32, noise (n_critic + 1, B, latent) float32 (the last slice feeds
+    strategy), or, with an :class:`EpochBatches` ``sampler``, the next ones of its epochs without replacement.
+    Returns idx (n_critic, B) int32, noise (n_critic + 1, B, latent) float32 (the last slice feeds
     the generator step, which takes the conditions of the last critic batch) and eps (n_critic, B, 1) float32.
     """
     b, k, latent = cfg["batch_size"], cfg["n_critic"], cfg["latent_dim"]
-    if pool is None:
+    if sampler is not None:
+        idx = sampler.take(k * b, n_events, pool).reshape(k, b).astype(np.int32)
+    elif pool is None:
         idx = rng.integers(0, n_events, size=(k, b), dtype=np.int64).astype(np.int32)
     else:
         idx = pool[rng.integers(0, pool.size, size=(k, b), dtype=np.int64)].astype(np.int32)
@@ -692,16 +742,22 @@ def xml_settings(args, attrs):
     return geom.gan_settings(attrs.get("range")), path
 
 
-def default_network(particle, p_max):
-    """(activation, batch-norm) of FastCaloGAN's generator for a particle and range when the XML says nothing.
+def default_network(particle, p_max, range_name=None):
+    """(activation, batch-norm, output activation) of FastCaloGAN's generator when the XML says nothing.
 
-    e/gamma: ReLU + batch-norm up to p = 2^12 MeV (its UltraLow12 network), swish + batch-norm above (High12);
-    pions and protons: ReLU without batch-norm (All).
+    e/gamma: ReLU + batch-norm up to p = 2^12 MeV (its Low12 / UltraLow12 network), swish + batch-norm above
+    (High12); pions and protons: ReLU without batch-norm (All). The output is a ReLU, except when a FastCaloGAN
+    range name (``High12``, ``All``, ...; plumbing.FASTCALOGAN_RANGES) picks the swish network: then, as BoloGAN
+    builds it (model/conditional_wgangp.py, chosen by the range's activationFunction), it ends in
+    Dense -> BatchNorm -> swish, whose voxels can be negative. calokit's own names (low/high/all) keep a ReLU
+    output (non-negative showers).
     """
     if particle in ("photon", "electron"):
         low = p_max is not None and float(p_max) <= 2.0**12 * (1 + 1e-9)
-        return ("relu", True) if low else ("swish", True)
-    return "relu", False
+        if low:
+            return "relu", True, "relu"
+        return "swish", True, ("swish" if range_name in FASTCALOGAN_RANGES else "relu")
+    return "relu", False, "relu"
 
 
 class _Settings:
@@ -734,13 +790,16 @@ def make_config(args, data, dropped):
     n_vox = int(attrs["n_voxels"])
     xml, xml_path = xml_settings(args, attrs)
     st = _Settings(xml)
-    act0, bn0 = default_network(particle, attrs.get("p_max"))
+    act0, bn0, out0 = default_network(particle, attrs.get("p_max"), attrs.get("range"))
     activation = st.get("activation", args.activation, "activationFunction", act0, conv=_xml_activation)
     batchnorm = bool(st.get("batchnorm", args.batchnorm, "useBatchNormalisation", bn0))
     # FastCaloGAN's swish network ends in Dense -> BatchNorm -> swish, whose voxels can be negative (down to
     # -0.28 E_kin; FastCaloSim adds them as they are), which evaluate.py refuses in a shower file. It is built
     # when the XML's range asks for it or with --output-activation swish; otherwise the output is a ReLU.
     from_xml = batchnorm and activation == "swish" and st.source["activation"] not in ("default", "command line")
+    from_range = batchnorm and activation == "swish" and out0 == "swish" and st.source["activation"] == "default"
+    if from_range:
+        from_xml, st.source["activation"] = True, f"default (FastCaloGAN range {attrs.get('range')})"
     output_activation = st.get("output_activation", args.output_activation, None, "swish" if from_xml else "relu",
                                "default (ReLU: non-negative showers)" if not from_xml else st.source["activation"])
     output_batchnorm = batchnorm and activation == "swish" and output_activation == "swish"
@@ -777,6 +836,7 @@ def make_config(args, data, dropped):
                       "output_activation": output_activation, "output_batchnorm": output_batchnorm,
                       "batchnorm_mode": bn_mode, "layout": "fastcalogan"},
         "critic": {"hidden": [int(n) for n in critic], "activation": "relu"},
+        "batches": args.batches,
         "strategy": {"name": args.strategy, "first_sample_iterations": int(args.first_sample_iterations),
                      "add_every": int(args.add_every)},
         "settings_xml": xml_path,
@@ -904,6 +964,8 @@ def _main(argv):
     sequential = SequentialPool(einc, cfg) if strategy["name"] == "sequential" else None
     if sequential:
         sequential(start + 1)             # an empty starting sample fails here, before any work
+    sampler = (EpochBatches(cfg["seed"], state.get("batches") if resuming else None)
+               if cfg.get("batches", "replacement") == "epoch" else None)
 
     from tqdm import tqdm
     t0 = time.perf_counter()
@@ -914,7 +976,7 @@ def _main(argv):
               mininterval=1.0 if tty else 60.0) as bar:       # a line a minute into log files
         for it in range(start + 1, target + 1):
             pool = sequential(it) if sequential else None
-            pending.append(step(*draw_batches(rng, n_events, cfg, pool)))
+            pending.append(step(*draw_batches(rng, n_events, cfg, pool, sampler)))
             bar.update(1)
             if it % every == 0 or it == target:
                 rows = np.asarray([np.asarray(p) for p in pending], dtype=np.float64)
@@ -925,7 +987,8 @@ def _main(argv):
                 step.sync()
                 written.append(save_checkpoint(run, it, gen, critic, opt_g, opt_d, rng,
                                                {"seed": cfg["seed"], "backend": cfg["backend"],
-                                                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+                                                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                                **({"batches": sampler.state()} if sampler else {})}))
                 prune_resume_state(run, cfg.get("keep_resume", 1))
                 bar.set_postfix(critic=f"{rows[-1, 0]:.3g}", gen=f"{rows[-1, 1]:.3g}", refresh=False)
                 pending, first = [], it + 1
