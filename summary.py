@@ -141,7 +141,8 @@ def read_json(path):
 def etot_moments(path, particle, chunk=None):
     """Per distinct incident energy of a CaloChallenge file: arrays (e_inc, n, sum r, sum r^2, sum E_kin)."""
     parts = []
-    for _, einc, showers in iter_calo_chunks(path, chunk=chunk):
+    # negative voxels (FastCaloGAN's swish output) count as they are: FastCaloSim deposits them unchanged
+    for _, einc, showers in iter_calo_chunks(path, chunk=chunk, allow_negative=True):
         ekin = np.asarray(kinetic_energy(einc, particle), dtype=np.float64)
         if (ekin <= 0).any():
             raise UserError(f"{path}: an incident energy at or below the {particle} mass (no kinetic energy)")
