@@ -108,8 +108,9 @@ def parse_args(argv=None):
                         "range and for pions/protons, swish for the other e/gamma ranges)")
     p.add_argument("--output-activation", default=None, choices=["relu", "swish", "sigmoid", "linear"],
                    help="generator output activation. swish with batch-norm: FastCaloGAN's swish network "
-                        "(Dense -> BatchNorm -> swish; voxels may be negative, which evaluate.py refuses); the "
-                        "default when the XML's energy range selects that network, relu (non-negative) otherwise")
+                        "(Dense -> BatchNorm -> swish; voxels may be negative, which evaluate.py sets to zero as "
+                        "CaloChallenge's does); the default when the XML's energy range or a FastCaloGAN range name "
+                        "(High12, All, ...) selects that network, relu (non-negative) otherwise")
     p.add_argument("--batchnorm", default=None, action=argparse.BooleanOptionalAction,
                    help="batch-norm in the generator (XML useBatchNormalisation; else on for e/gamma, off for "
                         "pions/protons); the swish network also normalises its output layer")
@@ -794,8 +795,9 @@ def make_config(args, data, dropped):
     activation = st.get("activation", args.activation, "activationFunction", act0, conv=_xml_activation)
     batchnorm = bool(st.get("batchnorm", args.batchnorm, "useBatchNormalisation", bn0))
     # FastCaloGAN's swish network ends in Dense -> BatchNorm -> swish, whose voxels can be negative (down to
-    # -0.28 E_kin; FastCaloSim adds them as they are), which evaluate.py refuses in a shower file. It is built
-    # when the XML's range asks for it or with --output-activation swish; otherwise the output is a ReLU.
+    # -0.28 E_kin; FastCaloSim adds them as they are; evaluate.py zeroes them with its threshold as CaloChallenge's
+    # does). It is built when the XML's range asks for it, when the training file's range is a FastCaloGAN name
+    # (as BoloGAN builds it) or with --output-activation swish; otherwise the output is a ReLU.
     from_xml = batchnorm and activation == "swish" and st.source["activation"] not in ("default", "command line")
     from_range = batchnorm and activation == "swish" and out0 == "swish" and st.source["activation"] == "default"
     if from_range:
