@@ -394,7 +394,7 @@ def threshold_showers(showers, threshold):
 
 
 def scan_file(path, geom, threshold, ranges, chunk, voxel_bins=None, low_kind=None, features=True, log=None,
-              prdc_rows=None):
+              prdc_rows=None, allow_negative=False):
     """One pass over a CaloChallenge file in its own dtype: threshold, features, sums, voxel histogram, classifier
     inputs. The energies are summed as the reference sums them (in that dtype), so that E_layer, Etot and the
     binnings derived from their maxima are the reference's to the bit. ``prdc_rows`` (sorted event indices): keep
@@ -411,8 +411,10 @@ def scan_file(path, geom, threshold, ranges, chunk, voxel_bins=None, low_kind=No
         scan.prdc = np.empty((len(prdc_rows), geom.n_voxels), dtype=dtype)
     parts = []
     last_log = time.monotonic()
+    # negative voxels pass in the generated file (``allow_negative``; zeroed by the threshold, as the reference
+    # does, and counted); in the reference (Geant4) file they stay a bad-input error
     for start, einc, showers in iter_calo_chunks(path, geom.n_voxels, chunk_for(dtype, chunk), dtype=None,
-                                                 allow_negative=True):
+                                                 allow_negative=allow_negative):
         stop = start + len(einc)
         count_negative(scan, showers)
         threshold_showers(showers, threshold)
@@ -1607,7 +1609,7 @@ def scan_both(args, todo, geom, n_events, run, pool, n_workers, in_worker):
     d, out_dir = args.dataset, args.output_dir
     if in_worker:
         gen_scan = pool.submit(scan_in_worker, todo["hist_plots"], args.input_file, geom, threshold, ranges,
-                               chunk, log=log)
+                               chunk, log=log, allow_negative=True)
     # the reference's content hash (cache key): first where a cache entry may match, else in a worker
     cache_dir = args.cache_dir or os.path.join(out_dir, "reference_cache")
     may_hit = not args.no_cache and bool(glob.glob(os.path.join(glob.escape(cache_dir), "reference_*.npz")))
@@ -1643,7 +1645,7 @@ def scan_both(args, todo, geom, n_events, run, pool, n_workers, in_worker):
         gen.voxel_counts = counts
     else:
         gen = scan_file(args.input_file, geom, threshold, ranges, chunk, voxel_bins=voxel_bins,
-                        low_kind=low_kind, log=log, prdc_rows=prdc_rows)
+                        low_kind=low_kind, log=log, prdc_rows=prdc_rows, allow_negative=True)
     return types.SimpleNamespace(ref=ref, gen=gen, ref_sha=ref_sha, cache_hit=cache_hit, cache_dir=cache_dir,
                                  voxel_bins=voxel_bins)
 
