@@ -586,9 +586,9 @@ def test_sequential_training_draws_from_the_growing_sample(tmp_path, train_file,
     seen = []
     real = train.draw_batches
 
-    def spy(rng, n_events, cfg, pool=None):
+    def spy(rng, n_events, cfg, pool=None, sampler=None):
         seen.append(None if pool is None else np.unique(pool).size)
-        return real(rng, n_events, cfg, pool)
+        return real(rng, n_events, cfg, pool, sampler)
 
     monkeypatch.setattr(train, "draw_batches", spy)
     out = str(tmp_path / "seq")
