@@ -81,7 +81,7 @@ import numpy as np
 from HighLevelFeatures import (BINNING_DIR, DATASETS, chunk_events, compute_features, dataset_geometry, draw_layer,
                                draw_shower, separation_power)
 from plumbing import (UserError, atomic_output, ensure_dir, import_keras, iter_calo_chunks, native_float,
-                      open_calo_file, run_cli, write_text)
+                      negative_voxels, open_calo_file, run_cli, write_text)
 
 # ----------------------------------------------------------------------------------------------
 # facts and defaults
@@ -328,6 +328,8 @@ class Scan:
         self.voxel_counts = None
         self.cls_low = None
         self.prdc = None
+        self.n_negative = 0                           # voxels below zero before the threshold, and the lowest
+        self.min_negative = 0.0
 
     def etot_over_einc(self, sel=slice(None)):
         """Etot / Einc computed in the dtypes the reference divides (showers' and incident energies' own)."""
@@ -393,7 +395,7 @@ def threshold_showers(showers, threshold):
 
 
 def scan_file(path, geom, threshold, ranges, chunk, voxel_bins=None, low_kind=None, features=True, log=None,
-              prdc_rows=None):
+              prdc_rows=None, allow_negative=False):
     """One pass over a CaloChallenge file in its own dtype: threshold, features, sums, voxel histogram, classifier
     inputs. The energies are summed as the reference sums them (in that dtype), so that E_layer, Etot and the
     binnings derived from their maxima are the reference's to the bit. ``prdc_rows`` (sorted event indices): keep
@@ -410,8 +412,12 @@ def scan_file(path, geom, threshold, ranges, chunk, voxel_bins=None, low_kind=No
         scan.prdc = np.empty((len(prdc_rows), geom.n_voxels), dtype=dtype)
     parts = []
     last_log = time.monotonic()
-    for start, einc, showers in iter_calo_chunks(path, geom.n_voxels, chunk_for(dtype, chunk), dtype=None):
+    # negative voxels pass in the generated file (``allow_negative``; zeroed by the threshold, as the reference
+    # does, and counted); in the reference (Geant4) file they stay a bad-input error
+    for start, einc, showers in iter_calo_chunks(path, geom.n_voxels, chunk_for(dtype, chunk), dtype=None,
+                                                 allow_negative=allow_negative):
         stop = start + len(einc)
+        count_negative(scan, showers)
         threshold_showers(showers, threshold)
         scan.einc[start:stop] = einc
         feats = (compute_features(geom, showers, native_sums=True) if (features or low_kind == "cls-low-normed")
@@ -441,6 +447,28 @@ def scan_file(path, geom, threshold, ranges, chunk, voxel_bins=None, low_kind=No
     if features:
         scan.features = _concat(parts)
     return scan
+
+
+def count_negative(scan, showers):
+    """Add a chunk's negative voxels to ``scan`` (count and most negative value): CaloChallenge's evaluate.py sets
+    every voxel below its threshold, negative ones included, to zero and goes on; so does this one, and says so."""
+    n, lowest = negative_voxels(showers)
+    scan.n_negative += n
+    scan.min_negative = min(scan.min_negative, lowest)
+
+
+def negative_voxel_report(scans, names, metrics):
+    """metrics["negative_voxels"] and one stderr line per file that had negative voxels (set to zero by the
+    threshold, as the reference does)."""
+    report = {}
+    for scan, name in zip(scans, names):
+        n, lowest = int(getattr(scan, "n_negative", 0)), float(getattr(scan, "min_negative", 0.0))
+        report[name] = {"count": n, "fraction": n / max(scan.n * scan.shower_sum.size, 1),
+                        "most_negative_mev": lowest if n else None}
+        if n:
+            print(f"evaluate.py: note: {n} negative voxels in the {name} file (most negative {lowest:.6g} MeV), "
+                  f"set to zero by the threshold as CaloChallenge's evaluate.py does", file=sys.stderr)
+    metrics["negative_voxels"] = report
 
 
 def voxel_histogram(path, geom, threshold, bins, chunk, start=0, stop=None):
@@ -502,6 +530,7 @@ def save_cache(path, key, scan):
               "range_sums": scan.range_sums, "range_counts": scan.range_counts,
               "voxel_max": np.array(scan.voxel_max), "voxel_counts": scan.voxel_counts,
               "dtypes": np.array([scan.dtype.str, scan.einc_dtype.str]),
+              "negative": np.array([scan.n_negative, scan.min_negative]),
               "f__Etot": scan.features["Etot"]}
     for name, val in scan.features.items():
         if isinstance(val, dict):
@@ -528,6 +557,8 @@ def load_cache(path, key, n_voxels):
             scan.range_counts = z["range_counts"]
             scan.voxel_max = z["voxel_max"][()]
             scan.voxel_counts = z["voxel_counts"]
+            if "negative" in z.files:
+                scan.n_negative, scan.min_negative = int(z["negative"][0]), float(z["negative"][1])
             feats = {"Etot": z["f__Etot"]}
             for name in z.files:
                 if name.startswith("f__") and name != "f__Etot":
@@ -1612,7 +1643,7 @@ def scan_both(args, todo, geom, n_events, run, pool, n_workers, in_worker):
     d, out_dir = args.dataset, args.output_dir
     if in_worker:
         gen_scan = pool.submit(scan_in_worker, todo["hist_plots"], args.input_file, geom, threshold, ranges,
-                               chunk, log=log)
+                               chunk, log=log, allow_negative=True)
     # the reference's content hash (cache key): first where a cache entry may match, else in a worker
     cache_dir = args.cache_dir or os.path.join(out_dir, "reference_cache")
     may_hit = not args.no_cache and bool(glob.glob(os.path.join(glob.escape(cache_dir), "reference_*.npz")))
@@ -1648,7 +1679,7 @@ def scan_both(args, todo, geom, n_events, run, pool, n_workers, in_worker):
         gen.voxel_counts = counts
     else:
         gen = scan_file(args.input_file, geom, threshold, ranges, chunk, voxel_bins=voxel_bins,
-                        low_kind=low_kind, log=log, prdc_rows=prdc_rows)
+                        low_kind=low_kind, log=log, prdc_rows=prdc_rows, allow_negative=True)
     return types.SimpleNamespace(ref=ref, gen=gen, ref_sha=ref_sha, cache_hit=cache_hit, cache_dir=cache_dir,
                                  voxel_bins=voxel_bins)
 
@@ -1703,6 +1734,7 @@ def scan_and_histograms(args, run):
         }
         if run.warnings:
             metrics["warnings"] = list(run.warnings)
+        negative_voxel_report((scans.gen, scans.ref), ("generated", "reference"), metrics)
         written = []
         if todo["hist"]:
             written += histogram_outputs(args, todo, geom, scans.ref, scans.gen, run.threshold, run.ranges,

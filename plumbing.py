@@ -306,12 +306,14 @@ def open_calo_file(path, n_voxels=None):
         raise
 
 
-def iter_calo_chunks(path, n_voxels=None, chunk=None, check=True, start=0, stop=None, dtype=np.float32):
+def iter_calo_chunks(path, n_voxels=None, chunk=None, check=True, start=0, stop=None, dtype=np.float32,
+                     allow_negative=False):
     """Yield (start_index, incident_energies (n,) float64, showers (n, V) float32) chunks of a CaloChallenge file.
 
     ``dtype=None`` keeps the showers in the file's own dtype (float32 or float64; other dtypes become float64).
 
-    With ``check``, NaN/inf or negative values raise a :class:`UserError` naming file, dataset and event.
+    With ``check``, NaN/inf or negative values raise a :class:`UserError` naming file, dataset and event
+    (negative voxels pass with ``allow_negative``; non-positive incident energies never do).
     """
     f, n, v = open_calo_file(path, n_voxels)
     with f:
@@ -326,7 +328,7 @@ def iter_calo_chunks(path, n_voxels=None, chunk=None, check=True, start=0, stop=
                 raise UserError(f"{path}: cannot read events {i}..{j} (truncated or corrupt file: {err})") from None
             if check:
                 check_finite(path, "incident_energies", e, i, positive=True)
-                check_finite(path, "showers", s, i)
+                check_finite(path, "showers", s, i, allow_negative=allow_negative)
             yield i, e, s
 
 
@@ -336,17 +338,35 @@ def native_float(dtype):
     return np.dtype(dtype) if np.dtype(dtype) in (np.float32, np.float64) else np.dtype(np.float64)
 
 
-def check_finite(path, name, arr, first_event=0, positive=False):
-    """Raise :class:`UserError` if ``arr`` has NaN/inf or negative (or, with positive, non-positive) values."""
+def check_finite(path, name, arr, first_event=0, positive=False, allow_negative=False):
+    """Raise :class:`UserError` if ``arr`` has NaN/inf or negative (or, with positive, non-positive) values.
+
+    ``allow_negative`` lets negative values through (NaN/inf stay errors): generated showers of FastCaloGAN's
+    swish network (Dense -> BatchNorm -> swish output) hold negative voxels, which CaloChallenge's evaluate.py
+    sets to zero with its threshold; :func:`negative_voxels` counts them.
+    """
     bad = ~np.isfinite(arr)
     if bad.any():
         ev = first_event + int(np.argwhere(bad)[0][0])
         raise UserError(f"{path}: '{name}' has NaN/inf values (first at event {ev})")
+    if allow_negative and not positive:
+        return
     neg = arr <= 0 if positive else arr < 0
     if neg.any():
         ev = first_event + int(np.argwhere(neg)[0][0])
         what = "non-positive" if positive else "negative"
         raise UserError(f"{path}: '{name}' has {what} values (first at event {ev})")
+
+
+def negative_voxels(showers):
+    """(number of negative voxels, most negative value or 0.0) of an array of showers.
+
+    >>> negative_voxels(np.array([[1.0, -2.0], [-0.5, 0.0]]))
+    (2, -2.0)
+    """
+    neg = showers < 0
+    n = int(np.count_nonzero(neg))
+    return n, (float(showers.min()) if n else 0.0)
 
 
 def write_calo_file(path, incident_energies, showers, compression=None, **extra):

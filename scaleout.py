@@ -47,13 +47,26 @@ RESOURCES = {  # request_cpus, request_memory (MB), request_gpus
 }
 
 
+#: stages with one GAN's work each: with several energy ranges per slice (FastCaloGAN's Low12 + High12), their
+#: node builds every range's target ({s}/<range>) in turn; select then combines the ranges' generated files
+PER_RANGE = ("prepare", "train", "export")
+
+
+def stage_targets(stage, work, results, s, ranges=()):
+    """The make targets of a stage of slice ``s`` (one per energy range for PER_RANGE stages with 2+ ranges)."""
+    tmpl = STAGES[stage][0]
+    if stage in PER_RANGE and len(ranges) > 1:
+        return [tmpl.format(w=work, r=results, s=f"{s}/{g}") for g in ranges]
+    return [tmpl.format(w=work, r=results, s=s)]
+
+
 def node_name(stage, slice_name):
     """DAG node names may not contain '.'; 'photon_0.20' -> 'train_photon_0p20'."""
     return f"{stage}_{slice_name.replace('.', 'p')}"
 
 
 def make_command(target, make_vars):
-    return ["make", "-C", REPO, target] + list(make_vars)
+    return ["make", "-C", REPO] + ([target] if isinstance(target, str) else list(target)) + list(make_vars)
 
 
 SUMMARY_NODE = "summary"
@@ -61,7 +74,7 @@ SUMMARY_TARGET = "summary-now"      # builds nothing: summarises what the chains
 SUMMARY_PARENTS = ("export", "evaluate")
 
 
-def condor_files(slices, work, results, make_vars, log_dir):
+def condor_files(slices, work, results, make_vars, log_dir, ranges=()):
     """Text of the DAG and of the two submit files (cpu and gpu), as a dict name -> text."""
     subs = {}
     for kind, (cpus, mem, gpus) in RESOURCES.items():
@@ -86,7 +99,7 @@ def condor_files(slices, work, results, make_vars, log_dir):
     dag = ["# calokit DAG: one node chain per slice; submit with condor_submit_dag"]
     for s in slices:
         for stage, (tmpl, parents, kind) in STAGES.items():
-            target = tmpl.format(w=work, r=results, s=s)
+            target = stage_targets(stage, work, results, s, ranges)
             args = " ".join(shlex.quote(a) for a in make_command(target, make_vars)[1:])
             name = node_name(stage, s)
             dag.append(f"JOB {name} {kind}.sub")
@@ -104,9 +117,10 @@ def condor_files(slices, work, results, make_vars, log_dir):
     return {"calokit.dag": "\n".join(dag) + "\n", **subs}
 
 
-def slurm_script(slices, work, results, make_vars, log_dir):
+def slurm_script(slices, work, results, make_vars, log_dir, ranges=()):
     """A Slurm job-array script: task i runs the whole chain of slice i with make."""
-    targets = " ".join('"' + STAGES[k][0].format(w=work, r=results, s="$SLICE") + '"' for k in ("export", "evaluate"))
+    targets = " ".join('"' + t + '"' for k in ("export", "evaluate")
+                       for t in stage_targets(k, work, results, "$SLICE", ranges))
     cpus, mem, gpus = RESOURCES["gpu"]
     return f"""#!/bin/bash
 # calokit: one array task per (particle, |eta|) slice; each runs the slice's make chain.
@@ -168,6 +182,8 @@ def _main(argv):
                                  formatter_class=HelpFormatter)
     ap.add_argument("engine", choices=["condor", "slurm"])
     ap.add_argument("--slices", required=True, help='space-separated slices, e.g. "photon_0.20 pion_0.20"')
+    ap.add_argument("--ranges", default="", help='the energy ranges of each slice (the Makefile\'s RANGES), e.g. '
+                                                 '"Low12 High12": one GAN each, built in turn by the slice\'s nodes')
     ap.add_argument("--work", required=True, help="the Makefile's WORK folder")
     ap.add_argument("--results", required=True, help="the Makefile's RESULTS folder")
     ap.add_argument("--out", required=True, help="folder for the DAG/submit files or the Slurm script")
@@ -187,9 +203,10 @@ def _main(argv):
     make_vars = [f"WORK={args.work}", f"RESULTS={args.results}"] + [
         v for v in args.make_vars if not v.startswith(("WORK=", "RESULTS="))]
     if args.engine == "condor":
-        files = condor_files(slices, args.work, args.results, make_vars, log_dir)
+        files = condor_files(slices, args.work, args.results, make_vars, log_dir, args.ranges.split())
     else:
-        files = {"calokit_array.sh": slurm_script(slices, args.work, args.results, make_vars, log_dir),
+        files = {"calokit_array.sh": slurm_script(slices, args.work, args.results, make_vars, log_dir,
+                                                  args.ranges.split()),
                  "calokit_summary.sh": slurm_summary_script(make_vars, log_dir),
                  "submit.sh": slurm_submit_script(args.out)}
     write_files(args.out, files)

@@ -4,10 +4,14 @@ For every checkpoint of a train.py run and every energy point of the reference f
 range, N showers are generated (condition label of that energy, scaled back to MeV with E_kin), their total
 energy E_tot is histogrammed and compared with the reference's E_tot by ROOT's Chi2TestX "WW" test:
 
-* binning: 30 bins over [peak - a * RMS, peak + b * RMS] of the reference E_tot at that energy, where
-  **peak = the reference mean** and RMS = the reference standard deviation (ROOT's TH1::GetRMS);
+* binning: 30 bins over [peak - a * RMS, peak + b * RMS] of the reference E_tot at that energy,
   a, b = 3, 3 for photons/electrons and 4, 3.5 for pions/protons; events outside the range are not counted
-  (ROOT keeps them in under/overflow, which Chi2TestX ignores);
+  (ROOT keeps them in under/overflow, which Chi2TestX ignores). ``--window mode`` (the default, FastCaloGAN's
+  own choice in BoloGAN's plotting/selectBestEpoch_Energy.py): the reference E_tot is first histogrammed in
+  100 bins over [0, 2 p] (p = the momentum of the energy point); peak = the centre of its tallest bin (the
+  first of equal ones, as ROOT's GetMaximumBin), RMS = the standard deviation of the entries inside [0, 2 p)
+  (ROOT's GetRMS), and the lower edge is clipped at 0. ``--window mean``: peak = the reference mean, RMS = its
+  standard deviation (calokit's earlier choice);
 * histograms are unit-normalised with their errors scaled alike (ROOT ``Scale(1/Integral)`` with Sumw2):
   w_i = n_i / n_in, s_i^2 = n_i / n_in^2 (n_in = events inside the range). The WW statistic
   chi2 = sum_i (W1 w2_i - W2 w1_i)^2 / (W1^2 s2_i^2 + W2^2 s1_i^2), W = sum_i w_i, is unchanged by such a
@@ -16,7 +20,11 @@ energy E_tot is histogrammed and compared with the reference's E_tot by ROOT's C
 * a checkpoint whose generated E_tot falls entirely outside the range at some energy gets chi2 = inf there;
   ``--overflow`` adds an under- and an overflow bin to the test (ROOT "WW UF OF"), so that showers outside
   the window count against a checkpoint (best.json also reports the fraction outside per energy);
-* best = argmin over checkpoints of (sum chi2) / (sum ndf) over the run's energy points, never counting an
+* E_tot of a generated shower is the plain sum of its voxels, negative ones included (BoloGAN sums the
+  network's output as it is);
+* best = argmin over checkpoints of (sum chi2) / (sum ndf) over the run's energy points (with ``--window mode``
+  compared at 3 decimals as BoloGAN writes them, ties going to the later checkpoint; with ``mean`` exact, ties
+  to the earlier), never counting an
   energy left out of training with ``train.py --exclude-energy``: such energies are reported separately in
   best.json (chi2/ndf and the E_tot/E_inc separation power, evaluate.py's per-energy binning).
 
@@ -31,8 +39,17 @@ Outputs in --out:
                           inside, so that evaluate.py compares files with equal event counts (best.json names
                           the file to compare with as "reference_for_evaluate")
 
+``--combine DIR [DIR ...]`` (no --run): one generated file for a slice trained as several energy-range GANs
+(FastCaloGAN's photons and electrons: Low12 + High12). Each DIR is a selection of one range, made with the same
+``--generate-like`` file; every event of that file takes its shower from the range FastCaloSim uses for its
+momentum: among the ranges that contain p, the one with the lowest upper end (FastCaloSim's TFCSGANEtaSlice
+takes the high network for p > 2^12 MeV, so the point 2^12 that Low12 and High12 share comes from Low12; BoloGAN
+itself generates it with both and keeps them in separate files). Writes generated.h5 and best.json (the ranges,
+their best iterations and the energies each served; ``reference_for_evaluate`` as above).
+
 Usage:
     python select_epoch.py --run runs/photon_20_25_high --reference voxels.h5 --events 10000 --out select/
+    python select_epoch.py --combine sel_Low12/ sel_High12/ --generate-like heldout.h5 --out select/
 """
 from __future__ import annotations
 
@@ -51,6 +68,8 @@ from plumbing import (HelpFormatter, UserError, atomic_output, condition_label, 
                       read_run_config, run_cli, write_json)
 
 N_BINS = 30
+MODE_BINS = 100             # BoloGAN's histogram over [0, 2p] that finds the peak and RMS of the mode window
+WINDOWS = {"mode": "FastCaloGAN (BoloGAN selectBestEpoch_Energy.py)", "mean": "reference mean and SD"}
 #: (a, b): histogram range [peak - a RMS, peak + b RMS] per particle
 RANGE_RMS = {"photon": (3.0, 3.0), "electron": (3.0, 3.0), "pion": (4.0, 3.5), "proton": (4.0, 3.5)}
 ENERGY_RTOL = 1e-3          # energies within this relative tolerance are one energy point
@@ -59,19 +78,31 @@ ENERGY_RTOL = 1e-3          # energies within this relative tolerance are one en
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="select_epoch.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--run", required=True, help="run directory of train.py")
-    p.add_argument("--reference", required=True, help="reference voxel file (CaloChallenge HDF5, MeV)")
+    p.add_argument("--run", help="run directory of train.py (required unless --combine)")
+    p.add_argument("--reference", help="reference voxel file (CaloChallenge HDF5, MeV; required unless --combine)")
+    p.add_argument("--combine", nargs="+", metavar="SELECT_DIR", default=None,
+                   help="combine the generated files of these per-range selections into one (see above)")
     p.add_argument("--events", type=int, default=10000, help="showers generated per checkpoint and energy point")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=1, help="seed of the generator noise")
     p.add_argument("--batch-size", type=int, default=10000, help="showers per generator call")
     p.add_argument("--overflow", action="store_true",
                    help="count E_tot outside the histogram range in an under- and an overflow bin (ROOT \"WW UF OF\")")
+    p.add_argument("--window", default="mode", choices=list(WINDOWS),
+                   help="the chi2 histogram's range: mode = FastCaloGAN's (peak of a 100-bin histogram over "
+                        "[0, 2p], its RMS, lower edge clipped at 0, ties to the later checkpoint); mean = the "
+                        "reference mean and standard deviation")
     p.add_argument("--generate-like", metavar="VOXELS.h5", default=None,
                    help="write generated.h5 for the events of this CaloChallenge file (e.g. the held-out sample "
                         "evaluate.py will compare with) instead of --reference")
     p.add_argument("--no-generated", action="store_true", help="do not write generated.h5")
     args = p.parse_args(argv)
+    if args.combine is not None:
+        if not args.generate_like:
+            raise UserError("--combine needs --generate-like (the file every selection generated for)")
+        return args
+    if not args.run or not args.reference:
+        raise UserError("--run and --reference are required (or --combine SELECT_DIR ...)")
     if args.events < 2:
         raise UserError(f"--events must be >= 2 (got {args.events})")
     if args.batch_size < 1:
@@ -131,29 +162,58 @@ def chi2_ww(w1, s1sq, w2, s2sq):
     return float(terms.sum()), ndf
 
 
-def histogram_range(ref_etot, particle):
-    """[peak - a RMS, peak + b RMS] with peak = mean and RMS = standard deviation of the reference E_tot."""
+def histogram_range(ref_etot, particle, window="mean", momentum=None):
+    """The chi2 histogram's [lo, hi) for one energy point (see the module docstring).
+
+    ``mean``: [mean - a SD, mean + b SD] of the reference E_tot. ``mode`` (needs ``momentum`` p, MeV):
+    [max(0, mode - a RMS), mode + b RMS] with mode and RMS of the reference's 100-bin histogram over [0, 2p].
+
+    >>> histogram_range([1.0, 2.0, 3.0], "photon", "mode", momentum=2.0)   # peak 1.02 (first tallest), RMS 0.816
+    (0.0, 3.469489742783178)
+    """
     a, b = RANGE_RMS.get(particle, (3.0, 3.0))
     ref = np.asarray(ref_etot, dtype=np.float64)
+    if window == "mode":
+        peak, rms = mode_and_rms(ref, momentum)
+        rms = max(rms, 1e-6 * abs(peak), 1e-12)
+        return max(0.0, peak - a * rms), peak + b * rms
     peak, rms = float(ref.mean()), float(ref.std())
     rms = max(rms, 1e-6 * abs(peak), 1e-12)
     return peak - a * rms, peak + b * rms
 
 
-def etot_chi2(ref_etot, gen_etot, particle, n_bins=N_BINS, overflow=False):
+def mode_and_rms(values, momentum, n_bins=MODE_BINS):
+    """(centre of the tallest bin, RMS) of a ROOT TH1 of ``values`` in ``n_bins`` over [0, 2 momentum).
+
+    As ROOT: the first bin of equal maxima; the RMS of the entries inside the range (under/overflow not in the
+    statistics), from the values themselves, not the bin centres.
+    """
+    if momentum is None or not momentum > 0:
+        raise UserError("the mode window needs the energy point's momentum")
+    hi = 2.0 * float(momentum)
+    v = np.asarray(values, dtype=np.float64)
+    counts = histogram(v, 0.0, hi, n_bins)
+    width = hi / n_bins
+    peak = (int(np.argmax(counts)) + 0.5) * width
+    inside = v[(v >= 0.0) & (v < hi)]
+    return peak, (float(inside.std()) if inside.size else 0.0)
+
+
+def etot_chi2(ref_etot, gen_etot, particle, n_bins=N_BINS, overflow=False, window="mean", momentum=None):
     """chi2, ndf of the unit-normalised E_tot histograms of reference and generated showers (WW test).
 
-    ``overflow`` adds the under- and overflow bins to the test (ROOT "WW UF OF").
+    ``overflow`` adds the under- and overflow bins to the test (ROOT "WW UF OF"); ``window`` and ``momentum``
+    choose the histogram's range (:func:`histogram_range`).
     """
-    lo, hi = histogram_range(ref_etot, particle)
+    lo, hi = histogram_range(ref_etot, particle, window, momentum)
     w1, s1 = unit_normalised(histogram(ref_etot, lo, hi, n_bins, overflow))
     w2, s2 = unit_normalised(histogram(gen_etot, lo, hi, n_bins, overflow))
     return chi2_ww(w1, s1, w2, s2)
 
 
-def outside_fraction(ref_etot, etot, particle):
+def outside_fraction(ref_etot, etot, particle, window="mean", momentum=None):
     """Fraction of ``etot`` outside the chi2 histogram range defined by ``ref_etot``."""
-    lo, hi = histogram_range(ref_etot, particle)
+    lo, hi = histogram_range(ref_etot, particle, window, momentum)
     e = np.asarray(etot, dtype=np.float64)
     return float(np.mean((e < lo) | (e >= hi))) if e.size else 0.0
 
@@ -184,12 +244,22 @@ def total_chi2(per_energy, fit_energies):
     return c, n, (c / n if n > 0 else math.inf)
 
 
-def best_index(totals):
-    """Index of the smallest finite total chi2/ndf (the first on ties); the last checkpoint if none is finite."""
+def best_index(totals, window="mean"):
+    """Index of the smallest finite total chi2/ndf; the last checkpoint if none is finite.
+
+    ``mean``: exact values, the first on ties. ``mode`` (BoloGAN): values rounded to 3 decimals as its chi2
+    table stores them, the later checkpoint on ties.
+
+    >>> best_index([2.0, 1.0, 1.0]), best_index([2.0, 1.0, 1.0004], "mode")
+    (1, 2)
+    """
     t = np.asarray(totals, dtype=np.float64)
     ok = np.isfinite(t)
     if not ok.any():
         return len(t) - 1
+    if window == "mode":
+        r = np.where(ok, np.round(t, 3), np.inf)
+        return int(np.flatnonzero(r == r.min())[-1])
     return int(np.argmin(np.where(ok, t, np.inf)))
 
 
@@ -336,10 +406,11 @@ def copy_events(src, dst, mask, n_voxels):
 
 
 # ----------------------------------------------------------------------------------------------
-# the command
+# the command: inputs, the scan over checkpoints, outputs
 
-def _main(argv):
-    args = parse_args(argv)
+def load_inputs(args):
+    """Run config, checkpoints and the reference's energy points: a namespace the later parts share."""
+    import types
 
     cfg = read_run_config(args.run)
     for key in ("particle", "n_voxels", "ekin_min", "ekin_max"):
@@ -348,7 +419,6 @@ def _main(argv):
     ckpts = list_checkpoints(args.run)
     if not ckpts:
         raise UserError(f"{args.run}: no complete checkpoint (ckpt_<iteration>/generator.keras)")
-    particle = cfg["particle"]
     einc, etot = read_reference(args.reference, int(cfg["n_voxels"]))   # validates the file as it streams
     like_einc = None
     if args.generate_like and not args.no_generated:
@@ -364,97 +434,228 @@ def _main(argv):
     if not fit:
         raise UserError(f"{args.reference}: every energy point in range is excluded from training; nothing to "
                         f"choose the epoch on")
-    ref_etot = {i: etot[point_of == i] for i in used}
     if like_einc is not None and not run_mask(like_einc, cfg).any():
         raise UserError(f"{args.generate_like}: no event inside the run's energy range to generate")
-    ekin_pt = kinetic_energy(points, particle)
-    label_pt, _ = labels_for(points, cfg)
+    return types.SimpleNamespace(cfg=cfg, ckpts=ckpts, particle=cfg["particle"], einc=einc, like_einc=like_einc,
+                                 points=points, used=used, fit=fit, held=held,
+                                 ref_etot={i: etot[point_of == i] for i in used},
+                                 ekin_pt=kinetic_energy(points, cfg["particle"]), label_pt=labels_for(points, cfg)[0])
 
-    rows, totals, per_e, per_x = [], [], {points[i]: [] for i in fit}, {points[i]: [] for i in held}
+
+def scan_checkpoints(args, inp):
+    """chi2 of every checkpoint at every energy point; returns (rows, totals, per_e, per_x, best_k, best_res)."""
+    points, used, held = inp.points, inp.used, inp.held
+    rows, totals, per_e, per_x = [], [], {points[i]: [] for i in inp.fit}, {points[i]: [] for i in held}
     best_k, best_res = None, None
-    t0 = time.perf_counter()
     from tqdm import tqdm
-    for k_ckpt, (it, path) in enumerate(tqdm(ckpts, desc="select", unit="ckpt", file=sys.stderr, disable=None,
+    for k_ckpt, (it, path) in enumerate(tqdm(inp.ckpts, desc="select", unit="ckpt", file=sys.stderr, disable=None,
                                              mininterval=1.0 if sys.stderr.isatty() else 60.0)):
         gen = load_generator_file(os.path.join(path, "generator.keras"))
         rng = np.random.default_rng(args.seed)       # the same noise for every checkpoint
         res = {}
         for i in used:
-            x = generate(gen, np.full(args.events, label_pt[i]), rng, batch_size=args.batch_size)
-            g_etot = x.sum(axis=1, dtype=np.float64) * ekin_pt[i]
-            chi2, ndf = etot_chi2(ref_etot[i], g_etot, particle, overflow=args.overflow)
+            x = generate(gen, np.full(args.events, inp.label_pt[i]), rng, batch_size=args.batch_size)
+            g_etot = x.sum(axis=1, dtype=np.float64) * inp.ekin_pt[i]
+            chi2, ndf = etot_chi2(inp.ref_etot[i], g_etot, inp.particle, overflow=args.overflow, window=args.window,
+                                  momentum=points[i])
             res[i] = (chi2, ndf, g_etot)
             role = "excluded" if i in held else "fit"
             rows.append({"iteration": it, "energy": points[i], "role": role, "chi2": chi2, "ndf": ndf,
                          "chi2_ndf": chi2 / ndf if ndf > 0 else math.inf})
             (per_x if i in held else per_e)[points[i]].append(rows[-1]["chi2_ndf"])
-        c_sum, n_sum, total = total_chi2({points[i]: res[i][:2] for i in used}, [points[i] for i in fit])
+        c_sum, n_sum, total = total_chi2({points[i]: res[i][:2] for i in used}, [points[i] for i in inp.fit])
         rows.append({"iteration": it, "energy": None, "role": "total", "chi2": c_sum, "ndf": n_sum,
                      "chi2_ndf": total})
         totals.append(total)
-        if best_index(totals) == k_ckpt:             # keep the generated E_tot of the best so far only
+        if best_index(totals, args.window) == k_ckpt:     # keep the generated E_tot of the best so far only
             best_k, best_res = k_ckpt, res
-    best_it, best_path = ckpts[best_k]
-    res = best_res
+    return rows, totals, per_e, per_x, best_k, best_res
 
-    def report(i):
-        chi2, ndf, g_etot = res[i]
-        ratio_ref = ref_etot[i] / points[i]
-        ratio_gen = g_etot / points[i]
-        return {"chi2": _num(chi2), "ndf": ndf, "chi2_ndf": _num(chi2 / ndf) if ndf > 0 else None,
-                "etot_einc_separation": etot_separation(ratio_ref, ratio_gen, ratio_bins(points[i], particle)),
-                "ref_mean_etot": float(ref_etot[i].mean()), "gen_mean_etot": float(g_etot.mean()),
-                "ref_outside_fraction": outside_fraction(ref_etot[i], ref_etot[i], particle),
-                "gen_outside_fraction": outside_fraction(ref_etot[i], g_etot, particle),
-                "ref_events": int(ref_etot[i].size)}
+
+def energy_report(args, inp, res, i):
+    """best.json's numbers at energy point ``i`` for the chosen checkpoint."""
+    chi2, ndf, g_etot = res[i]
+    p, ref = inp.points[i], inp.ref_etot[i]
+    win = {"window": args.window, "momentum": p}
+    return {"chi2": _num(chi2), "ndf": ndf, "chi2_ndf": _num(chi2 / ndf) if ndf > 0 else None,
+            "etot_einc_separation": etot_separation(ref / p, g_etot / p, ratio_bins(p, inp.particle)),
+            "ref_mean_etot": float(ref.mean()), "gen_mean_etot": float(g_etot.mean()),
+            "ref_outside_fraction": outside_fraction(ref, ref, inp.particle, **win),
+            "gen_outside_fraction": outside_fraction(ref, g_etot, inp.particle, **win),
+            "histogram_range": list(histogram_range(ref, inp.particle, **win)),
+            "ref_events": int(ref.size)}
+
+
+def write_best_generated(args, inp, out, best_path):
+    """generated.h5 of the best checkpoint for the events of --generate-like (or the reference) in the run's range;
+    returns (path of generated.h5, events written, file evaluate.py should compare it with)."""
+    generated = os.path.join(out, "generated.h5")
+    like = args.reference if inp.like_einc is None else args.generate_like
+    ref_for_eval = os.path.abspath(like)
+    e_like = inp.einc if inp.like_einc is None else inp.like_einc
+    m_like = run_mask(e_like, inp.cfg)
+    if not m_like.any():
+        raise UserError(f"{like}: no event inside the run's energy range to generate")
+    best_gen = load_generator_file(os.path.join(best_path, "generator.keras"))
+    e_in = e_like[m_like]
+    lab, ekin = labels_for(e_in, inp.cfg)
+    write_generated(generated, best_gen, e_in, lab, ekin, args.seed + 1, args.batch_size)
+    if not m_like.all():
+        ref_for_eval = os.path.join(out, "reference_inrange.h5")
+        copy_events(like, ref_for_eval, m_like, int(inp.cfg["n_voxels"]))
+        ref_for_eval = os.path.abspath(ref_for_eval)
+    return generated, int(e_in.size), ref_for_eval, like
+
+
+def _main(argv):
+    args = parse_args(argv)
+    if args.combine is not None:
+        return combine(args)
+    inp = load_inputs(args)
+    t0 = time.perf_counter()
+    rows, totals, per_e, per_x, best_k, res = scan_checkpoints(args, inp)
+    best_it, best_path = inp.ckpts[best_k]
+    points, particle = inp.points, inp.particle
 
     out = ensure_dir(args.out)
     write_chi2_csv(os.path.join(out, "chi2.csv"), rows)
-    plot_chi2(os.path.join(out, "chi2_vs_iteration.png"), [it for it, _ in ckpts], totals, per_e, per_x, best_it)
-
-    generated = os.path.join(out, "generated.h5")
-    like = args.reference if like_einc is None else args.generate_like
-    ref_for_eval = os.path.abspath(like)
-    n_gen = 0
+    plot_chi2(os.path.join(out, "chi2_vs_iteration.png"), [it for it, _ in inp.ckpts], totals, per_e, per_x, best_it)
+    generated, n_gen, ref_for_eval = None, 0, None
+    like = args.reference if inp.like_einc is None else args.generate_like
     if not args.no_generated:
-        e_like = einc if like_einc is None else like_einc
-        m_like = run_mask(e_like, cfg)
-        if not m_like.any():
-            raise UserError(f"{like}: no event inside the run's energy range to generate")
-        best_gen = load_generator_file(os.path.join(best_path, "generator.keras"))
-        e_in = e_like[m_like]
-        lab, ekin = labels_for(e_in, cfg)
-        write_generated(generated, best_gen, e_in, lab, ekin, args.seed + 1, args.batch_size)
-        n_gen = int(e_in.size)
-        if not m_like.all():
-            ref_for_eval = os.path.join(out, "reference_inrange.h5")
-            copy_events(like, ref_for_eval, m_like, int(cfg["n_voxels"]))
-            ref_for_eval = os.path.abspath(ref_for_eval)
-
+        generated, n_gen, ref_for_eval, like = write_best_generated(args, inp, out, best_path)
+    if ref_for_eval is None:
+        ref_for_eval = os.path.abspath(like)
+    rms = "standard deviation" if args.window == "mean" else "RMS of the 100-bin histogram over [0, 2p]"
     best = {
-        "run": os.path.abspath(args.run), "best_iteration": int(best_it), "checkpoint": os.path.abspath(best_path),
-        "chi2_ndf": _num(totals[best_k]),
-        "per_energy": {f"{points[i]:g}": report(i) for i in fit},
-        "excluded": {f"{points[i]:g}": report(i) for i in held},
-        "excluded_energies": cfg.get("excluded_energies", []),
-        "out_of_range_energies": [float(e) for i, e in enumerate(points) if i not in used],
+        "run": os.path.abspath(args.run), "range": inp.cfg.get("range"), "best_iteration": int(best_it),
+        "checkpoint": os.path.abspath(best_path), "chi2_ndf": _num(totals[best_k]),
+        "per_energy": {f"{points[i]:g}": energy_report(args, inp, res, i) for i in inp.fit},
+        "excluded": {f"{points[i]:g}": energy_report(args, inp, res, i) for i in inp.held},
+        "excluded_energies": inp.cfg.get("excluded_energies", []),
+        "out_of_range_energies": [float(e) for i, e in enumerate(points) if i not in inp.used],
         "reference": os.path.abspath(args.reference), "events_per_energy": int(args.events), "seed": int(args.seed),
-        "checkpoints": len(ckpts),
-        "histogram": {"bins": N_BINS, "range_rms": list(RANGE_RMS.get(particle, (3.0, 3.0))), "peak": "mean",
-                      "rms": "standard deviation", "overflow_bins": bool(args.overflow),
+        "checkpoints": len(inp.ckpts),
+        "histogram": {"bins": N_BINS, "range_rms": list(RANGE_RMS.get(particle, (3.0, 3.0))),
+                      "window": args.window, "peak": "mean" if args.window == "mean" else "mode", "rms": rms,
+                      "lower_edge_clipped_at_0": args.window == "mode", "overflow_bins": bool(args.overflow),
+                      "ties": "earlier checkpoint" if args.window == "mean" else "later checkpoint (3 decimals)",
                       "test": "ROOT Chi2TestX WW" + (" UF OF" if args.overflow else "") + ", unit-normalised"},
-        "generated": os.path.abspath(generated) if not args.no_generated else None,
+        "generated": os.path.abspath(generated) if generated else None,
         "generated_events": n_gen,
         "generated_like": os.path.abspath(like),
         "reference_for_evaluate": ref_for_eval,
     }
     write_json(os.path.join(out, "best.json"), best)
     dt = time.perf_counter() - t0
-    print(f"select_epoch.py: {out}: best iteration {best_it} of {len(ckpts)} checkpoints "
-          f"(chi2/ndf {totals[best_k]:.3g} over {len(fit)} energies, {len(held)} excluded), "
-          f"wrote best.json, chi2.csv, chi2_vs_iteration.png" + ("" if args.no_generated else
-                                                                 f", generated.h5 ({n_gen} showers)")
-          + f" in {dt:.1f} s")
+    print(f"select_epoch.py: {out}: best iteration {best_it} of {len(inp.ckpts)} checkpoints "
+          f"(chi2/ndf {totals[best_k]:.3g} over {len(inp.fit)} energies, {len(inp.held)} excluded, window "
+          f"{args.window}), wrote best.json, chi2.csv, chi2_vs_iteration.png"
+          + ("" if args.no_generated else f", generated.h5 ({n_gen} showers)") + f" in {dt:.1f} s")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# --combine: one generated file from the selections of a slice's energy ranges
+
+def serving_range(einc, ranges):
+    """Per event, the index of the range that generates it, -1 if none: among the ranges containing p (each a
+    (p_min, p_max, p_min included) tuple), the one with the lowest p_max, as FastCaloSim picks its network
+    (p > 2^12 MeV: High12; else Low12).
+
+    >>> serving_range(np.array([256.0, 4096.0, 8192.0, 1e7]), [(4096.0, 2.0**22, True), (256.0, 4096.0, True)])
+    array([ 1,  1,  0, -1])
+    """
+    e = np.asarray(einc, dtype=np.float64)
+    owner = np.full(e.shape, -1, dtype=np.int64)
+    best_hi = np.full(e.shape, np.inf)
+    tol = 2.0**-20
+    for k, (lo, hi, inc) in enumerate(ranges):
+        inside = ((e >= lo * (1 - tol)) if inc else (e > lo * (1 + tol))) & (e <= hi * (1 + tol))
+        take = inside & (hi < best_hi)
+        owner[take], best_hi[take] = k, hi
+    return owner
+
+
+def _combine_inputs(args, like_einc):
+    """[(select dir, best.json, run config, (p_min, p_max, included), generated path)] of --combine, checked."""
+    from plumbing import energy_range
+
+    parts = []
+    for d in args.combine:
+        path = os.path.join(d, "best.json")
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: not found (run select_epoch.py for that range first)")
+        import json
+        with open(path) as f:
+            best = json.load(f)
+        cfg = read_run_config(best["run"])
+        gen = best.get("generated")
+        if not gen or not os.path.isfile(gen):
+            raise UserError(f"{path}: its generated.h5 is missing (selected with --no-generated?)")
+        if os.path.abspath(best.get("generated_like", "")) != os.path.abspath(args.generate_like):
+            raise UserError(f"{path}: generated for {best.get('generated_like')}, not for {args.generate_like}")
+        try:
+            bounds = energy_range(cfg["particle"], cfg["range"])
+        except (KeyError, UserError):
+            bounds = (float(cfg["p_min"]), float(cfg["p_max"]), True)
+        parts.append((d, best, cfg, bounds, gen))
+    n_vox = {int(c["n_voxels"]) for _, _, c, _, _ in parts}
+    if len(n_vox) != 1:
+        raise UserError(f"--combine: the runs have different voxel counts {sorted(n_vox)}")
+    return parts, n_vox.pop()
+
+
+def combine(args):
+    """--combine: write generated.h5 (and best.json) for the events of --generate-like, each from its range."""
+    import h5py
+
+    t0 = time.perf_counter()
+    like_einc = read_reference(args.generate_like, None)[0]
+    parts, n_vox = _combine_inputs(args, like_einc)
+    owner = serving_range(like_einc, [b for _, _, _, b, _ in parts])
+    covered = owner >= 0
+    if not covered.any():
+        raise UserError(f"{args.generate_like}: no event inside any of the ranges {[c['range'] for _, _, c, _, _ in parts]}")
+    out_row = np.cumsum(covered) - 1
+    out = ensure_dir(args.out)
+    generated = os.path.join(out, "generated.h5")
+    served = {}
+    with atomic_output(generated) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("incident_energies", data=like_einc[covered].reshape(-1, 1))
+            ds = f.create_dataset("showers", shape=(int(covered.sum()), n_vox), dtype=np.float32, chunks=True)
+            for k, (d, best, cfg, _, gen) in enumerate(parts):
+                pos = np.flatnonzero(run_mask(like_einc, cfg))      # the rows of this range's generated file
+                for start, e, s in iter_calo_chunks(gen, n_vox, check=False):
+                    rows = pos[start:start + e.shape[0]]
+                    if rows.size != e.shape[0] or not np.allclose(e, like_einc[rows], rtol=1e-12):
+                        raise UserError(f"{gen}: its events are not those of {args.generate_like} in range "
+                                        f"{cfg.get('range')} (regenerate the selection)")
+                    keep = owner[rows] == k
+                    if keep.any():
+                        ds[out_row[rows[keep]]] = s[keep]
+                served[d] = sorted({float(x) for x in like_einc[owner == k]})
+    ref_for_eval = os.path.abspath(args.generate_like)
+    if not covered.all():
+        ref_for_eval = os.path.abspath(os.path.join(out, "reference_inrange.h5"))
+        copy_events(args.generate_like, ref_for_eval, covered, n_vox)
+    result = {
+        "combined": [{"select": os.path.abspath(d), "range": c.get("range"), "run": best["run"],
+                      "best_iteration": best["best_iteration"], "chi2_ndf": best.get("chi2_ndf"),
+                      "p_min": b[0], "p_max": b[1], "energies_served": served[d]} for d, best, c, b, _ in parts],
+        "rule": "each event from the range containing its momentum with the lowest upper end (FastCaloSim: "
+                "p > 2^12 MeV -> High12, else Low12)",
+        "best_iteration": {c.get("range"): best["best_iteration"] for _, best, c, _, _ in parts},
+        "chi2_ndf": None,
+        "generated": os.path.abspath(generated), "generated_events": int(covered.sum()),
+        "generated_like": os.path.abspath(args.generate_like), "reference_for_evaluate": ref_for_eval,
+    }
+    write_json(os.path.join(out, "best.json"), result)
+    ranges = ", ".join(f"{c.get('range')} (iteration {best['best_iteration']}, {len(served[d])} energies)"
+                       for d, best, c, _, _ in parts)
+    print(f"select_epoch.py: {out}: combined {ranges} into generated.h5 ({int(covered.sum())} showers) in "
+          f"{time.perf_counter() - t0:.1f} s")
     return 0
 
 

@@ -106,6 +106,11 @@ def missing_files(folder):
         if rel == "lwtnn":
             if not any(f.endswith(".json") and not f.endswith(".meta.json") for f, _ in export_files(folder)):
                 missing.append("lwtnn/*.json")
+            elif os.path.isfile(os.path.join(folder, "select", "best.json")):
+                combined = read_json(os.path.join(folder, "select", "best.json")).get("combined") or []
+                names = [f for f, _ in export_files(folder)]
+                missing += [f"{c['range']}/lwtnn/*.json" for c in combined
+                            if not any(n.startswith(f"{c['range']}/") and n.endswith(".json") for n in names)]
         elif not os.path.isfile(path):
             missing.append(rel)
     return missing
@@ -115,12 +120,19 @@ EXPORT_SUFFIXES = (".json", ".onnx")
 
 
 def export_files(folder):
-    """[(file name, bytes)] of the exported networks (lwtnn JSON, ONNX) and their meta files, sorted."""
-    d = os.path.join(folder, "lwtnn")
-    if not os.path.isdir(d):
-        return []
-    return [(n, os.path.getsize(os.path.join(d, n))) for n in sorted(os.listdir(d))
-            if n.endswith(EXPORT_SUFFIXES) and not n.startswith(".") and os.path.isfile(os.path.join(d, n))]
+    """[(file name, bytes)] of the exported networks (lwtnn JSON, ONNX) and their meta files, sorted.
+
+    A slice trained as several energy-range GANs (FastCaloGAN's Low12 + High12) has one export folder per range,
+    ``<range>/lwtnn/``: its files are listed as ``<range>/<file>``, one network per range."""
+    found = []
+    for sub in [""] + sorted(n for n in (os.listdir(folder) if os.path.isdir(folder) else [])
+                             if os.path.isdir(os.path.join(folder, n, "lwtnn"))):
+        d = os.path.join(folder, sub, "lwtnn")
+        if not os.path.isdir(d):
+            continue
+        found += [(os.path.join(sub, n) if sub else n, os.path.getsize(os.path.join(d, n))) for n in sorted(os.listdir(d))
+                  if n.endswith(EXPORT_SUFFIXES) and not n.startswith(".") and os.path.isfile(os.path.join(d, n))]
+    return found
 
 
 def read_json(path):
@@ -141,7 +153,8 @@ def read_json(path):
 def etot_moments(path, particle, chunk=None):
     """Per distinct incident energy of a CaloChallenge file: arrays (e_inc, n, sum r, sum r^2, sum E_kin)."""
     parts = []
-    for _, einc, showers in iter_calo_chunks(path, chunk=chunk):
+    # negative voxels (FastCaloGAN's swish output) count as they are: FastCaloSim deposits them unchanged
+    for _, einc, showers in iter_calo_chunks(path, chunk=chunk, allow_negative=True):
         ekin = np.asarray(kinetic_energy(einc, particle), dtype=np.float64)
         if (ekin <= 0).any():
             raise UserError(f"{path}: an incident energy at or below the {particle} mass (no kinetic energy)")
@@ -255,6 +268,12 @@ def _fill_from_files(folder, particle, out, max_points, chunk):
         out["best_iteration"] = best.get("best_iteration")
         out["select_chi2_ndf"] = best.get("chi2_ndf")
         out["range"] = _energy_range(best, out["exports"])
+        if best.get("combined"):          # several range GANs: the slice's row names each range's choice
+            parts = best["combined"]
+            out["range"] = " + ".join(str(c.get("range")) for c in parts)
+            out["best_iteration"] = ", ".join(f"{c.get('range')} {c.get('best_iteration')}" for c in parts)
+            out["ranges"] = [{k: c.get(k) for k in ("range", "best_iteration", "chi2_ndf", "energies_served")}
+                             for c in parts]
         generated = best.get("generated") or os.path.join(folder, "select", "generated.h5")
         generated = generated if os.path.isfile(generated) else os.path.join(folder, "select", "generated.h5")
         reference = best.get("reference_for_evaluate")

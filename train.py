@@ -54,7 +54,7 @@ import time
 import numpy as np
 
 from HighLevelFeatures import PARTICLES, read_geometry
-from plumbing import (NOISE_MEAN, NOISE_STD, HelpFormatter, UserError, atomic_directory, atomic_output,
+from plumbing import (FASTCALOGAN_RANGES, NOISE_MEAN, NOISE_STD, HelpFormatter, UserError, atomic_directory, atomic_output,
                       condition_vector, ensure_dir, import_keras, kinetic_energy, open_h5, read_run_config, run_cli,
                       write_json)
 from plumbing import list_checkpoints as plumbing_list_checkpoints
@@ -134,8 +134,9 @@ def parse_args(argv=None):
                         "range and for pions/protons, swish for the other e/gamma ranges)")
     p.add_argument("--output-activation", default=None, choices=["relu", "swish", "sigmoid", "linear"],
                    help="generator output activation. swish with batch-norm: FastCaloGAN's swish network "
-                        "(Dense -> BatchNorm -> swish; voxels may be negative, which evaluate.py refuses); the "
-                        "default when the XML's energy range selects that network, relu (non-negative) otherwise")
+                        "(Dense -> BatchNorm -> swish; voxels may be negative, which evaluate.py sets to zero as "
+                        "CaloChallenge's does); the default when the XML's energy range or a FastCaloGAN range name "
+                        "(High12, All, ...) selects that network, relu (non-negative) otherwise")
     p.add_argument("--batchnorm", default=None, action=argparse.BooleanOptionalAction,
                    help="batch-norm in the generator (XML useBatchNormalisation; else on for e/gamma, off for "
                         "pions/protons); the swish network also normalises its output layer")
@@ -144,6 +145,11 @@ def parse_args(argv=None):
                         "mean 0 / variance 1 kept, a learnt scale and shift; training, generation and export "
                         "agree), batch-stats = normalised by the batch's statistics, moving averages for "
                         "generation (default: inference)")
+    p.add_argument("--batches", default="replacement", choices=["replacement", "epoch"],
+                   help="how real showers are drawn: replacement = uniformly with replacement at every step; "
+                        "epoch = FastCaloGAN's (BoloGAN): epochs of the shuffled events, each event once per "
+                        "epoch, batches taken in turn across epoch ends (a new shuffle when the sequential "
+                        "strategy adds a momentum)")
     p.add_argument("--strategy", default="all", choices=["all", "sequential"],
                    help="all: every energy from the start; sequential (FastCaloGAN): the middle momentum first, "
                         "then one more momentum every --add-every iterations, alternately above and below")
@@ -570,16 +576,61 @@ def make_optimizer(cfg, updates_per_iteration=1):
 # ----------------------------------------------------------------------------------------------
 # the training iteration (one compiled function per backend)
 
-def draw_batches(rng, n_events, cfg, pool=None):
+class EpochBatches:
+    """Event indices in epochs without replacement, as FastCaloGAN's input pipeline draws them (BoloGAN
+    model/conditional_wgangp.py: the events shuffled anew for every pass, passes repeated and cut into batches
+    in turn, so a batch may span the end of one pass and the start of the next).
+
+    Pass ``e`` over ``n`` events is ``default_rng([seed, n, e]).permutation(n)``: the state is three integers
+    (:meth:`state`, kept in each checkpoint's state.json), so a resumed run draws exactly what the uninterrupted
+    one would. A new set of events (the sequential strategy adding a momentum) starts again at pass 0.
+    """
+
+    def __init__(self, seed, state=None):
+        self.seed = int(seed)
+        st = state or {}
+        self.size, self.epoch, self.pos = st.get("size"), int(st.get("epoch", 0)), int(st.get("pos", 0))
+        self._order = None
+
+    def state(self):
+        return {"size": self.size, "epoch": self.epoch, "pos": self.pos}
+
+    def _pass(self):
+        return np.random.default_rng([self.seed, int(self.size), self.epoch]).permutation(int(self.size))
+
+    def take(self, n, n_events, pool=None):
+        """The next ``n`` event indices (of ``pool``, an index array, when given; else of range(n_events))."""
+        size = int(pool.size) if pool is not None else int(n_events)
+        if size != self.size:
+            self.size, self.epoch, self.pos, self._order = size, 0, 0, None
+        if self._order is None:
+            self._order = self._pass()
+        out, need = [], n
+        while need:
+            if self.pos == size:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._pass()
+            k = min(need, size - self.pos)
+            out.append(self._order[self.pos:self.pos + k])
+            self.pos += k
+            need -= k
+        idx = np.concatenate(out)
+        return pool[idx] if pool is not None else idx
+
+
+def draw_batches(rng, n_events, cfg, pool=None, sampler=None):
     """Random inputs of one iteration from the numpy Generator: event indices, noise, interpolation weights.
 
     Each iteration draws n_critic x batch real showers (FastCaloGAN's n_disc x batch), uniformly with
     replacement from the training events, or from the event indices ``pool`` when given (the sequential
-    strategy). Returns idx (n_critic, B) int32, noise (n_critic + 1, B, latent) float32 (the last slice feeds
+    strategy), or, with an :class:`EpochBatches` ``sampler``, the next ones of its epochs without replacement.
+    Returns idx (n_critic, B) int32, noise (n_critic + 1, B, latent) float32 (the last slice feeds
     the generator step, which takes the conditions of the last critic batch) and eps (n_critic, B, 1) float32.
     """
     b, k, latent = cfg["batch_size"], cfg["n_critic"], cfg["latent_dim"]
-    if pool is None:
+    if sampler is not None:
+        idx = sampler.take(k * b, n_events, pool).reshape(k, b).astype(np.int32)
+    elif pool is None:
         idx = rng.integers(0, n_events, size=(k, b), dtype=np.int64).astype(np.int32)
     else:
         idx = pool[rng.integers(0, pool.size, size=(k, b), dtype=np.int64)].astype(np.int32)
@@ -852,16 +903,22 @@ def xml_settings(args, attrs):
     return geom.gan_settings(attrs.get("range")), path
 
 
-def default_network(particle, p_max):
-    """(activation, batch-norm) of FastCaloGAN's generator for a particle and range when the XML says nothing.
+def default_network(particle, p_max, range_name=None):
+    """(activation, batch-norm, output activation) of FastCaloGAN's generator when the XML says nothing.
 
-    e/gamma: ReLU + batch-norm up to p = 2^12 MeV (its UltraLow12 network), swish + batch-norm above (High12);
-    pions and protons: ReLU without batch-norm (All).
+    e/gamma: ReLU + batch-norm up to p = 2^12 MeV (its Low12 / UltraLow12 network), swish + batch-norm above
+    (High12); pions and protons: ReLU without batch-norm (All). The output is a ReLU, except when a FastCaloGAN
+    range name (``High12``, ``All``, ...; plumbing.FASTCALOGAN_RANGES) picks the swish network: then, as BoloGAN
+    builds it (model/conditional_wgangp.py, chosen by the range's activationFunction), it ends in
+    Dense -> BatchNorm -> swish, whose voxels can be negative. calokit's own names (low/high/all) keep a ReLU
+    output (non-negative showers).
     """
     if particle in ("photon", "electron"):
         low = p_max is not None and float(p_max) <= 2.0**12 * (1 + 1e-9)
-        return ("relu", True) if low else ("swish", True)
-    return "relu", False
+        if low:
+            return "relu", True, "relu"
+        return "swish", True, ("swish" if range_name in FASTCALOGAN_RANGES else "relu")
+    return "relu", False, "relu"
 
 
 class _Settings:
@@ -899,13 +956,17 @@ def make_config(args, data, dropped):
     n_vox = int(attrs["n_voxels"])
     xml, xml_path = xml_settings(args, attrs)
     st = _Settings(xml, args.recipe)
-    act0, bn0 = default_network(particle, attrs.get("p_max"))
+    act0, bn0, out0 = default_network(particle, attrs.get("p_max"), attrs.get("range"))
     activation = st.get("activation", args.activation, "activationFunction", act0, conv=_xml_activation)
     batchnorm = bool(st.get("batchnorm", args.batchnorm, "useBatchNormalisation", bn0))
     # FastCaloGAN's swish network ends in Dense -> BatchNorm -> swish, whose voxels can be negative (down to
-    # -0.28 E_kin; FastCaloSim adds them as they are), which evaluate.py refuses in a shower file. It is built
-    # when the XML's range asks for it or with --output-activation swish; otherwise the output is a ReLU.
+    # -0.28 E_kin; FastCaloSim adds them as they are; evaluate.py zeroes them with its threshold as CaloChallenge's
+    # does). It is built when the XML's range asks for it, when the training file's range is a FastCaloGAN name
+    # (as BoloGAN builds it) or with --output-activation swish; otherwise the output is a ReLU.
     from_xml = batchnorm and activation == "swish" and st.source["activation"] not in ("default", "command line")
+    from_range = batchnorm and activation == "swish" and out0 == "swish" and st.source["activation"] == "default"
+    if from_range:
+        from_xml, st.source["activation"] = True, f"default (FastCaloGAN range {attrs.get('range')})"
     output_activation = st.get("output_activation", args.output_activation, None, "swish" if from_xml else "relu",
                                "default (ReLU: non-negative showers)" if not from_xml else st.source["activation"])
     output_batchnorm = batchnorm and activation == "swish" and output_activation == "swish"
@@ -949,6 +1010,7 @@ def make_config(args, data, dropped):
         "critic": {"hidden": [int(n) for n in critic], "activation": "relu", "summaries": summaries},
         "recipe": args.recipe, "recipe_description": RECIPES[args.recipe]["description"],
         "lr_decay": lr_decay, "lr_decay_iterations": int(args.iterations),
+        "batches": args.batches,
         "strategy": {"name": args.strategy, "first_sample_iterations": int(args.first_sample_iterations),
                      "add_every": int(args.add_every)},
         "settings_xml": xml_path,
@@ -1049,7 +1111,7 @@ def open_run(args, data):
 
 def build_training(cfg, run, resume_from, deterministic=True):
     """Seeded networks, optimisers and batch generator, restored from ``resume_from`` when given; returns
-    (gen, critic, opt_g, opt_d, rng, first iteration - 1)."""
+    (gen, critic, opt_g, opt_d, rng, state.json of the checkpoint resumed from, or {"iteration": 0})."""
     keras = _keras()
     keras.utils.set_random_seed(cfg["seed"])
     if deterministic and cfg["backend"] == "tensorflow":
@@ -1059,18 +1121,17 @@ def build_training(cfg, run, resume_from, deterministic=True):
     opt_g, opt_d = make_optimizer(cfg), make_optimizer(cfg, cfg["n_critic"])
     losses_path = os.path.join(run, "losses.csv")
     rng = np.random.default_rng(cfg["seed"])
-    start = 0
+    state = {"iteration": 0}
     if resume_from:
         state = restore_checkpoint(resume_from, gen, critic, opt_g, opt_d)
         rng.bit_generator.state = state["rng"]
-        start = int(state["iteration"])
-        trim_losses(losses_path, start)
+        trim_losses(losses_path, int(state["iteration"]))
     else:
         init_losses(losses_path)
-    return gen, critic, opt_g, opt_d, rng, start
+    return gen, critic, opt_g, opt_d, rng, state
 
 
-def train_loop(run, cfg, nets, step, rng, start, n_events, sequential=None):
+def train_loop(run, cfg, nets, step, rng, start, n_events, sequential=None, sampler=None):
     """Iterations start + 1 .. cfg["iterations"]: losses appended and a checkpoint written every
     ``checkpoint_every`` and at the end; returns (checkpoints written, iterations per second)."""
     from tqdm import tqdm
@@ -1085,7 +1146,7 @@ def train_loop(run, cfg, nets, step, rng, start, n_events, sequential=None):
               mininterval=1.0 if tty else 60.0) as bar:       # a line a minute into log files
         for it in range(start + 1, target + 1):
             pool = sequential(it) if sequential else None
-            pending.append(step(*draw_batches(rng, n_events, cfg, pool)))
+            pending.append(step(*draw_batches(rng, n_events, cfg, pool, sampler)))
             bar.update(1)
             if it % every == 0 or it == target:
                 rows = np.asarray([np.asarray(p) for p in pending], dtype=np.float64)
@@ -1096,7 +1157,8 @@ def train_loop(run, cfg, nets, step, rng, start, n_events, sequential=None):
                 step.sync()
                 written.append(save_checkpoint(run, it, gen, critic, opt_g, opt_d, rng,
                                                {"seed": cfg["seed"], "backend": cfg["backend"],
-                                                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+                                                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                                **({"batches": sampler.state()} if sampler else {})}))
                 prune_resume_state(run, cfg.get("keep_resume", 1))
                 bar.set_postfix(critic=f"{rows[-1, 0]:.3g}", gen=f"{rows[-1, 1]:.3g}", refresh=False)
                 pending, first = [], it + 1
@@ -1109,8 +1171,8 @@ def _main(argv):
     data = load_training_file(args.data)
     run = args.out
     cfg, resume_from, voxels, label, einc = open_run(args, data)
-    gen, critic, opt_g, opt_d, rng, start = build_training(cfg, run, resume_from, args.deterministic)
-    target = cfg["iterations"]
+    gen, critic, opt_g, opt_d, rng, state = build_training(cfg, run, resume_from, args.deterministic)
+    start, target = int(state["iteration"]), cfg["iterations"]
     if start >= target:
         print(f"train.py: {run} is already at iteration {start} (target {target}); nothing to do")
         return 0
@@ -1118,7 +1180,10 @@ def _main(argv):
     sequential = SequentialPool(einc, cfg) if cfg.get("strategy", {"name": "all"})["name"] == "sequential" else None
     if sequential:
         sequential(start + 1)             # an empty starting sample fails here, before any work
-    written, rate = train_loop(run, cfg, (gen, critic, opt_g, opt_d), step, rng, start, voxels.shape[0], sequential)
+    sampler = (EpochBatches(cfg["seed"], state.get("batches")) if cfg.get("batches", "replacement") == "epoch"
+               else None)
+    written, rate = train_loop(run, cfg, (gen, critic, opt_g, opt_d), step, rng, start, voxels.shape[0], sequential,
+                               sampler)
     print(f"train.py: {run}: iterations {start + 1}..{target} ({rate:.1f} it/s, {cfg['backend']}), "
           f"{len(written)} checkpoints written, last {os.path.basename(written[-1])}")
     return 0

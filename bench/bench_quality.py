@@ -29,7 +29,6 @@ Usage:
 """
 import argparse
 import contextlib
-import csv
 import io
 import json
 import math

@@ -123,3 +123,60 @@ def test_condor_dag_commands_run_locally(chain, tmp_path):
         res = subprocess.run(["make", *args], capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, node + res.stderr[-2000:]
         assert "train.py" not in res.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# CaloChallenge dataset 1 photons as FastCaloGAN trained them: Low12 + High12 per slice
+
+CC_TINY = ["ITERATIONS=40", "CKPT_EVERY=20", "SELECT_EVENTS=200", "CLS_EPOCHS=2", "SEED=3"]
+
+
+@pytest.mark.slow
+def test_make_all_calochallenge_photons_two_range_gans(tmp_path):
+    """`make all DATASET=1-photons` on small CaloChallenge-format files (synthetic showers, 60 per momentum 2^8 ..
+    2^22 MeV): a Low12 and a High12 GAN, each selected and exported (lwtnn JSON and ONNX equal to Keras within
+    1e-5), one combined generated file (2^12 from Low12) evaluated once, and the summary's row of both."""
+    import h5py
+    import export_lwtnn
+    import plumbing
+    from evalutils import write_synthetic
+
+    data = tmp_path / "data"
+    data.mkdir()
+    einc = np.repeat(2.0 ** np.arange(8, 23), 60)
+    for k, name in enumerate(("dataset_1_photons_1.hdf5", "dataset_1_photons_2.hdf5")):
+        e = np.random.default_rng(k).permutation(einc)
+        write_synthetic(str(data / name), "1-photons", e.size, 10 + k, einc=e)
+    work, results = tmp_path / "work", tmp_path / "results"
+    res = make("all", "DATASET=1-photons", f"DATA_DIR={data}", f"WORK={work}", f"RESULTS={results}", *CC_TINY)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = results / SLICE
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0.5, 0.5, (300, 50)).astype(np.float32)
+    cond = np.stack([rng.uniform(0, 1, 300), np.zeros(300)], axis=1).astype(np.float32)
+    for g in ("Low12", "High12"):
+        cfg = json.loads((work / SLICE / g / "run" / "config.json").read_text())
+        assert cfg["range"] == g and cfg["batches"] == "epoch"
+        assert cfg["generator"]["output_activation"] == ("relu" if g == "Low12" else "swish")
+        best = json.loads((out / g / "select" / "best.json").read_text())
+        assert best["best_iteration"] in (20, 40) and best["histogram"]["window"] == "mode"
+        gen = plumbing.load_generator(str(work / SLICE / g / "run"), best["best_iteration"])
+        keras_out = np.asarray(gen.predict({"noise": noise, "condition": cond}, verbose=0))
+        stem = out / g / "lwtnn" / f"neural_net_22_eta_0_130_{g}"
+        graph = json.loads(stem.with_suffix(".json").read_text())
+        assert np.max(np.abs(export_lwtnn.evaluate_graph(graph, noise, cond) - keras_out)) < 1e-5
+        onnx_out = export_lwtnn.run_onnx_rows(export_lwtnn.onnx_session(stem.with_suffix(".onnx").read_bytes()),
+                                              noise, cond)
+        assert np.max(np.abs(onnx_out - keras_out)) < 1e-5
+    combined = json.loads((out / "select" / "best.json").read_text())
+    served = {c["range"]: c["energies_served"] for c in combined["combined"]}
+    assert served == {"Low12": [2.0**k for k in range(8, 13)], "High12": [2.0**k for k in range(13, 23)]}
+    with h5py.File(out / "select" / "generated.h5") as f, h5py.File(data / "dataset_1_photons_2.hdf5") as h:
+        np.testing.assert_array_equal(f["incident_energies"][:, 0], h["incident_energies"][:, 0])
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["input_file"] == str((out / "select" / "generated.h5").resolve())
+    assert "negative_voxels" in metrics and math.isfinite(metrics["separation_power"]["Etot / Einc"])
+    row = json.loads((results / "summary" / "summary.json").read_text())["slices"][0]
+    assert row["range"] == "Low12 + High12" and row["state"] == "complete"
+    again = make("all", "DATASET=1-photons", f"DATA_DIR={data}", f"WORK={work}", f"RESULTS={results}", *CC_TINY)
+    assert again.returncode == 0 and "train.py" not in again.stdout and "evaluate.py" not in again.stdout

@@ -790,3 +790,63 @@ def test_metrics_carry_structured_per_energy_numbers_and_the_mean(tmp_path, caps
     assert m["separation_power_mean"]["value"] == pytest.approx(np.mean(list(seps.values())))
     assert ev.display_name("Etot / Einc at E = 4194304.0") == "Etot / Einc at E = 4.2 TeV"
     assert ev.occupied_range(np.linspace(0, 100, 101), np.r_[np.zeros(10), np.ones(5), np.zeros(85)]) == (9.0, 16.0)
+
+
+# ---------------------------------------------------------------------------------------------- negative voxels
+
+def test_negative_voxels_are_thresholded_as_the_reference_does(tmp_path, capsys, ds1):
+    """FastCaloGAN's High12 network (BN + swish output) writes negative voxels. CaloChallenge's evaluate.py sets
+    every voxel below its threshold (1 MeV for dataset 1) to zero and goes on, so a file with negative voxels
+    gives exactly the separation powers of the same file with those voxels at zero (whose parity with the
+    reference the tests above show); the count and the most negative value are on stderr and in metrics.json.
+    NaN and non-positive incident energies stay errors."""
+    _, gen_path, ref_path = ds1
+    with h5py.File(gen_path) as f:
+        einc, showers = f["incident_energies"][...], f["showers"][...]
+    rng = np.random.default_rng(3)
+    neg = showers.copy()
+    mask = rng.random(neg.shape) < 0.3
+    neg[mask] = -rng.uniform(0.01, 50.0, size=int(mask.sum())).astype(np.float32)
+    zeroed = np.where(neg < 0, np.float32(0), neg)
+    write_calo_file(tmp_path / "neg.h5", einc, neg)
+    write_calo_file(tmp_path / "zero.h5", einc, zeroed)
+    got = {}
+    for name in ("neg", "zero"):
+        out = tmp_path / f"out_{name}"
+        rc, _, err = _run(capsys, "-i", tmp_path / f"{name}.h5", "-r", ref_path, "-m", "hist-chi", "-d", "1-photons",
+                          "--output_dir", out, "--no_cache", "--jobs", "1", "--json", out / "metrics.json")
+        assert rc == 0, err
+        got[name] = (ev.read_chi2_file(out / "histogram_chi2_1-photons.txt"),
+                     json.load(open(out / "metrics.json")), err)
+    assert got["neg"][0] == got["zero"][0] and len(got["neg"][0]) > 10
+    report = got["neg"][1]["negative_voxels"]
+    assert report["generated"]["count"] == int(mask.sum())
+    assert report["generated"]["most_negative_mev"] == pytest.approx(float(neg.min()))
+    assert report["reference"] == {"count": 0, "fraction": 0.0, "most_negative_mev": None}
+    assert got["zero"][1]["negative_voxels"]["generated"]["count"] == 0
+    assert f"{int(mask.sum())} negative voxels in the generated file" in got["neg"][2]
+    assert "negative voxels" not in got["zero"][2]
+    # the E_tot / E_inc separation power recomputed the reference's way: threshold, sum, 50 bins
+    with h5py.File(ref_path) as f:
+        r_e, r_s = f["incident_energies"][:, 0], f["showers"][...]
+    thr = lambda x: np.where(x < 1.0, 0.0, x)                                   # noqa: E731
+    ratio_g = thr(neg).sum(axis=1) / einc[:, 0]
+    ratio_r = thr(r_s).sum(axis=1) / r_e
+    h_g, h_r = (np.histogram(x, np.linspace(0.5, 1.5, 101))[0].astype(np.float64) for x in (ratio_g, ratio_r))
+    h_g, h_r = h_g / h_g.sum(), h_r / h_r.sum()
+    sep = 0.5 * ((h_g - h_r) ** 2 / (h_g + h_r + 1e-16)).sum()
+    assert got["neg"][1]["separation_power"]["Etot / Einc"] == pytest.approx(sep, abs=1e-9)
+    assert sep > 0.05       # the zeroed voxels move E_tot: the number is not the untouched file's
+    # NaN in a voxel and a zero incident energy are still refused with one line
+    bad = neg.copy()
+    bad[2, 5] = np.nan
+    write_calo_file(tmp_path / "nan.h5", einc, bad)
+    rc, _, err = _run(capsys, "-i", tmp_path / "nan.h5", "-r", ref_path, "-m", "hist-chi", "-d", "1-photons",
+                      "--output_dir", tmp_path / "o2", "--no_cache", "--jobs", "1")
+    assert rc == 2 and "NaN/inf" in err
+    e0 = einc.copy()
+    e0[1] = 0.0
+    write_calo_file(tmp_path / "e0.h5", e0, neg)
+    rc, _, err = _run(capsys, "-i", tmp_path / "e0.h5", "-r", ref_path, "-m", "hist-chi", "-d", "1-photons",
+                      "--output_dir", tmp_path / "o3", "--no_cache", "--jobs", "1")
+    assert rc == 2 and "non-positive" in err

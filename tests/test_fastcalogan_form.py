@@ -302,3 +302,27 @@ def test_prepare_labels_from_xml_or_flag(tmp_path, xml, flag, scheme):
     np.testing.assert_allclose(label, want, rtol=1e-6)
     assert sorted(set(label.tolist())) == sorted(set(want.astype(np.float32).tolist()))
     np.testing.assert_allclose(voxels, showers / ekin[:, None], rtol=1e-6)           # normE: voxels / E_kin
+
+
+def test_low12_and_high12_training_files_have_their_own_logE_labels(tmp_path):
+    """A CaloChallenge photon file with momenta 2^6..2^22 MeV: prepare --range Low12 keeps 2^8..2^12 (both ends),
+    labelled log(p / 2^8) / log(2^4) = 0, 1/4, ..., 1; High12 keeps 2^12..2^22, labelled log(p / 2^12) / log(2^10)
+    = 0, 0.1, ..., 1 (BoloGAN common/DataParameters.py; photons: E_kin = p); 2^12 is in both, at 1 and at 0."""
+    exps = np.repeat(np.arange(6, 23), 3)
+    einc = 2.0 ** exps
+    showers = np.outer(einc, np.full(368, 1.0 / 368)).astype(np.float32)
+    src = str(tmp_path / "cc.h5")
+    P.write_calo_file(src, einc, showers)
+    for name, lo, hi in (("Low12", 8, 12), ("High12", 12, 22)):
+        out = str(tmp_path / f"train_{name}.h5")
+        assert preprocess.main(["prepare", "--binning", os.path.join(P.__file__.rsplit("/", 1)[0], "binning",
+                                "binning_dataset_1_photons.xml"), "--particle", "photon", "--range", name,
+                                "--out", out, src]) == 0
+        with h5py.File(out) as f:
+            p = f["incident_energies"][:, 0]
+            label = f["label"][:]
+            assert (f.attrs["p_min"], f.attrs["p_max"]) == (2.0**lo, 2.0**hi)
+            assert f.attrs["range"] == name
+        assert sorted(set(np.log2(p).round().astype(int).tolist())) == list(range(lo, hi + 1))
+        np.testing.assert_allclose(label, (np.log2(p) - lo) / (hi - lo), atol=1e-6)
+        assert label.min() == pytest.approx(0.0, abs=1e-7) and label.max() == pytest.approx(1.0)

@@ -54,7 +54,7 @@ def planned(tree, *args):
     res = subprocess.run(base + ["-n", "all", *args], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     found = {}
-    for line in res.stdout.splitlines():
+    for line in re.sub(r"\\\n\s*", " ", res.stdout).splitlines():      # continued recipe lines joined
         if re.search(r"fakepy summary\.py ", line):      # the summary of every slice
             found.setdefault("summary", set()).add("summary.py")
             continue
@@ -77,7 +77,7 @@ def test_unchanged_rerun_plans_nothing(tree):
     ("SEED=7", ALL),
     ("RANGE=high", {"prepare"} | AFTER_TRAIN),
     ("SELECT_EVENTS=100", AFTER_SELECT),
-    ("SELECT_ARGS=", AFTER_SELECT),                    # the demo's default is --overflow
+    ("SELECT_ARGS=", AFTER_SELECT),                    # the demo's default is --overflow --window mean
     ("CLS_EPOCHS=3", {"evaluate.py"}),
     ("EVAL_ARGS=--jobs 1", {"evaluate.py"}),
     ("EXPORT_ARGS=--check-events 10", {"export_lwtnn.py"}),
@@ -156,3 +156,42 @@ def test_clean_hits_redoes_nothing(tree):
     assert subprocess.run(base + ["clean-hits"], capture_output=True, timeout=60).returncode == 0
     assert not (repo / "work/demo/photon_0.20/hits").exists() and (repo / "work/demo/photon_0.20/voxels.h5").exists()
     assert planned(tree) == {}
+
+
+def test_calochallenge_photons_plan_two_gans_per_slice_and_one_evaluation(tree, tmp_path):
+    """DATASET=1-photons: per slice a Low12 and a High12 GAN (prepare, train, select, export each, in their own
+    folders, with BoloGAN's batches and 10,000 showers per energy in the epoch choice), one combination of the
+    two generated files, one evaluate.py of it; after a (stand-in) run nothing is planned; pions stay one All GAN."""
+    repo, base = tree
+    data = tmp_path / "cc"
+    data.mkdir()
+    for name in ("dataset_1_photons_1.hdf5", "dataset_1_photons_2.hdf5", "dataset_1_pions_1.hdf5",
+                 "dataset_1_pions_2.hdf5"):
+        (data / name).write_text("")
+    cc = base + ["DATASET=1-photons", f"DATA_DIR={data}"]
+    res = subprocess.run(cc + ["-n", "all"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = re.sub(r"\\\n\s*", "", res.stdout)      # recipe lines continued with a backslash, joined
+    w, r = "work/1-photons/photon_0.20", "results/1-photons/photon_0.20"
+    ranges = ("Low12", "High12")
+    prepares = re.findall(r"fakepy preprocess\.py prepare .*--range (\S+)\s+(?:\\\s+)?--out (\S+) (\S+)", out)
+    assert sorted(prepares) == sorted((g, f"{w}/{g}/train.h5", f"{w}/voxels.h5") for g in ranges)
+    trains = re.findall(r"fakepy train\.py --data (\S+) --out (\S+) .*--batches epoch", out)
+    assert sorted(trains) == sorted((f"{w}/{g}/train.h5", f"{w}/{g}/run") for g in ranges)
+    selects = re.findall(r"fakepy select_epoch\.py --run (\S+) --reference (\S+)\s+(?:\\\s+)?--events (\d+) "
+                         r"--generate-like (\S+) .*--out (\S+)", out)
+    assert sorted(selects) == sorted((f"{w}/{g}/run", f"{w}/voxels.h5", "10000", f"{w}/voxels_heldout.h5",
+                                      f"{r}/{g}/select") for g in ranges)
+    assert re.findall(r"fakepy select_epoch\.py --combine (\S+) (\S+)\s+(?:\\\s+)?--generate-like (\S+) --out (\S+)",
+                      out) == [(f"{r}/Low12/select", f"{r}/High12/select", f"{w}/voxels_heldout.h5", f"{r}/select")]
+    exports = re.findall(r"fakepy export_lwtnn\.py --run (\S+) --best (\S+) --out (\S+)", out)
+    assert sorted(exports) == sorted((f"{w}/{g}/run", f"{r}/{g}/select/best.json", f"{r}/{g}/lwtnn") for g in ranges)
+    assert re.findall(r"fakepy evaluate\.py -i (\S+) -r (\S+)", out) == [(f"{r}/select/generated.h5",
+                                                                          f"{w}/voxels_heldout.h5")]
+    assert subprocess.run(cc + ["all"], capture_output=True, timeout=120).returncode == 0
+    again = subprocess.run(cc + ["-n", "all"], capture_output=True, text=True, timeout=120)
+    assert "fakepy" not in again.stdout, again.stdout
+    pions = subprocess.run(base + ["-n", "all", "DATASET=1-pions", f"DATA_DIR={data}"], capture_output=True,
+                           text=True, timeout=120)
+    assert re.findall(r"--range (\S+)", pions.stdout) == ["All"] and "--combine" not in pions.stdout
+    assert "work/1-pions/pion_0.20/run" in pions.stdout

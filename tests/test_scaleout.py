@@ -209,3 +209,24 @@ def test_make_slurm_barrel_array_and_summary_after_any(repo_copy, tmp_path):
     env["SLURM_ARRAY_TASK_ID"] = "77"
     res = subprocess.run(["bash", str(out / "calokit_array.sh")], env=env, check=True, capture_output=True, text=True)
     assert res.stdout.split()[:2] == ["results/demo/pion_1.25/lwtnn/.done", "results/demo/pion_1.25/eval/metrics.json"]
+
+
+def test_two_ranges_per_slice_build_both_gans_in_the_slice_nodes(tmp_path):
+    """--ranges "Low12 High12" (FastCaloGAN's photons): the prepare/train/export nodes of a slice build both
+    ranges' targets, select and evaluate stay one per slice (select combines); the Slurm task exports both."""
+    out = tmp_path / "condor"
+    assert scaleout.main(["condor", "--slices", "photon_0.20", "--ranges", "Low12 High12", "--work", "w",
+                          "--results", "r", "--out", str(out)]) == 0
+    jobs, vars_, _ = parse_dag((out / "calokit.dag").read_text())
+    targets = {st: shlex.split(vars_[scaleout.node_name(st, "photon_0.20")]["make_args"])[2:-2]
+               for st in scaleout.STAGES}
+    assert targets["train"] == ["w/photon_0.20/Low12/run/.done", "w/photon_0.20/High12/run/.done"]
+    assert targets["prepare"] == ["w/photon_0.20/Low12/train.h5", "w/photon_0.20/High12/train.h5"]
+    assert targets["export"] == ["r/photon_0.20/Low12/lwtnn/.done", "r/photon_0.20/High12/lwtnn/.done"]
+    assert targets["select"] == ["r/photon_0.20/select/best.json"]
+    assert targets["evaluate"] == ["r/photon_0.20/eval/metrics.json"]
+    slurm = tmp_path / "slurm"
+    assert scaleout.main(["slurm", "--slices", "photon_0.20", "--ranges", "Low12 High12", "--work", "w",
+                          "--results", "r", "--out", str(slurm)]) == 0
+    text = (slurm / "calokit_array.sh").read_text()
+    assert '"r/$SLICE/Low12/lwtnn/.done" "r/$SLICE/High12/lwtnn/.done" "r/$SLICE/eval/metrics.json"' in text

@@ -134,7 +134,8 @@ def test_select_epoch_outputs(tiny_run):
         if math.isfinite(float(total["chi2"])):
             assert float(total["chi2"]) == pytest.approx(sum(float(r["chi2"]) for r in fit), rel=1e-5)
     totals = [float(r["chi2_ndf"]) for r in rows if r["role"] == "total"]
-    assert best["best_iteration"] == its[se.best_index(totals)]
+    assert best["best_iteration"] == its[se.best_index(totals, "mode")]
+    assert best["histogram"]["window"] == "mode" and best["histogram"]["ties"].startswith("later")
     assert best["checkpoint"] == os.path.abspath(os.path.join(run, f"ckpt_{best['best_iteration']}"))
     assert sorted(float(e) for e in best["per_energy"]) == [2.0**8, 2.0**11, 2.0**17]
     assert list(best["excluded"]) == [f"{EXCLUDED:g}"]
@@ -163,8 +164,9 @@ def test_select_epoch_outputs(tiny_run):
     gen_etot = plumbing.generate(g, np.full(500, label), np.random.default_rng(4)).sum(axis=1, dtype=np.float64) * e
     with h5py.File(ref) as f:
         ref_etot = f["showers"][...].sum(axis=1, dtype=np.float64)[einc == e]
-    chi2, ndf = se.etot_chi2(ref_etot, gen_etot, "photon")
+    chi2, ndf = se.etot_chi2(ref_etot, gen_etot, "photon", window="mode", momentum=e)
     mine = best["per_energy"]["256"]
+    assert mine["histogram_range"] == pytest.approx(list(se.histogram_range(ref_etot, "photon", "mode", e)))
     assert mine["ndf"] == ndf
     assert (mine["chi2"] is None and chi2 == math.inf) or mine["chi2"] == pytest.approx(chi2, rel=1e-4)
 
@@ -215,3 +217,101 @@ def test_generate_like_heldout(tiny_run):
     with h5py.File(best["reference_for_evaluate"]) as f:
         np.testing.assert_array_equal(f["showers"][...], showers[inrange])
     assert best["generated_like"] == os.path.abspath(heldout)
+
+
+# ----------------------------------------------------------------------------------------------
+# FastCaloGAN's window (BoloGAN plotting/selectBestEpoch_Energy.py) and the combination of energy ranges
+
+def test_mode_window_on_hand_made_histograms():
+    """p = 100 MeV: 100 bins of 2 MeV over [0, 200). Two equal peaks at 50.5 and 150.5 (bins 25 and 75): the first
+    wins, mode = its centre 51; RMS of the entries inside [0, 200) only (500 and -1 are outside) = 50; lower edge
+    51 - 3 x 50 < 0 -> clipped at 0, upper 51 + 3 x 50 = 201 (photons); pions a, b = 4, 3.5 -> 0, 226."""
+    ref = np.array([50.5] * 30 + [150.5] * 30 + [500.0, -1.0])
+    assert se.mode_and_rms(ref, 100.0) == (pytest.approx(51.0), pytest.approx(50.0))
+    assert se.histogram_range(ref, "photon", "mode", 100.0) == (0.0, pytest.approx(201.0))
+    assert se.histogram_range(ref, "pion", "mode", 100.0) == (0.0, pytest.approx(226.0))
+    # one narrow peak: 120.3 and 121.1 both in bin 60 (centre 121), RMS 0.4 -> [121 - 1.2, 121 + 1.2]
+    narrow = np.array([120.3] * 100 + [121.1] * 100)
+    assert se.histogram_range(narrow, "photon", "mode", 100.0) == (pytest.approx(119.8), pytest.approx(122.2))
+    # the mean window of the same sample: mean 120.7, SD 0.4
+    assert se.histogram_range(narrow, "photon", "mean") == (pytest.approx(119.5), pytest.approx(121.9))
+    # ties: BoloGAN compares chi2/ndf at 3 decimals and keeps the later checkpoint; the mean window the earlier
+    assert se.best_index([3.0, 1.0, 1.0002, 2.0], "mode") == 2
+    assert se.best_index([3.0, 1.0, 1.0002, 2.0], "mean") == 1
+    assert se.best_index([3.0, 1.0, 1.002, 2.0], "mode") == 1
+    assert se.best_index([math.inf, math.inf], "mode") == 1
+
+
+def test_identical_checkpoints_tie_to_the_later_one(tiny_run, tmp_path):
+    """A run whose last checkpoint is a copy of its first under a later iteration: the mode window picks the
+    copy when the first was best, the mean window the first (same noise, equal chi2)."""
+    import shutil
+    run, ref, _ = tiny_run
+    twin = str(tmp_path / "twin")
+    os.makedirs(twin)
+    shutil.copy(os.path.join(run, "config.json"), twin)
+    for it in (4, 8):
+        shutil.copytree(os.path.join(run, "ckpt_4"), os.path.join(twin, f"ckpt_{it}"))
+    # a reference the checkpoint itself generated (other noise), so that every chi2 is finite
+    cfg = plumbing.read_run_config(run)
+    g = plumbing.load_generator(run, 4)
+    es = np.repeat([2.0**8, 2.0**11, 2.0**17], 300)
+    label = condition_label(kinetic_energy(es, "photon"), cfg["ekin_min"], cfg["ekin_max"])
+    ref = str(tmp_path / "own.h5")
+    plumbing.write_calo_file(ref, es, plumbing.generate(g, label, 11) * es[:, None])
+    for window, expected in (("mode", 8), ("mean", 4)):
+        out = str(tmp_path / window)
+        assert se.main(["--run", twin, "--reference", ref, "--events", "200", "--out", out, "--no-generated",
+                        "--window", window]) == 0
+        with open(os.path.join(out, "best.json")) as f:
+            assert json.load(f)["best_iteration"] == expected
+
+
+def test_combine_takes_each_energy_from_its_range(tmp_path, capsys):
+    """Low12 (2^8..2^12) and High12 (2^12..2^22) runs, each selected for the same held-out file (2^5, 2^8, 2^12,
+    2^17): the combined file keeps the held-out order, 2^12 from Low12 (FastCaloSim: p > 2^12 -> High12), 2^17
+    from High12, and leaves out 2^5 (in no range), which reference_inrange.h5 leaves out too."""
+    heldout = str(tmp_path / "heldout.h5")
+    energies = (2.0**5, 2.0**8, 2.0**12, 2.0**17)
+    einc, showers = synthetic_showers(energies, 20, seed=5)
+    order = np.random.default_rng(1).permutation(einc.size)
+    einc, showers = einc[order], showers[order]
+    with h5py.File(heldout, "w") as f:
+        f["incident_energies"] = einc.reshape(-1, 1)
+        f["showers"] = showers
+    sel = {}
+    for name, es in (("Low12", (2.0**8, 2.0**12)), ("High12", (2.0**12, 2.0**17))):
+        data = write_training_file(str(tmp_path / f"train_{name}.h5"), energies=es, n_per_energy=50, seed=3,
+                                   rng_name=name)
+        run = str(tmp_path / f"run_{name}")
+        assert train.main(["--data", data, "--out", run, "--iterations", "2", "--checkpoint-every", "2",
+                           "--batch-size", "16", "--no-jit"]) == 0
+        sel[name] = str(tmp_path / f"sel_{name}")
+        assert se.main(["--run", run, "--reference", heldout,
+                        "--events", "50", "--out", sel[name], "--generate-like", heldout]) == 0
+    out = str(tmp_path / "combined")
+    assert se.main(["--combine", sel["Low12"], sel["High12"], "--generate-like", heldout, "--out", out]) == 0
+    with h5py.File(os.path.join(out, "generated.h5")) as f:
+        ce, cs = f["incident_energies"][:, 0], f["showers"][...]
+    covered = einc > 2.0**5
+    np.testing.assert_array_equal(ce, einc[covered])
+    parts = {}
+    for name in sel:
+        with h5py.File(os.path.join(sel[name], "generated.h5")) as f:
+            parts[name] = (f["incident_energies"][:, 0], f["showers"][...])
+    for e, name in ((2.0**8, "Low12"), (2.0**12, "Low12"), (2.0**17, "High12")):
+        pe, ps = parts[name]
+        np.testing.assert_array_equal(cs[ce == e], ps[pe == e])
+    assert not np.array_equal(cs[ce == 2.0**12], parts["High12"][1][parts["High12"][0] == 2.0**12])
+    with open(os.path.join(out, "best.json")) as f:
+        best = json.load(f)
+    served = {c["range"]: c["energies_served"] for c in best["combined"]}
+    assert served == {"Low12": [2.0**8, 2.0**12], "High12": [2.0**17]}
+    with h5py.File(best["reference_for_evaluate"]) as f:
+        np.testing.assert_array_equal(f["incident_energies"][:, 0], einc[covered])
+    # a selection made for another file is refused with one line
+    import shutil
+    other = str(tmp_path / "other.h5")
+    shutil.copy(heldout, other)
+    assert se.main(["--combine", sel["Low12"], "--generate-like", other, "--out", str(tmp_path / "bad")]) == 2
+    assert "not for" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -3,7 +3,9 @@ import csv
 import json
 import math
 import os
+import shutil
 
+import h5py
 import numpy as np
 import pytest
 
@@ -244,3 +246,44 @@ def test_grid_title_and_labels_lie_inside_the_figure(tmp_path, n, kind):
     finally:
         import matplotlib.pyplot as plt
         plt.close(fig)
+
+
+def test_slice_of_two_range_gans_lists_both_choices_and_exports(tmp_path):
+    """A slice trained as Low12 + High12: the combined selection's best.json gives the row's range and both best
+    iterations; the exports come from <range>/lwtnn/ (one network per range); a missing range export is named.
+    Negative voxels in the generated file (the High12 network's BN + swish output) are summed as they are."""
+    results, work = str(tmp_path / "results"), str(tmp_path / "work")
+    gen, ref = make_slice(results, work, "photon_0.20", seed=1)
+    folder = os.path.join(results, "photon_0.20")
+    with h5py.File(gen, "r+") as f:
+        s = f["showers"][...]
+        s[:, 0] = -1.0
+        f["showers"][...] = s
+    shutil.rmtree(os.path.join(folder, "lwtnn"))
+    for rng, it in (("Low12", 1500), ("High12", 900)):
+        d = os.path.join(folder, rng, "lwtnn")
+        os.makedirs(d)
+        for suffix in (".json", ".onnx"):
+            with open(os.path.join(d, f"neural_net_22_eta_20_25_{rng}{suffix}"), "w") as fh:
+                fh.write("{}")
+    with open(os.path.join(folder, "select", "best.json"), "w") as f:
+        json.dump({"combined": [{"range": "Low12", "best_iteration": 1500, "chi2_ndf": 2.0},
+                                {"range": "High12", "best_iteration": 900, "chi2_ndf": 3.0}],
+                   "best_iteration": {"Low12": 1500, "High12": 900}, "chi2_ndf": None,
+                   "generated": gen, "reference_for_evaluate": ref}, f)
+    out = str(tmp_path / "summary")
+    assert summary.main(["--results", results, "--out", out, "--slices", "photon_0.20"]) == 0
+    s = json.load(open(os.path.join(out, "summary.json")))["slices"][0]
+    assert s["state"] == "complete" and s["range"] == "Low12 + High12"
+    assert s["best_iteration"] == "Low12 1500, High12 900"
+    assert [e["file"] for e in s["exports"]] == [
+        "High12/neural_net_22_eta_20_25_High12.json", "High12/neural_net_22_eta_20_25_High12.onnx",
+        "Low12/neural_net_22_eta_20_25_Low12.json", "Low12/neural_net_22_eta_20_25_Low12.onnx"]
+    d_gen = direct(gen, "photon")
+    assert len(s["points"]) == len(ENERGIES)
+    for p in s["points"]:
+        assert p["response_gen"] == pytest.approx(d_gen[p["e_inc"]][0], rel=1e-12)
+    shutil.rmtree(os.path.join(folder, "High12"))
+    assert summary.main(["--results", results, "--out", out, "--slices", "photon_0.20"]) == 0
+    s = json.load(open(os.path.join(out, "summary.json")))["slices"][0]
+    assert s["state"] == "incomplete" and s["missing"] == ["High12/lwtnn/*.json"]

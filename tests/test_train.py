@@ -586,9 +586,9 @@ def test_sequential_training_draws_from_the_growing_sample(tmp_path, train_file,
     seen = []
     real = train.draw_batches
 
-    def spy(rng, n_events, cfg, pool=None):
+    def spy(rng, n_events, cfg, pool=None, sampler=None):
         seen.append(None if pool is None else np.unique(pool).size)
-        return real(rng, n_events, cfg, pool)
+        return real(rng, n_events, cfg, pool, sampler)
 
     monkeypatch.setattr(train, "draw_batches", spy)
     out = str(tmp_path / "seq")
@@ -601,3 +601,86 @@ def test_sequential_training_draws_from_the_growing_sample(tmp_path, train_file,
     seen.clear()
     assert _train(train_file, str(tmp_path / "all"), 2, 2, 1, "--batch-size", "8", "--n-critic", "1") == 0
     assert seen == [None, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# FastCaloGAN's range names pick its networks; BoloGAN's batches (epochs without replacement)
+
+def test_fastcalogan_range_names_pick_bologans_networks(tmp_path):
+    """Without any XML range settings, FastCaloGAN's range name decides as BoloGAN's XML does for its
+    CaloChallenge photons: Low12 -> ReLU + batch-norm (LeakyReLU(0) output, no batch-norm on it); High12 ->
+    (Dense -> BN -> swish) x 3, Dense -> BN -> swish; calokit's 'high' keeps a ReLU output; pions All -> ReLU."""
+    keras = train._keras()
+    keras.utils.set_random_seed(0)
+
+    def cfg_of(particle, rng_name, p_max):
+        args = train.parse_args(["--data", "x.h5", "--out", "run"])
+        attrs = {"particle": particle, "n_voxels": 26, "latent_dim": 50, "eta_min": 0.0, "eta_max": 5.0,
+                 "range": rng_name, "p_max": p_max}
+        return train.make_config(args, {"attrs": attrs, "voxels": np.zeros((4, 26), np.float32)}, {})
+
+    low, high = cfg_of("photon", "Low12", 2.0**12), cfg_of("photon", "High12", 2.0**22)
+    assert _sequence(train.networks_from_config(low)[0]) == [
+        ("Dense", 50, "linear"), ("BatchNormalization",), ("LeakyReLU", 0.0),
+        ("Dense", 100, "linear"), ("BatchNormalization",), ("LeakyReLU", 0.0),
+        ("Dense", 200, "linear"), ("BatchNormalization",), ("LeakyReLU", 0.0),
+        ("Dense", 26, "linear"), ("LeakyReLU", 0.0)]
+    assert _sequence(train.networks_from_config(high)[0]) == [
+        ("Dense", 50, "linear"), ("BatchNormalization",), ("Activation", "silu"),
+        ("Dense", 100, "linear"), ("BatchNormalization",), ("Activation", "silu"),
+        ("Dense", 200, "linear"), ("BatchNormalization",), ("Activation", "silu"),
+        ("Dense", 26, "linear"), ("BatchNormalization",), ("Activation", "silu")]
+    assert high["generator"]["output_batchnorm"] and "High12" in high["settings_source"]["output_activation"]
+    calokit_high = cfg_of("photon", "high", 2.0**22)["generator"]
+    assert (calokit_high["activation"], calokit_high["output_activation"]) == ("swish", "relu")
+    pion = cfg_of("pion", "All", 2.0**22)["generator"]
+    assert (pion["activation"], pion["batchnorm"], pion["output_activation"]) == ("relu", False, "relu")
+
+
+def test_high12_training_keeps_batchnorm_statistics_frozen(tmp_path):
+    """Two iterations of a High12 run: every batch-norm (hidden and output) still has moving mean 0 and
+    variance 1 (inference mode, as BoloGAN trains), only gamma/beta moved; negative voxels are possible."""
+    data = write_training_file(str(tmp_path / "train_High12.h5"), energies=(2.0**12, 2.0**16, 2.0**22),
+                               n_per_energy=40, rng_name="High12")
+    out = str(tmp_path / "run")
+    assert _train(data, out, 2, 2, 1, "--batch-size", "16", "--batches", "epoch") == 0
+    gen = plumbing.load_generator(out)
+    bns = [layer for layer in gen.layers if type(layer).__name__ == "BatchNormalization"]
+    assert len(bns) == 4
+    moved = 0.0
+    for bn in bns:
+        gamma, beta, mean, var = bn.get_weights()
+        assert not mean.any() and (var == 1).all()
+        moved += np.abs(gamma - 1).sum() + np.abs(beta).sum()
+    assert moved > 0
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["batches"] == "epoch" and cfg["generator"]["output_activation"] == "swish"
+    with open(os.path.join(out, "ckpt_2", "state.json")) as f:
+        assert json.load(f)["batches"] == {"size": 120, "epoch": 1, "pos": 40}     # 2 x 5 x 16 = 160 = 120 + 40
+
+
+def test_epoch_batches_cover_every_event_once_per_epoch():
+    """10 events, 2 critic steps x batch 3 = 6 per iteration: iterations 1-5 draw 30 = three whole passes, each a
+    permutation of 0..9 and each pass shuffled anew; a sampler rebuilt from its state continues identically;
+    a sequential pool draws only its own events, once each per pass."""
+    cfg = {"batch_size": 3, "n_critic": 2, "latent_dim": 2, "noise": {"mean": 0.5, "std": 0.5}}
+    rng = np.random.default_rng(0)
+    s = train.EpochBatches(7)
+    drawn = np.concatenate([train.draw_batches(rng, 10, cfg, None, s)[0].ravel() for _ in range(5)])
+    passes = drawn.reshape(3, 10)
+    for p in passes:
+        assert sorted(p.tolist()) == list(range(10))
+    assert not (passes[0] == passes[1]).all() and not (passes[1] == passes[2]).all()
+    state = s.state()
+    assert state == {"size": 10, "epoch": 2, "pos": 10}
+    a = [s.take(6, 10).tolist() for _ in range(3)]
+    b = [train.EpochBatches(7, json.loads(json.dumps(state))).take(18, 10).tolist()]
+    assert sum(a, []) == b[0]
+    pool = np.array([3, 5, 8, 9])
+    p = train.EpochBatches(1)
+    got = p.take(8, 10, pool)
+    assert sorted(got[:4].tolist()) == [3, 5, 8, 9] and sorted(got[4:].tolist()) == [3, 5, 8, 9]
+    # with replacement (the other option) repeats events within 10 draws of 10 for this seed
+    idx = train.draw_batches(np.random.default_rng(0), 10, {**cfg, "n_critic": 1, "batch_size": 10})[0]
+    assert len(set(idx.ravel().tolist())) < 10
