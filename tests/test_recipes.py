@@ -35,15 +35,16 @@ def test_recipes_are_recorded_and_flags_win(tmp_path, data):
     assert cfg["recipe"] == "fastcalogan" and cfg["recipe_description"] == train.RECIPES["fastcalogan"]["description"]
     assert (cfg["n_critic"], cfg["lr"], cfg["lr_decay"], cfg["critic"]["summaries"]) == (5, 1e-4, 1.0, None)
 
-    assert _train(data, tmp_path / "ck", 2, 2, "--no-jit", "--recipe", "calokit", "--n-critic", "3") == 0
+    assert _train(data, tmp_path / "ck", 2, 2, "--no-jit", "--recipe", "calokit", "--n-critic", "3",
+                  "--critic-summaries", "energy") == 0
     cfg = plumbing.read_run_config(str(tmp_path / "ck"))
     src = cfg["settings_source"]
     assert cfg["recipe"] == "calokit"
     assert (cfg["n_critic"], src["n_critic"]) == (3, "command line")
     assert (cfg["lr"], src["lr"]) == (2e-4, "recipe calokit")
-    assert (cfg["lr_decay"], src["lr_decay"]) == (0.1, "recipe calokit")
+    assert (cfg["lr_decay"], src["lr_decay"]) == (1.0, "default")
     summ = cfg["critic"]["summaries"]
-    assert summ["mode"] == "energy" and np.shape(summ["mu"]) == np.shape(summ["log_sigma"]) == (4, 6)
+    assert src["critic_summaries"] == "command line" and summ["mode"] == "energy" and np.shape(summ["mu"]) == np.shape(summ["log_sigma"]) == (4, 6)
     # dataset-1 photons: the total and the 5 voxelised layers (8, 160, 190, 5, 5 voxels)
     assert summ["spans"] == [[0, 8], [8, 168], [168, 358], [358, 363], [363, 368]]
     assert len(summ["mean"]) == len(summ["std"]) == 6
@@ -84,12 +85,16 @@ def test_cosine_learning_rate_values():
     assert train.main(["--data", "x.h5", "--out", "y", "--lr-decay", "0"]) == 2
 
 
-def test_calokit_recipe_resumes_exactly(tmp_path, data):
+def test_decay_and_summaries_resume_exactly(tmp_path, data):
+    """A killed run with the decaying rate (its schedule is in the optimiser state) and the critic's summaries
+    continues exactly."""
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    assert _train(data, ref, 8, 4, "--recipe", "calokit", "--keep-resume", "2", "--no-jit") == 0
+    assert _train(data, ref, 8, 4, "--recipe", "calokit", "--lr-decay", "0.1", "--critic-summaries", "global",
+                  "--keep-resume", "2", "--no-jit") == 0
     shutil.copytree(ref, cut)
     shutil.rmtree(cut / "ckpt_8")          # as if killed after the first checkpoint
-    assert _train(data, cut, 8, 4, "--recipe", "calokit", "--keep-resume", "2", "--no-jit", "--resume") == 0
+    assert _train(data, cut, 8, 4, "--recipe", "calokit", "--lr-decay", "0.1", "--critic-summaries", "global",
+                  "--keep-resume", "2", "--no-jit", "--resume") == 0
     np.testing.assert_array_equal(read_losses(str(cut)), read_losses(str(ref)))
 
 
