@@ -116,6 +116,9 @@ def parse_args(argv=None):
     p.add_argument("--lr-decay", type=float, default=None, metavar="F",
                    help="cosine learning-rate decay from --lr to F x --lr over --iterations (1 = constant: "
                         "FastCaloGAN; recipe's choice, else 1)")
+    p.add_argument("--init", default=None, choices=["he", "glorot"],
+                   help="kernel initialisation of both networks: he = He-uniform, zero biases (FastCaloGAN); glorot "
+                        "= Keras' Glorot-uniform (recipe's choice, else he)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (XML batchSize, else 128)")
     p.add_argument("--n-critic", type=int, default=None,
                    help="critic updates per generator update (XML gdratio, else 5)")
@@ -359,7 +362,8 @@ def _activation_layer(layers, activation, batchnorm, name):
 
 
 def build_generator(n_voxels, latent_dim=50, cond_dim=2, hidden=GENERATOR_HIDDEN, activation="swish",
-                    batchnorm=False, output_activation="relu", output_batchnorm=False, layout="fastcalogan"):
+                    batchnorm=False, output_activation="relu", output_batchnorm=False, layout="fastcalogan",
+                    init="he"):
     """FastCaloGAN generator: [noise, condition] -> (Dense -> [BatchNorm] -> activation) x hidden -> output.
 
     Inputs are named ``noise`` (latent_dim) and ``condition`` (cond_dim); the last layer is named ``voxels``.
@@ -371,11 +375,12 @@ def build_generator(n_voxels, latent_dim=50, cond_dim=2, hidden=GENERATOR_HIDDEN
     * ReLU without batch-norm: Dense with a fused ReLU on every layer, output included.
 
     ``layout="legacy"`` rebuilds runs of earlier calokit versions (Keras' default Glorot initialisation,
-    Dense -> [BatchNorm] -> Activation, output Dense -> Activation).
+    Dense -> [BatchNorm] -> Activation, output Dense -> Activation). ``init="glorot"`` builds FastCaloGAN's
+    layers with Keras' default Glorot-uniform kernels instead of He-uniform (same network, other start).
     """
     keras = _keras()
     layers = keras.layers
-    he = layout != "legacy"
+    he = layout != "legacy" and init == "he"
     noise = keras.Input(shape=(int(latent_dim),), name="noise")
     cond = keras.Input(shape=(int(cond_dim),), name="condition")
     h = layers.Concatenate(name="concat")([noise, cond])
@@ -547,10 +552,10 @@ def batchnorm_training(cfg):
 def networks_from_config(cfg):
     """(generator, critic) built from a run's config.json dict."""
     g, c = cfg["generator"], cfg["critic"]
-    layout = g.get("layout", "legacy")
+    layout, init = g.get("layout", "legacy"), cfg.get("init", "he")
     gen = build_generator(cfg["n_voxels"], cfg["latent_dim"], 2, g["hidden"], g["activation"], g["batchnorm"],
-                          g["output_activation"], g.get("output_batchnorm", False), layout)
-    critic = build_critic(cfg["n_voxels"], 2, c["hidden"], c["activation"], he=layout != "legacy",
+                          g["output_activation"], g.get("output_batchnorm", False), layout, init)
+    critic = build_critic(cfg["n_voxels"], 2, c["hidden"], c["activation"], he=layout != "legacy" and init == "he",
                           summaries=c.get("summaries"))
     return gen, critic
 
@@ -986,6 +991,7 @@ def make_config(args, data, dropped):
     if mode != "off":
         summaries = summary_settings(data["voxels"], layer_spans(attrs, args.binning), data["label"], mode)
     lr_decay = float(st.get("lr_decay", args.lr_decay, None, 1.0))
+    init = st.get("init", args.init, None, "he")
     latent = st.get("latent_dim", args.latent_dim, "latentDim", int(attrs["latent_dim"]), "training file")
     batch = st.get("batch_size", args.batch_size, "batchSize", 128)
     n_critic = st.get("n_critic", args.n_critic, "gdratio", 5)
@@ -1008,7 +1014,7 @@ def make_config(args, data, dropped):
                       "batchnorm_mode": bn_mode, "layout": "fastcalogan"},
         "critic": {"hidden": [int(n) for n in critic], "activation": "relu", "summaries": summaries},
         "recipe": args.recipe, "recipe_description": RECIPES[args.recipe]["description"],
-        "lr_decay": lr_decay, "lr_decay_iterations": int(args.iterations),
+        "lr_decay": lr_decay, "lr_decay_iterations": int(args.iterations), "init": init,
         "batches": args.batches,
         "strategy": {"name": args.strategy, "first_sample_iterations": int(args.first_sample_iterations),
                      "add_every": int(args.add_every)},

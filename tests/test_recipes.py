@@ -4,6 +4,7 @@ Each recipe writes what it is into config.json, a flag beats the recipe, the cri
 computes (E_layer - mean) / std exactly, the cosine schedule has its analytic values, a killed calokit-recipe
 run resumes exactly, and its generator exports to lwtnn JSON and ONNX equal to Keras.
 """
+import math
 import os
 import shutil
 
@@ -107,3 +108,11 @@ def test_every_recipe_exports_equal_to_keras(tmp_path, data, recipe):
                               "--tolerance", "1e-5"]) == 0
     assert sorted(f for f in os.listdir(out) if not f.startswith(".")) == [
         f"neural_net_22_eta_20_25_all.{ext}" for ext in ("json", "meta.json", "onnx")]
+
+
+def test_init_glorot_draws_glorot_uniform_kernels():
+    """--init glorot: kernels uniform in +-sqrt(6 / (fan_in + fan_out)); FastCaloGAN's he: +-sqrt(6 / fan_in)."""
+    for init, limit in (("glorot", math.sqrt(6 / (52 + 50))), ("he", math.sqrt(6 / 52))):
+        gen = train.build_generator(368, 50, 2, [50, 100, 200], "relu", False, init=init)
+        w = np.asarray(gen.get_layer("dense_0").kernel)
+        assert w.shape == (52, 50) and np.abs(w).max() <= limit and np.abs(w).max() > 0.97 * limit
