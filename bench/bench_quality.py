@@ -23,9 +23,9 @@ one line per recipe (mean over seeds), the seed spread (min..max) shaded.
 
 Usage:
     python bench/bench_quality.py --quick                       # tiny data and budget, 1 seed, in a temp folder
-    python bench/bench_quality.py --recipes fastcalogan calokit --seeds 1 2 3 --iterations 4000
-    python bench/bench_quality.py --recipes calokit "no-summaries=--recipe calokit --no-critic-summaries"
-    python bench/bench_quality.py --ablation                    # calokit, and calokit minus each ingredient
+    python bench/bench_quality.py --recipes "fastcalogan=--recipe fastcalogan --iterations 1500" calokit
+    python bench/bench_quality.py --recipes calokit "summaries=--recipe calokit --critic-summaries global"
+    python bench/bench_quality.py --ablation                    # the README's table: every ingredient, 3 seeds
 """
 import argparse
 import contextlib
@@ -60,13 +60,16 @@ OTHER_KEYS = ("slice", "seeds", "recipes.calokit.seeds", "recipes.calokit.mean.p
 #: the scalar metrics of each seed, averaged (mean) and spread over seeds per recipe
 SCALARS = ("cls_high_auc", "etot_einc_separation", "separation_power_mean", "fpd_x1e3",
            "worst_resolution_ratio_ge_1gev", "train_iterations_per_s", "train_cpu_s", "best_iteration")
-#: calokit's recipe minus one ingredient at a time (``--ablation``)
+#: ``--ablation``: FastCaloGAN's recipe at the same training CPU time (5 critic steps cost about twice as much per
+#: iteration as 2), calokit's, and the steps between them one ingredient at a time
 ABLATION = {
+    "fastcalogan": "--recipe fastcalogan --iterations 1500",
+    "2-critic-lr2e-4": "--recipe fastcalogan --n-critic 2 --lr 2e-4",
+    "2-critic-lr2e-4+decay": "--recipe fastcalogan --n-critic 2 --lr 2e-4 --lr-decay 0.1",
+    "2-critic-lr2e-4+glorot": "--recipe fastcalogan --n-critic 2 --lr 2e-4 --init glorot",
+    "2-critic-lr2e-4+no-bn": "--recipe fastcalogan --n-critic 2 --lr 2e-4 --no-batchnorm",
     "calokit": "--recipe calokit",
-    "calokit-no-decay": "--recipe calokit --lr-decay 1",
-    "calokit-global-summaries": "--recipe calokit --critic-summaries global",
-    "calokit-fcg-optimiser": "--recipe calokit --n-critic 5 --lr 1e-4",
-    "fastcalogan": "--recipe fastcalogan",
+    "calokit+lr4e-4": "--recipe calokit --lr 4e-4",
 }
 DEMO_SELECT_ARGS = "--overflow --window mean"
 CLS_ARGS = "--cls_n_hidden 512"
@@ -85,8 +88,8 @@ def parse_args(argv=None):
                    help="train.py recipe names, or NAME=ARGS (train.py flags, e.g. 'fast=--recipe calokit --lr 4e-4')")
     p.add_argument("--ablation", action="store_true", help="the recipes " + ", ".join(ABLATION))
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="training seeds")
-    p.add_argument("--iterations", type=int, default=6000, help="training budget in generator iterations "
-                   "(a recipe's ARGS may give its own --iterations)")
+    p.add_argument("--iterations", type=int, default=3000, help="training budget in generator iterations, "
+                   "make all's (a recipe's ARGS may give its own --iterations)")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--particle", default="photon")
     p.add_argument("--eta", type=float, default=0.20)
@@ -101,6 +104,8 @@ def parse_args(argv=None):
     p.add_argument("--work", default=os.path.join(ROOT, "work", "bench_quality"), help="data and runs")
     p.add_argument("--out", default=os.path.join(ROOT, "results", "bench_quality"), help="JSON and plot")
     p.add_argument("--quick", action="store_true", help="tiny data and budget, 1 seed (for the test suite)")
+    p.add_argument("--report", metavar="QUALITY.json",
+                   help="print the Markdown tables of an earlier run's quality.json (the README's) and stop")
     p.add_argument("--job", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -382,8 +387,43 @@ def plot_curves(recipes, path):
     os.replace(tmp, path)
 
 
+def _pm(spread_or_none, mean, fmt):
+    sd = spread_or_none["std"] if spread_or_none else 0.0
+    return f"{mean:{fmt}} +- {sd:{fmt}}"
+
+
+def report_tables(report):
+    """The README's Markdown tables of a quality.json: per recipe the mean +- SD over seeds, then per energy the
+    generated / reference resolution ratio (mean over seeds)."""
+    rows = ["| recipe (train.py flags) | iterations | cls-high AUC | E_tot/E_inc sep. | mean sep. | FPD x 1e3 | "
+            "worst res. ratio >= 1 GeV | best it. | train it/s | train CPU s |", "|---" * 10 + "|"]
+    for name, rec in report["recipes"].items():
+        m, sp = rec["mean"], rec["spread"]
+        rows.append(f"| {name} (`{' '.join(rec['train_args'])}`) | {rec['iterations']} | "
+                    f"{_pm(sp['cls_high_auc'], m['cls_high_auc'], '.4f')} | "
+                    f"{_pm(sp['etot_einc_separation'], m['etot_einc_separation'], '.3f')} | "
+                    f"{_pm(sp['separation_power_mean'], m['separation_power_mean'], '.3f')} | "
+                    f"{_pm(sp['fpd_x1e3'], m['fpd_x1e3'], '.0f')} | "
+                    f"{_pm(sp['worst_resolution_ratio_ge_1gev'], m['worst_resolution_ratio_ge_1gev'], '.1f')} | "
+                    f"{m['best_iteration']:.0f} | {m['train_iterations_per_s']:.1f} | {m['train_cpu_s']:.0f} |")
+    energies = [r["energy_mev"] for r in next(iter(report["recipes"].values()))["mean"]["per_energy"]]
+    rows += ["", "| resolution ratio gen/ref per E_inc (MeV) | " + " | ".join(f"{e:.0f}" for e in energies) + " |",
+             "|---" * (len(energies) + 1) + "|"]
+    for name, rec in report["recipes"].items():
+        rows.append(f"| {name} | " + " | ".join(f"{r['resolution_ratio']:.1f}" for r in rec["mean"]["per_energy"])
+                    + " |")
+    ref = next(iter(report["recipes"].values()))["mean"]["per_energy"]
+    rows.append("| reference resolution RMS/<E_tot> | " + " | ".join(f"{r['resolution_ref']:.3f}" for r in ref)
+                + " |")
+    return "\n".join(rows)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.report:
+        with open(args.report) as f:
+            print(report_tables(json.load(f)))
+        return 0
     if args.job:
         print(json.dumps(run_job(json.loads(args.job))))
         return 0

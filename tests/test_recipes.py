@@ -35,6 +35,7 @@ def test_recipes_are_recorded_and_flags_win(tmp_path, data):
     cfg = plumbing.read_run_config(str(tmp_path / "fcg"))
     assert cfg["recipe"] == "fastcalogan" and cfg["recipe_description"] == train.RECIPES["fastcalogan"]["description"]
     assert (cfg["n_critic"], cfg["lr"], cfg["lr_decay"], cfg["critic"]["summaries"]) == (5, 1e-4, 1.0, None)
+    assert (cfg["init"], cfg["generator"]["batchnorm"]) == ("he", True)       # FastCaloGAN's e/gamma network
 
     assert _train(data, tmp_path / "ck", 2, 2, "--no-jit", "--recipe", "calokit", "--n-critic", "3",
                   "--critic-summaries", "energy") == 0
@@ -44,6 +45,9 @@ def test_recipes_are_recorded_and_flags_win(tmp_path, data):
     assert (cfg["n_critic"], src["n_critic"]) == (3, "command line")
     assert (cfg["lr"], src["lr"]) == (2e-4, "recipe calokit")
     assert (cfg["lr_decay"], src["lr_decay"]) == (1.0, "default")
+    g = cfg["generator"]
+    assert (cfg["init"], g["batchnorm"], g["output_activation"], src["batchnorm"]) == ("glorot", False, "relu",
+                                                                                      "recipe calokit")
     summ = cfg["critic"]["summaries"]
     assert src["critic_summaries"] == "command line" and summ["mode"] == "energy" and np.shape(summ["mu"]) == np.shape(summ["log_sigma"]) == (4, 6)
     # dataset-1 photons: the total and the 5 voxelised layers (8, 160, 190, 5, 5 voxels)
