@@ -28,6 +28,9 @@ import toyshower  # noqa: E402
 from HighLevelFeatures import read_geometry  # noqa: E402
 
 ENERGY = 2.0 ** 20
+#: the keys of the printed JSON object (the test suite runs --quick and checks each): numbers, then the rest
+KEYS = ("hits", "events", "root_hits_per_s", "hdf5_hits_per_s", "root_over_hdf5", "root_file_mb", "hdf5_file_mb")
+OTHER_KEYS = ("quick",)
 XML = os.path.join(ROOT, "binning", "binning_dataset_1_photons.xml")
 
 

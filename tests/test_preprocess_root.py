@@ -375,18 +375,3 @@ def test_missing_uproot_is_one_line(tmp_path, showers, capsys, monkeypatch):
 def test_energy_from_file_name():
     assert preprocess.energy_from_name("/d/pid211_E1048576_disj_eta_m5_0_0_5.root") == 1048576.0
     assert preprocess.energy_from_name("/d/ECal_ntuple.root") is None
-
-
-def test_bench_root_quick_prints_its_json():
-    import json
-    import subprocess
-    import sys
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_root.py"), "--quick"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    out = json.loads(res.stdout)
-    assert set(out) == {"hits", "events", "root_hits_per_s", "hdf5_hits_per_s", "root_over_hdf5", "root_file_mb",
-                        "hdf5_file_mb", "quick"}
-    assert out["quick"] is True and out["events"] == 250 and out["hits"] > 10 ** 5
-    assert out["root_hits_per_s"] > 0 and out["hdf5_hits_per_s"] > 0 and out["root_file_mb"] > 0
-    assert math.isclose(out["root_over_hdf5"], out["root_hits_per_s"] / out["hdf5_hits_per_s"], rel_tol=1e-9)
