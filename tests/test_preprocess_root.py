@@ -6,7 +6,6 @@ HitSamplingFraction with raw energies, Truth*, newTTC_*), and the Open Data Dete
 ``vector<FCS_hit>`` branch ``hits`` (GeV, no truth). Positions are float32 in the ntuple, so the HDF5 twin holds
 eta, phi, r of those float32 positions: then both paths see the same numbers and the voxels must be identical.
 """
-import math
 import os
 
 import h5py
