@@ -110,10 +110,10 @@ def parse_args(argv=None):
                    help="named set of training settings (config.json records it): "
                         + "; ".join(f"{k} = {v['description']}" for k, v in sorted(RECIPES.items()))
                         + ". Flags given on the command line override the recipe's values")
-    p.add_argument("--critic-summaries", default=None, choices=["off", "global", "energy"],
+    p.add_argument("--critic-summaries", default=None, action=argparse.BooleanOptionalAction,
                    help="the critic also sees E_tot / E_kin and each layer's E_layer / E_kin, standardised over "
-                        "the training sample (global) or at the shower's energy (energy); the generator is "
-                        "unchanged (recipe's choice, else off as in FastCaloGAN)")
+                        "the training sample; the generator is unchanged (recipe's choice, else off as in "
+                        "FastCaloGAN)")
     p.add_argument("--lr-decay", type=float, default=None, metavar="F",
                    help="cosine learning-rate decay from --lr to F x --lr over --iterations (1 = constant: "
                         "FastCaloGAN; recipe's choice, else 1)")
@@ -409,11 +409,10 @@ def build_critic(n_voxels, cond_dim=2, hidden=None, activation="relu", he=True, 
     Keras' defaults, for runs of earlier calokit versions). ``summaries`` (see :func:`summary_settings`) adds
     what a physicist looks at first beside the voxels: the total and the per-layer energies (of the normalised
     voxels, so E_tot / E_kin and E_layer / E_kin), computed by a fixed (non-trainable) linear layer named
-    ``summaries`` and standardised with the training sample's mean and standard deviation: over the whole
-    sample (``global``), or at the shower's energy (``energy``: polynomials in the label fitted to the
-    per-energy means and log standard deviations, so the critic sees how many standard deviations a shower's
-    response and layer sharing lie from the data at its energy). The generator, and so what FastCaloSim runs,
-    is unchanged.
+    ``summaries`` and standardised with the training sample's mean and standard deviation. The generator, and so
+    what FastCaloSim runs, is unchanged. (Standardising them at each energy instead, so that a 1 % resolution
+    becomes one unit, made the gradient penalty explode: the penalty bounds the critic's gradient with respect to
+    the voxels, and such features multiply it by 1/sigma.)
     """
     keras = _keras()
     layers = keras.layers
@@ -424,12 +423,8 @@ def build_critic(n_voxels, cond_dim=2, hidden=None, activation="relu", he=True, 
     if summaries:
         weights = summary_weights(n_voxels, summaries)
         proj = layers.Dense(weights[0].shape[1], name="summaries", trainable=False)
-        summ = proj(x)
+        parts.append(proj(x))
         proj.set_weights(weights)
-        if summaries.get("mode") == "energy":
-            summ = _EnergyStandardise(summaries["mu"], summaries["log_sigma"], name="summaries_at_energy")(
-                [summ, cond])
-        parts.append(summ)
     h = layers.Concatenate(name="concat")(parts)
     for i, n in enumerate(hidden):
         h = _dense(layers, n, f"dense_{i}", activation, he)(h)
@@ -437,55 +432,6 @@ def build_critic(n_voxels, cond_dim=2, hidden=None, activation="relu", he=True, 
     return keras.Model([x, cond], out, name="critic")
 
 
-def _EnergyStandardise(mu, log_sigma, name):
-    """Keras layer [s, condition] -> (s - mu(label)) / exp(log_sigma(label)); mu, log_sigma: polynomial
-    coefficients (degree + 1, n summaries) in the label, lowest power first."""
-    keras = _keras()
-    ops = keras.ops
-
-    class EnergyStandardise(keras.layers.Layer):
-        def __init__(self, **kw):
-            super().__init__(**kw)
-            self.mu = np.asarray(mu, dtype=np.float32)
-            self.log_sigma = np.asarray(log_sigma, dtype=np.float32)
-
-        def call(self, inputs):
-            s, c = inputs
-            label = c[:, :1]
-            powers = ops.concatenate([label ** i for i in range(self.mu.shape[0])], axis=1)
-            return (s - ops.matmul(powers, self.mu)) * ops.exp(-ops.matmul(powers, self.log_sigma))
-
-    return EnergyStandardise(name=name)
-
-
-def energy_standardisation(sums, label, max_degree=4, max_groups=20):
-    """Polynomial coefficients (lowest power first) of the mean and log standard deviation of each column of
-    ``sums`` versus the label: fitted to the values at each distinct label (or in up to ``max_groups`` label
-    quantile groups when the labels are continuous).
-
-    >>> lab = np.repeat(np.linspace(0, 1, 5), 400)
-    >>> s = (1 + lab + np.random.default_rng(0).standard_normal(lab.size) * 0.1 * np.exp(-lab))[:, None]
-    >>> mu, ls = energy_standardisation(s, lab)
-    >>> np.round(np.polyval(np.asarray(mu)[::-1, 0], [0, 1]), 2).tolist(), np.round(np.exp(np.polyval(np.asarray(ls)[::-1, 0], [0, 1])), 2).tolist()
-    ([1.0, 2.0], [0.1, 0.04])
-    """
-    sums = np.asarray(sums, dtype=np.float64)
-    label = np.asarray(label, dtype=np.float64).reshape(-1)
-    values = np.unique(label)
-    if values.size <= 50:
-        groups = [label == v for v in values]
-    else:
-        edges = np.quantile(label, np.linspace(0, 1, max_groups + 1))
-        idx = np.clip(np.searchsorted(edges, label, side="right") - 1, 0, max_groups - 1)
-        groups = [idx == k for k in range(max_groups) if (idx == k).sum() > 1]
-    centre = np.array([label[g].mean() for g in groups])
-    mean = np.array([sums[g].mean(0) for g in groups])
-    logsd = np.log(np.maximum(np.array([sums[g].std(0) for g in groups]), 1e-6))
-    degree = int(min(max_degree, len(groups) - 1))
-    if degree < 1:
-        return mean[:1].tolist(), logsd[:1].tolist()
-    fit = lambda y: np.polynomial.polynomial.polyfit(centre, y, degree).tolist()  # noqa: E731
-    return fit(mean), fit(logsd)
 def summary_matrix(n_voxels, spans):
     """(n_voxels, 1 + len(spans)) 0/1 matrix: column 0 sums every voxel, column 1 + i the voxels of span i.
 
@@ -499,21 +445,16 @@ def summary_matrix(n_voxels, spans):
     return m
 
 
-def summary_settings(voxels, spans, label=None, mode="global"):
-    """The critic's summaries of a training sample: layer spans, each summary's mean and std (float lists) and,
-    for ``mode="energy"``, their polynomials in the label (:func:`energy_standardisation`).
+def summary_settings(voxels, spans):
+    """The critic's summaries of a training sample: layer spans and each summary's mean and std (float lists).
 
     >>> s = summary_settings(np.array([[1.0, 1.0, 2.0], [3.0, 1.0, 0.0]]), [(0, 1), (1, 3)])
     >>> s["mean"], s["std"]
     ([4.0, 2.0, 2.0], [0.0, 1.0, 1.0])
     """
     sums = np.asarray(voxels, dtype=np.float64) @ summary_matrix(voxels.shape[1], spans).astype(np.float64)
-    out = {"mode": mode, "spans": [[int(a), int(b)] for a, b in spans], "mean": [float(v) for v in sums.mean(0)],
-           "std": [float(v) for v in sums.std(0)]}
-    if mode == "energy":
-        out["mu"], out["log_sigma"] = energy_standardisation((sums - sums.mean(0)) / np.maximum(sums.std(0), 1e-6),
-                                                             label)
-    return out
+    return {"spans": [[int(a), int(b)] for a, b in spans], "mean": [float(v) for v in sums.mean(0)],
+            "std": [float(v) for v in sums.std(0)]}
 
 
 def summary_weights(n_voxels, summaries):
@@ -988,9 +929,8 @@ def make_config(args, data, dropped):
     else:
         critic = st.get("critic_layers", None, "discriminator", [min(n_vox, CRITIC_WIDTH_CAP)] * 3)
     summaries = None
-    mode = st.get("critic_summaries", args.critic_summaries, None, "off")
-    if mode != "off":
-        summaries = summary_settings(data["voxels"], layer_spans(attrs, args.binning), data["label"], mode)
+    if st.get("critic_summaries", args.critic_summaries, None, False):
+        summaries = summary_settings(data["voxels"], layer_spans(attrs, args.binning))
     lr_decay = float(st.get("lr_decay", args.lr_decay, None, 1.0))
     init = st.get("init", args.init, None, "he")
     latent = st.get("latent_dim", args.latent_dim, "latentDim", int(attrs["latent_dim"]), "training file")

@@ -24,7 +24,7 @@ one line per recipe (mean over seeds), the seed spread (min..max) shaded.
 Usage:
     python bench/bench_quality.py --quick                       # tiny data and budget, 1 seed, in a temp folder
     python bench/bench_quality.py --recipes "fastcalogan=--recipe fastcalogan --iterations 1500" calokit
-    python bench/bench_quality.py --recipes calokit "summaries=--recipe calokit --critic-summaries global"
+    python bench/bench_quality.py --recipes calokit "summaries=--recipe calokit --critic-summaries"
     python bench/bench_quality.py --ablation                    # the README's table: every ingredient, 3 seeds
 """
 import argparse

@@ -38,7 +38,7 @@ def test_recipes_are_recorded_and_flags_win(tmp_path, data):
     assert (cfg["init"], cfg["generator"]["batchnorm"]) == ("he", True)       # FastCaloGAN's e/gamma network
 
     assert _train(data, tmp_path / "ck", 2, 2, "--no-jit", "--recipe", "calokit", "--n-critic", "3",
-                  "--critic-summaries", "energy") == 0
+                  "--critic-summaries") == 0
     cfg = plumbing.read_run_config(str(tmp_path / "ck"))
     src = cfg["settings_source"]
     assert cfg["recipe"] == "calokit"
@@ -49,36 +49,25 @@ def test_recipes_are_recorded_and_flags_win(tmp_path, data):
     assert (cfg["init"], g["batchnorm"], g["output_activation"], src["batchnorm"]) == ("glorot", False, "relu",
                                                                                       "recipe calokit")
     summ = cfg["critic"]["summaries"]
-    assert src["critic_summaries"] == "command line" and summ["mode"] == "energy" and np.shape(summ["mu"]) == np.shape(summ["log_sigma"]) == (4, 6)
+    assert src["critic_summaries"] == "command line"
     # dataset-1 photons: the total and the 5 voxelised layers (8, 160, 190, 5, 5 voxels)
     assert summ["spans"] == [[0, 8], [8, 168], [168, 358], [358, 363], [363, 368]]
     assert len(summ["mean"]) == len(summ["std"]) == 6
 
 
-@pytest.mark.parametrize("mode", ["global", "energy"])
-def test_critic_summary_layer_is_standardised_layer_energies(mode):
-    """The critic's summaries equal numpy's: (E_layer - mean) / std over the sample, and at each energy
-    (``energy``) the values standardised again by the fitted per-energy mean and spread."""
+def test_critic_summary_layer_is_standardised_layer_energies():
+    """The critic's summaries equal numpy's (E_layer - mean) / std over the sample."""
     rng = np.random.default_rng(3)
-    label = np.repeat(np.linspace(0, 1, 4), 50)
-    vox = (rng.exponential(0.01, size=(200, 368)) * (1 + label[:, None])).astype(np.float32)
+    vox = rng.exponential(0.01, size=(200, 368)).astype(np.float32)
     spans = [[0, 8], [8, 168], [168, 358], [358, 363], [363, 368]]
-    summ = train.summary_settings(vox, spans, label, mode)
+    summ = train.summary_settings(vox, spans)
     critic = train.build_critic(368, 2, [16, 16, 16], summaries=summ)
-    assert not critic.get_layer("summaries").trainable and len(critic.trainable_weights) == 8  # 4 Dense layers
+    layer = critic.get_layer("summaries")
+    assert not layer.trainable and len(critic.trainable_weights) == 8      # 4 Dense layers: kernels + biases
     keras = plumbing.import_keras()
-    out = critic.get_layer("summaries_at_energy" if mode == "energy" else "summaries").output
-    probe = keras.Model(critic.inputs, out)
-    got = np.asarray(probe([vox, plumbing.condition_vector(label)]))
+    got = np.asarray(keras.Model(critic.inputs[0], layer.output)(vox))
     sums = np.stack([vox.sum(1)] + [vox[:, a:b].sum(1) for a, b in spans], axis=1).astype(np.float64)
-    want = (sums - sums.mean(0)) / sums.std(0)
-    if mode == "energy":
-        powers = label[:, None] ** np.arange(4)[None, :]          # 4 energies: a cubic through each point
-        want = (want - powers @ np.asarray(summ["mu"])) * np.exp(-powers @ np.asarray(summ["log_sigma"]))
-        for v in np.unique(label):                                 # so N(0, 1) at every energy
-            np.testing.assert_allclose(got[label == v].mean(0), 0, atol=2e-3)
-            np.testing.assert_allclose(got[label == v].std(0), 1, rtol=2e-3)
-    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(got, (sums - sums.mean(0)) / sums.std(0), rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(got.mean(0), 0, atol=2e-3)
 
 
@@ -94,11 +83,11 @@ def test_decay_and_summaries_resume_exactly(tmp_path, data):
     """A killed run with the decaying rate (its schedule is in the optimiser state) and the critic's summaries
     continues exactly."""
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    assert _train(data, ref, 8, 4, "--recipe", "calokit", "--lr-decay", "0.1", "--critic-summaries", "global",
+    assert _train(data, ref, 8, 4, "--recipe", "calokit", "--lr-decay", "0.1", "--critic-summaries",
                   "--keep-resume", "2", "--no-jit") == 0
     shutil.copytree(ref, cut)
     shutil.rmtree(cut / "ckpt_8")          # as if killed after the first checkpoint
-    assert _train(data, cut, 8, 4, "--recipe", "calokit", "--lr-decay", "0.1", "--critic-summaries", "global",
+    assert _train(data, cut, 8, 4, "--recipe", "calokit", "--lr-decay", "0.1", "--critic-summaries",
                   "--keep-resume", "2", "--no-jit", "--resume") == 0
     np.testing.assert_array_equal(read_losses(str(cut)), read_losses(str(ref)))
 
