@@ -66,10 +66,10 @@ ABLATION = {
     "fastcalogan": "--recipe fastcalogan --iterations 1500",
     "2-critic-lr2e-4": "--recipe fastcalogan --n-critic 2 --lr 2e-4",
     "2-critic-lr2e-4+decay": "--recipe fastcalogan --n-critic 2 --lr 2e-4 --lr-decay 0.1",
-    "2-critic-lr2e-4+glorot": "--recipe fastcalogan --n-critic 2 --lr 2e-4 --init glorot",
     "2-critic-lr2e-4+no-bn": "--recipe fastcalogan --n-critic 2 --lr 2e-4 --no-batchnorm",
     "calokit": "--recipe calokit",
-    "calokit+lr4e-4": "--recipe calokit --lr 4e-4",
+    "calokit+no-bn": "--recipe calokit --no-batchnorm",
+    "calokit+no-bn+lr4e-4": "--recipe calokit --no-batchnorm --lr 4e-4",
 }
 DEMO_SELECT_ARGS = "--overflow --window mean"
 CLS_ARGS = "--cls_n_hidden 512"

@@ -46,8 +46,7 @@ def test_recipes_are_recorded_and_flags_win(tmp_path, data):
     assert (cfg["lr"], src["lr"]) == (2e-4, "recipe calokit")
     assert (cfg["lr_decay"], src["lr_decay"]) == (1.0, "default")
     g = cfg["generator"]
-    assert (cfg["init"], g["batchnorm"], g["output_activation"], src["batchnorm"]) == ("glorot", False, "relu",
-                                                                                      "recipe calokit")
+    assert (cfg["init"], src["init"], g["batchnorm"], g["activation"]) == ("glorot", "recipe calokit", True, "swish")
     summ = cfg["critic"]["summaries"]
     assert src["critic_summaries"] == "command line"
     # dataset-1 photons: the total and the 5 voxelised layers (8, 160, 190, 5, 5 voxels)
