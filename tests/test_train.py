@@ -272,7 +272,8 @@ def test_run_directory_layout(reference_run):
                                 "output_activation": "relu", "output_batchnorm": False,
                                 "batchnorm_mode": "inference", "layout": "fastcalogan"}
     assert cfg["settings_source"]["batch_size"] == "command line" and cfg["settings_source"]["lr"] == "default"
-    assert cfg["critic"] == {"hidden": [368] * 3, "activation": "relu"}
+    assert cfg["critic"] == {"hidden": [368] * 3, "activation": "relu", "summaries": None}
+    assert (cfg["recipe"], cfg["init"], cfg["lr_decay"], cfg["batches"]) == ("fastcalogan", "he", 1.0, "replacement")
     assert cfg["noise"] == {"mean": 0.5, "std": 0.5} and cfg["excluded_energies"] == []
     ckpts = train.list_checkpoints(reference_run)
     assert [it for it, _ in ckpts] == list(range(EVERY, N_IT + 1, EVERY))
