@@ -465,17 +465,10 @@ def summary_weights(n_voxels, summaries):
     return [m.astype(np.float32), (-mean / std).astype(np.float32)]
 
 
-def layer_spans(attrs, binning=None):
-    """[(first, last + 1)] voxel index span of each voxelised layer of the training file's slice, or [] when
-    its binning XML cannot be read (the critic then sums all voxels only)."""
-    path = binning or attrs.get("binning")
-    if not path or "eta_min" not in attrs:
-        return []
-    try:
-        geom = read_geometry(path, attrs["particle"], 0.5 * (float(attrs["eta_min"]) + float(attrs["eta_max"])) / 100)
-    except UserError:
-        return []
-    if geom.n_voxels != int(attrs["n_voxels"]):
+def layer_spans(geom, n_voxels):
+    """[(first, last + 1)] voxel index span of each voxelised layer of the slice's Geometry, or [] without one
+    (or one of another voxel count): the critic then sums all voxels only."""
+    if geom is None or geom.n_voxels != int(n_voxels):
         return []
     return [geom.offsets[lay.id] for lay in geom.layers if lay.n_voxels]
 
@@ -832,11 +825,11 @@ def xml_settings(args, attrs):
 
     The XML is ``--binning`` (an unreadable one is an error) or the training file's ``binning`` attribute
     (skipped when that file is missing or has no slice for the particle). Returns ({XML attribute: (value,
-    source)}, the XML path or None).
+    source)}, the XML path or None, the slice's Geometry or None).
     """
     path = args.binning or attrs.get("binning")
     if not path:
-        return {}, None
+        return {}, None, None
     eta = None
     if "eta_min" in attrs and "eta_max" in attrs:
         eta = 0.5 * (float(attrs["eta_min"]) + float(attrs["eta_max"])) / 100.0
@@ -845,8 +838,8 @@ def xml_settings(args, attrs):
     except UserError:
         if args.binning:
             raise
-        return {}, None
-    return geom.gan_settings(attrs.get("range")), path
+        return {}, None, None
+    return geom.gan_settings(attrs.get("range")), path, geom
 
 
 def default_network(particle, p_max, range_name=None):
@@ -900,7 +893,7 @@ def make_config(args, data, dropped):
     attrs = data["attrs"]
     particle = attrs["particle"]
     n_vox = int(attrs["n_voxels"])
-    xml, xml_path = xml_settings(args, attrs)
+    xml, xml_path, geom = xml_settings(args, attrs)
     st = _Settings(xml, args.recipe)
     act0, bn0, out0 = default_network(particle, attrs.get("p_max"), attrs.get("range"))
     activation = st.get("activation", args.activation, "activationFunction", act0, conv=_xml_activation)
@@ -930,7 +923,7 @@ def make_config(args, data, dropped):
         critic = st.get("critic_layers", None, "discriminator", [min(n_vox, CRITIC_WIDTH_CAP)] * 3)
     summaries = None
     if st.get("critic_summaries", args.critic_summaries, None, False):
-        summaries = summary_settings(data["voxels"], layer_spans(attrs, args.binning))
+        summaries = summary_settings(data["voxels"], layer_spans(geom, n_vox))
     lr_decay = float(st.get("lr_decay", args.lr_decay, None, 1.0))
     init = st.get("init", args.init, None, "he")
     latent = st.get("latent_dim", args.latent_dim, "latentDim", int(attrs["latent_dim"]), "training file")
