@@ -72,7 +72,8 @@ import numpy as np
 
 from HighLevelFeatures import read_geometry
 from plumbing import (CKPT_RE, LABEL_FORMULAS, HelpFormatter, UserError, atomic_output, ensure_dir,
-                      list_checkpoints, load_generator_file, read_run_config, run_cli, write_text)
+                      list_checkpoints, load_generator_file, read_run_config, representation_spans, run_cli,
+                      to_voxels, write_text)
 
 # ----------------------------------------------------------------------------------------------
 # configuration: defaults of the command line
@@ -526,6 +527,7 @@ def export_ops(model, fold=True, source=""):
         raise UserError(f"{where}generator inputs are {sorted(by_name)}, expected exactly "
                         f"'{NOISE_NAME}' and '{CONDITION_NAME}'")
     ops, out = simplify_ops(ops, out, fold=fold)
+    ops, out = add_layer_product(ops, out, representation_spans(model))
     output_layer = model.get_config()["output_layers"]
     output_layer = output_layer[0] if isinstance(output_layer[0], (list, tuple)) else output_layer
     return ops, out, [by_name[NOISE_NAME], by_name[CONDITION_NAME]], f"{output_layer[0]}_0"
@@ -534,7 +536,80 @@ def export_ops(model, fold=True, source=""):
 def export_model(model, fold=True, source=""):
     """Keras generator (inputs ``noise``, ``condition``) -> lwtnn graph dict. UserError if not exportable."""
     ops, out, input_ops, output_name = export_ops(model, fold, source)
+    refusal = lwtnn_refusal(ops, source)
+    if refusal:
+        raise UserError(refusal)
     return ops_to_graph(ops, out, input_ops, output_name)
+
+
+# ----------------------------------------------------------------------------------------------
+# CaloShowerGAN's layer representation: voxel / E_kin = (E_tot / E_kin) x layer fraction x voxel fraction, a
+# product of the heads, computed inside the ONNX graph (lwtnn's graph format cannot multiply)
+
+def add_layer_product(ops, out, spans):
+    """With layer ``spans`` (a generator of the layer representation, plumbing.representation_spans), append the
+    op turning its output [voxel fractions, layer fractions, E_tot / E_kin] into voxel / E_kin; returns (ops, new
+    output index). Without spans, (ops, out) unchanged."""
+    if spans is None:
+        return ops, out
+    n_vox = int(spans[-1][1])
+    if ops[out]["size"] != n_vox + len(spans) + 1:
+        raise UserError(f"layer '{ops[out]['layer']}': output of {ops[out]['size']} values, the layer representation "
+                        f"of {len(spans)} layers and {n_vox} voxels has {n_vox + len(spans) + 1}")
+    ops = ops + [{"kind": "layer_product", "src": [out], "size": n_vox, "layer": "voxels_over_ekin",
+                  "spans": [(int(a), int(b)) for a, b in spans]}]
+    return ops, len(ops) - 1
+
+
+def lwtnn_refusal(ops, source=""):
+    """The one-line reason the ops cannot be an lwtnn graph JSON (a product of heads), or None."""
+    if not any(op["kind"] == "layer_product" for op in ops):
+        return None
+    where = f"{source}: " if source else ""
+    return (f"{where}this generator learns CaloShowerGAN's layer representation (voxel = E_tot/E_kin x layer "
+            f"fraction x voxel fraction, a product of its heads), which lwtnn's graph format cannot compute (no "
+            f"multiply); use --format onnx: the .onnx file computes voxel / E_kin and serves FastCaloSim")
+
+
+def layer_voxel_matrix(spans):
+    """(n_layers, n_voxels) float32 0/1 matrix: row l is 1 on the voxels of layer l.
+
+    >>> layer_voxel_matrix([(0, 2), (2, 3)]).tolist()
+    [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    """
+    m = np.zeros((len(spans), int(spans[-1][1])), dtype=np.float32)
+    for i, (a, b) in enumerate(spans):
+        m[i, int(a):int(b)] = 1.0
+    return m
+
+
+def _onnx_int64(g, stem, values):
+    """An int64 initialiser (Slice's starts / ends / axes) in the graph ``g``; returns its name."""
+    from onnx import numpy_helper
+
+    name = g.name(stem)
+    g.inits.append(numpy_helper.from_array(np.asarray(values, dtype=np.int64), name))
+    return name
+
+
+def _onnx_layer_product(g, op, src, out):
+    """voxel / E_kin from the layer representation ``src`` [1, V + L + 1]: Slice the voxel fractions [1, V], the
+    layer fractions [1, L] and E_tot / E_kin [1, 1]; MatMul the layer fractions with the fixed layer-to-voxel 0/1
+    matrix (each voxel gets its layer's fraction); Mul, Mul. The order of the products is
+    plumbing.from_layer_representation's."""
+    spans = op["spans"]
+    n_vox, n_lay = int(spans[-1][1]), len(spans)
+    axis = _onnx_int64(g, "axis", [1])
+
+    def part(lo, hi, stem):
+        return g.node("Slice", [src, _onnx_int64(g, "start", [lo]), _onnx_int64(g, "end", [hi]), axis], stem)
+
+    voxel_frac = part(0, n_vox, "voxel_fractions")
+    layer_frac = part(n_vox, n_vox + n_lay, "layer_fractions")
+    etot = part(n_vox + n_lay, n_vox + n_lay + 1, "etot_over_ekin")
+    per_voxel = g.node("MatMul", [layer_frac, g.const("layer_to_voxel", layer_voxel_matrix(spans), op["layer"])],
+                       "layer_fraction_per_voxel")
+    return g.node("Mul", [g.node("Mul", [voxel_frac, per_voxel], "voxel_times_layer"), etot], "voxels", out)
 
 
 def export_onnx(model, fold=True, source="", dynamic_batch=False):
@@ -620,6 +695,8 @@ def _onnx_op(g, op, srcs, out):
         return g.node("Add", [y, g.const("bn_shift", op["beta"] - op["mean"] * k, where)], "bn", out)
     if kind == "act":
         return _onnx_activation(g, op["act"], srcs[0], where, out)
+    if kind == "layer_product":
+        return _onnx_layer_product(g, op, srcs[0], out)
     raise UserError(f"internal: unknown op kind {kind}")
 
 
@@ -698,13 +775,14 @@ def run_onnx_rows(session, noise, condition):
 # comparison with Keras
 
 def keras_predict(model, noise, condition):
-    """The Keras generator's output (float64) for noise and condition, inference mode."""
+    """The Keras generator's showers as voxel / E_kin (float64) for noise and condition, inference mode
+    (plumbing.to_voxels: a generator of the layer representation gives the product of its heads)."""
     import keras
 
     feed = {NOISE_NAME: np.asarray(noise, np.float32), CONDITION_NAME: np.asarray(condition, np.float32)}
     names = [t.name.split(":")[0] for t in model.inputs]
     out = model([feed[n] for n in names], training=False)
-    return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float64)
+    return np.asarray(to_voxels(model, keras.ops.convert_to_numpy(out)), dtype=np.float64)   # voxel / E_kin
 
 
 def random_inputs(latent_dim, n, seed, noise_mean=0.5, noise_std=0.5):
@@ -993,6 +1071,19 @@ def build_parser():
     return p
 
 
+def formats_for(requested, formats, refusal):
+    """The formats to write: ``formats`` unless lwtnn cannot hold the network (``refusal``, one line): then
+    ``--format json`` is refused (UserError: exit 2) and ``--format both`` writes the ONNX model alone, saying
+    so on stderr (make all's export step stays one command for every recipe). Never a JSON FastCaloSim would read
+    as wrong energies."""
+    if refusal is None or "json" not in formats:
+        return formats
+    if requested == "json":
+        raise UserError(refusal)
+    print(f"note: {refusal.replace('; use --format onnx:', ': writing the ONNX model alone;')}", file=sys.stderr)
+    return tuple(f for f in formats if f != "json")
+
+
 def _check_exports(args, cfg, model, model_path, latent, graph, onnx_bytes):
     """--check: the check record for the meta JSON, or None after printing why the export is refused."""
     noise = cfg.get("noise", {})
@@ -1031,6 +1122,7 @@ def _main(argv):
     model = load_generator_file(model_path)
     # one walk of the Keras graph; both writers read the same simplified ops
     ops, out, input_ops, output_name = export_ops(model, fold=args.batchnorm == "fold", source=model_path)
+    formats = formats_for(args.format, formats, lwtnn_refusal(ops, model_path))
     sizes = (ops[input_ops[0]]["size"], ops[input_ops[1]]["size"], ops[out]["size"])
     for what, got, want in zip(("noise size", "condition size", "output size"), sizes,
                                (cfg["latent_dim"], 2, cfg["n_voxels"])):
@@ -1059,6 +1151,10 @@ def _main(argv):
                           geometry_of(cfg, args.binning, sizes[2]))
     if graph is not None:
         meta.update(n_layers=len(graph["layers"]), n_nodes=len(graph["nodes"]))
+    if any(op["kind"] == "layer_product" for op in ops):
+        meta["layer_representation"] = ("the generator learns CaloShowerGAN's layer representation; the ONNX graph "
+                                         "multiplies its heads (Slice, MatMul with a fixed layer-to-voxel 0/1 matrix, "
+                                         "Mul), so its output is voxel / E_kin like any other calokit export")
     meta_path = os.path.join(args.out, stem + ".meta.json")
     write_json(meta_path, meta)
     checked = f"; check: max diff {check['max_diff']:.2g} on {check['events']} inputs" if check else ""
