@@ -204,10 +204,11 @@ def to_layer_representation(voxels_over_ekin, spans, ekin, fill_mev=LAYER_FILL_M
     ``spans`` = [(first, last + 1)] of the L voxelised layers (layers without voxels are not in it); ``ekin``
     (N,) the kinetic energies in MeV. First every zero voxel is set to ``fill_mev`` (1e-4 MeV, CaloShowerGAN's
     code), so no layer is empty: a layer with no energy in an event becomes ``n_voxels_of_layer`` x 1e-4 MeV
-    spread evenly (fractions 1/n), and E_tot is never 0. The fill *adds energy*: at most V x 1e-4 MeV per shower
-    (0.037 MeV for the 368 voxels of dataset 1 photons), i.e. below 1.5e-4 of E_tot at 256 MeV and below 1e-8 of
-    it at 4 TeV; :func:`from_layer_representation` returns the filled showers (it cannot tell a filled voxel
-    from a real one of the same energy).
+    spread evenly (fractions 1/n), and E_tot is never 0. The fill *adds energy*: (zero voxels) x 1e-4 MeV per
+    shower, at most V x 1e-4 MeV (0.037 MeV for the 368 voxels of dataset 1 photons). Relative to E_tot, on the
+    demo's toy photons (88 % of voxels zero at 256 MeV, 55 % at 4 TeV): median 1.3e-4 (at most 2.7e-4) at
+    256 MeV, 1.4e-5 at 2 GeV, 3.6e-7 at 65 GeV, 5e-9 at 4 TeV. :func:`from_layer_representation` returns the
+    filled showers (it cannot tell a filled voxel from a real one of the same energy).
 
     >>> rep = to_layer_representation(np.array([[0.2, 0.2, 0.6, 0.0]]), [(0, 2), (2, 4)], np.array([1e4]))
     >>> np.round(rep, 6).tolist()
