@@ -295,8 +295,8 @@ endif
 # a unit's training file from its slice's voxels (secondary expansion: the slice is the stem's first part)
 .SECONDEXPANSION:
 $(WORK)/%/train.h5: $$(WORK)/$$(call slice_of,$$*)/voxels.h5 preprocess.py $(SHARED) $(call settings,%,prepare)
-	$(PY) preprocess.py prepare --binning $(call binning,$*) --particle $(call part,$*) --range $(call range_of,$*) \
-	    --norm $(NORM) --out $@ $<
+	$(PY) preprocess.py prepare --binning $(call binning,$*) --particle $(call part,$*) --norm $(NORM) \
+	    --range $(call range_of,$*) --out $@ $<
 
 # --resume continues a killed run; a run whose settings changed starts afresh (its stamp is kept inside it)
 $(WORK)/%/run/.done: $(WORK)/%/train.h5 train.py $(SHARED) $(call settings,%,train)

@@ -38,6 +38,13 @@ softmax, and the parametrised ones only in lwtnn's object form ``{"function": "s
 "alpha": a}`` (the plain strings give NaN in C++). Any layer or activation that the formats cannot reproduce
 exactly is an error (exit code 2, one line naming the layer, neither file written): never a silently wrong file.
 
+A generator of CaloShowerGAN's layer representation (train.py's heads on a ``prepare --norm layer`` file) outputs
+[voxel fractions, layer fractions, E_tot / E_kin]; FastCaloSim multiplies each output by E_kin and knows nothing of
+heads, so the ONNX graph computes voxel / E_kin itself: the heads' Softmax, then Slice, MatMul of the layer
+fractions with a fixed layer-to-voxel 0/1 matrix, Mul, Mul (:func:`add_layer_product`). lwtnn's graph format
+cannot multiply: ``--format json`` refuses such a generator (exit 2, one line), ``--format both`` writes the ONNX
+model alone and says so on stderr. Never a JSON FastCaloSim would read as wrong energies.
+
 Beside the network(s), ``neural_net_<...>.meta.json`` records what a consumer needs to drive them and invert
 the voxel normalisation (latent size, noise, label scheme, E_kin range, particle, slice, binning, voxel count;
 the ONNX file's input/output names and shapes, opset and IR version).

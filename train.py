@@ -9,6 +9,10 @@ event) and trains the FastCaloGAN V2 network pair with Keras 3 on whatever backe
   biases; see :func:`build_generator`), picked by the binning XML's energy range or by particle and range;
   batch-norm runs in inference mode during training by default, as FastCaloGAN's code trained it
   (:func:`batchnorm_training`);
+* or, for a training file of CaloShowerGAN's layer representation (``preprocess.py prepare --norm layer``;
+  ``--recipe caloshowergan`` needs one), the same body with CaloShowerGAN's heads (:func:`build_layer_generator`);
+  the critic then sees the representation, E_tot / E_kin included, and ``plumbing.generate`` multiplies the heads
+  back into voxel / E_kin;
 * critic: input [voxels, condition] concatenated, Dense layers of the XML's ``discriminator`` sizes or three of
   N_vox with ReLU, linear output (width capped at CRITIC_WIDTH_CAP = 2048 by default, so that CaloChallenge
   datasets 2 and 3 fit; ``--critic-width``);

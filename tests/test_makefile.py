@@ -73,6 +73,8 @@ def test_unchanged_rerun_plans_nothing(tree):
     ("ITERATIONS=600", AFTER_TRAIN),
     ("CKPT_EVERY=50", AFTER_TRAIN),
     ("TRAIN_ARGS=--lr 1e-4", AFTER_TRAIN),
+    ("RECIPE=fastcalogan", AFTER_TRAIN),               # the demo's default is calokit
+    ("RECIPE=caloshowergan", {"prepare"} | AFTER_TRAIN),   # prepare writes the layer representation for it
     ("EVENTS=500", ALL),
     ("SEED=7", ALL),
     ("RANGE=high", {"prepare"} | AFTER_TRAIN),
