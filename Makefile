@@ -48,7 +48,7 @@
 #               what it learns (--norm), train uses it, select/export/evaluate follow its generator. One of:
 #               fastcalogan   FastCaloGAN's own settings (default on CaloChallenge data: it reproduces FastCaloGAN)
 #               calokit       FastCaloGAN's networks, more learnt per CPU-minute (default on the demo; measured
-#                             against fastcalogan with bench/bench_quality.py, see README)
+#                             against fastcalogan with bench/bench_quality.py, see docs/)
 #               caloshowergan CaloShowerGAN's: the layer representation (prepare --norm layer) and its heads
 #                             generator; exported as ONNX only (lwtnn's JSON cannot multiply); 1-photons: RANGES
 #                             Low12 Mid1218 High18 (p <= 2^12, 2^12..2^18, >= 2^18 MeV)

@@ -249,3 +249,23 @@ def test_chain_with_caloshowergan(tmp_path):
                           "-d", "1-photons", "--output_dir", str(d / "eval"), "--jobs", "1"]) == 0
     seps = evaluate.read_chi2_file(str(d / "eval" / "histogram_chi2_1-photons.txt"))
     assert 0.0 < seps["Etot / Einc"] <= 1.0
+
+
+def test_critic_etot_sees_the_representations_last_value(files, tmp_path, capsys):
+    """--critic-etot with the layer representation: the critic's fixed summary is spread x (E_tot/E_kin - mean) / std
+    of the representation's last value; --critic-summaries (sums of voxel / E_kin per layer) is refused."""
+    out = str(tmp_path / "et")
+    assert train.main(["--data", files["layer"], "--out", out, "--iterations", "1", "--checkpoint-every", "1",
+                       *FAST, "--critic-etot", "0.2"]) == 0
+    cfg = plumbing.read_run_config(out)
+    s = cfg["critic"]["summaries"]
+    with h5py.File(files["layer"]) as f:
+        rep = f["representation"][:]
+    assert (s["spans"], s["total_column"], s["spread"]) == ([], 373, 0.2)
+    np.testing.assert_allclose([s["mean"][0], s["std"][0]], [rep[:, -1].mean(), rep[:, -1].std()], rtol=1e-5)
+    _, critic = train.networks_from_config(cfg)
+    got = np.asarray(critic.get_layer("summaries")(rep[:50]))[:, 0]
+    np.testing.assert_allclose(got, 0.2 * (rep[:50, -1] - s["mean"][0]) / s["std"][0], rtol=1e-4, atol=1e-6)
+    assert train.main(["--data", files["layer"], "--out", str(tmp_path / "cs"), "--iterations", "1", *FAST,
+                       "--critic-summaries"]) == 2
+    assert "--critic-summaries" in capsys.readouterr().err
