@@ -269,3 +269,33 @@ def test_critic_etot_sees_the_representations_last_value(files, tmp_path, capsys
     assert train.main(["--data", files["layer"], "--out", str(tmp_path / "cs"), "--iterations", "1", *FAST,
                        "--critic-summaries"]) == 2
     assert "--critic-summaries" in capsys.readouterr().err
+
+
+@pytest.mark.slow             # three trainings and selections (~30 s idle); serving_range's doctest is in the default suite
+def test_combine_serves_every_momentum_from_one_of_three_ranges(tmp_path):
+    """CaloShowerGAN's photon ranges Low12 (p <= 2^12), Mid1218 (2^12..2^18), High18 (>= 2^18), each selected for
+    one held-out file: the combined file takes 2^12 from Low12, 2^18 from Mid1218 (the lower range of the two that
+    contain it), 2^15 from Mid1218 and 2^20 from High18; every event exactly once, in held-out order."""
+    from test_train import write_training_file
+
+    heldout = str(tmp_path / "heldout.h5")
+    einc, showers = synthetic_showers((2.0**8, 2.0**12, 2.0**15, 2.0**18, 2.0**20), 10, seed=5)
+    plumbing.write_calo_file(heldout, einc, showers)
+    ranges = {"Low12": (2.0**8, 2.0**12), "Mid1218": (2.0**12, 2.0**15, 2.0**18), "High18": (2.0**18, 2.0**20)}
+    sel = {}
+    for name, es in ranges.items():
+        data = write_training_file(str(tmp_path / f"train_{name}.h5"), energies=es, n_per_energy=20, seed=3,
+                                   rng_name=name)
+        run = str(tmp_path / f"run_{name}")
+        assert train.main(["--data", data, "--out", run, "--iterations", "1", "--checkpoint-every", "1",
+                           "--batch-size", "8", "--no-jit"]) == 0
+        sel[name] = str(tmp_path / f"sel_{name}")
+        assert select_epoch.main(["--run", run, "--reference", heldout, "--events", "20", "--out", sel[name],
+                                  "--generate-like", heldout]) == 0
+    out = tmp_path / "combined"
+    assert select_epoch.main(["--combine", *sel.values(), "--generate-like", heldout, "--out", str(out)]) == 0
+    best = json.loads((out / "best.json").read_text())
+    served = {c["range"]: c["energies_served"] for c in best["combined"]}
+    assert served == {"Low12": [2.0**8, 2.0**12], "Mid1218": [2.0**15, 2.0**18], "High18": [2.0**20]}
+    with h5py.File(out / "generated.h5") as f:
+        np.testing.assert_array_equal(f["incident_energies"][:, 0], einc)
