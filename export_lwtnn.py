@@ -1164,6 +1164,10 @@ def _main(argv):
                                          "Mul), so its output is voxel / E_kin like any other calokit export")
     meta_path = os.path.join(args.out, stem + ".meta.json")
     write_json(meta_path, meta)
+    stale = os.path.join(args.out, f"{stem}.json")
+    if "json" in FORMATS[args.format] and "json" not in formats and os.path.isfile(stale):
+        os.remove(stale)        # an earlier export's JSON beside this ONNX model would be another network
+        print(f"note: removed {stale}, an earlier export (another network) that lwtnn would still load", file=sys.stderr)
     checked = f"; check: max diff {check['max_diff']:.2g} on {check['events']} inputs" if check else ""
     written = " and ".join(os.path.join(args.out, files[f]) for f in formats)
     print(f"wrote {written} (iteration {iteration}{checked}) and {meta_path}")
