@@ -1056,6 +1056,9 @@ def make_config(args, data, dropped):
     output_batchnorm = batchnorm and activation == "swish" and output_activation == "swish"
     st.source["output_batchnorm"] = st.source["output_activation"]
     bn_mode = st.get("batchnorm_mode", args.batchnorm_mode, None, "inference")
+    if spans is not None:             # the heads replace the output layer: the training file decides
+        st.source["output_activation"] = st.source["output_batchnorm"] = \
+            "training file (layer representation): CaloShowerGAN's softmax / ReLU heads"
     for name in (activation, output_activation):
         try:
             _keras().activations.get(name)
