@@ -20,15 +20,17 @@ format (what ``lwt::parse_json_graph`` reads):
 * ``outputs``: ``{<name>: {"node_index": i, "labels": ["out_0", ...]}}``, one label per voxel (XML order).
 
 The ONNX model is written with the ``onnx`` package's helpers: opset 13, IR version 7 (loaded by ONNX Runtime
-1.6 and every later release), float32 in, out and throughout. Inputs ``node_0`` [1, latent] (noise) and
-``node_1`` [1, 2] ([label, 0]) in this order; output ``out`` [1, n_voxels], which TFCSONNXHandler reads as
-one flat vector labelled ``out_0``, ``out_1``, ... (``<output name>_<i>``), the JSON's labels. Fixed shapes,
+1.6 and every later release), float32 in, out and throughout. Inputs ``Noise`` [1, latent] (noise) and
+``mycond`` [1, 2] ([label, 0]) in this order, the names FastCaloSim's ONNX handler looks up (it does not
+rename them; its lwtnn handler maps them to ``node_0`` / ``node_1``); output ``out`` [1, n_voxels], which
+TFCSONNXHandler reads as one flat vector labelled ``out_0``, ``out_1``, ... (``<output name>_<i>``), the JSON's labels. Fixed shapes,
 because the handler takes a symbolic dimension as 1 with a warning; ``--onnx-dynamic-batch`` writes a
 symbolic first dimension instead, for Python users who run many rows per ONNX Runtime call. Operators: Gemm
 (x W^T + b, W stored n_out x n_in), Relu, LeakyRelu, Elu, Sigmoid, Tanh, Softmax, Mul (swish = x sigmoid(a x);
 an unfolded batch-norm = Mul + Add), Concat. The handler fills each input tensor from a name -> value map in
-the map's (sorted-name) order: for the noise this permutes i.i.d. values, which changes nothing; the
-condition's ``variable_0`` (label) sorts before ``variable_1``.
+the map's (sorted-name) order, variable_0, variable_1, variable_10, ..., variable_19, variable_2, ...: for
+the noise this permutes i.i.d. values, which changes nothing in distribution; the condition's ``variable_0``
+(label) sorts before ``variable_1``.
 
 Batch normalisation is folded into the dense layer before it by default (W' = diag(gamma/s) W,
 b' = (b - mean) gamma/s + beta, s = sqrt(var + eps)); ``--batchnorm normalization`` writes lwtnn
@@ -85,6 +87,10 @@ DEFAULTS = {
 }
 NOISE_NAME, CONDITION_NAME = "noise", "condition"   # Keras input names (train.py)
 LWTNN_INPUTS = ("node_0", "node_1")                  # lwtnn input node names FastCaloSim fills
+#: ONNX input names (noise, condition): TFCSONNXHandler looks each model input up by its name in the map
+#: TFCSEnergyAndHitGANV2 fills, {"Noise", "mycond"}, without renaming (TFCSGANLWTNNHandler renames them to
+#: node_0 / node_1 for lwtnn). The one place the ONNX input names are chosen.
+ONNX_INPUTS = ("Noise", "mycond")
 CONFIG_REQUIRED = ("particle", "pid", "eta_min", "eta_max", "range", "latent_dim", "n_voxels")
 
 # ----------------------------------------------------------------------------------------------
@@ -626,7 +632,7 @@ def _onnx_op(g, op, srcs, out):
 def ops_to_onnx(ops, out, input_ops, dynamic_batch=False, doc=""):
     """Build the ONNX ModelProto (float32 in and out) from simplified ops.
 
-    Inputs ``node_0`` (noise) and ``node_1`` (condition) in this order with shapes [1, n] (or [batch, n] with
+    Inputs ``Noise`` and ``mycond`` (``ONNX_INPUTS``: noise, condition) in this order with shapes [1, n] (or [batch, n] with
     ``dynamic_batch``); one output ``out`` of shape [1, n_out]. Opset ``ONNX_OPSET``, IR ``ONNX_IR_VERSION``.
     """
     from onnx import TensorProto, helper
@@ -634,8 +640,8 @@ def ops_to_onnx(ops, out, input_ops, dynamic_batch=False, doc=""):
     batch = ONNX_BATCH_DIM if dynamic_batch else 1
     g, name_of, inputs = _OnnxGraph(), {}, []
     for k, i in enumerate(input_ops):
-        name_of[i] = LWTNN_INPUTS[k]
-        inputs.append(helper.make_tensor_value_info(LWTNN_INPUTS[k], TensorProto.FLOAT, [batch, ops[i]["size"]]))
+        name_of[i] = ONNX_INPUTS[k]
+        inputs.append(helper.make_tensor_value_info(ONNX_INPUTS[k], TensorProto.FLOAT, [batch, ops[i]["size"]]))
     order = _reachable_in_order(ops, out)
     for i in order:
         if i in name_of:
@@ -689,7 +695,7 @@ def run_onnx_rows(session, noise, condition):
     """The ONNX model on each row alone, with [1, n] inputs as FastCaloSim feeds it; float64 (N, n_out)."""
     noise = np.asarray(noise, np.float32)
     condition = np.asarray(condition, np.float32)
-    rows = [session.run([ONNX_OUTPUT], {LWTNN_INPUTS[0]: noise[j:j + 1], LWTNN_INPUTS[1]: condition[j:j + 1]})[0]
+    rows = [session.run([ONNX_OUTPUT], {ONNX_INPUTS[0]: noise[j:j + 1], ONNX_INPUTS[1]: condition[j:j + 1]})[0]
             for j in range(len(noise))]
     return np.concatenate(rows, axis=0).astype(np.float64) if rows else np.zeros((0, 0))
 
@@ -841,8 +847,8 @@ def onnx_metadata(onnx_name, latent, n_cond, n_out, dynamic_batch):
     """The ONNX file's interface as TFCSONNXHandler sees it (names, shapes, element type, opset, IR version)."""
     batch = ONNX_BATCH_DIM if dynamic_batch else 1
     return {"file": onnx_name, "opset": ONNX_OPSET, "ir_version": ONNX_IR_VERSION, "element_type": "float32",
-            "inputs": [{"name": LWTNN_INPUTS[0], "shape": [batch, latent], "content": "noise"},
-                       {"name": LWTNN_INPUTS[1], "shape": [batch, n_cond], "content": "[energy label, 0]"}],
+            "inputs": [{"name": ONNX_INPUTS[0], "shape": [batch, latent], "content": "noise"},
+                       {"name": ONNX_INPUTS[1], "shape": [batch, n_cond], "content": "[energy label, 0]"}],
             "output": {"name": ONNX_OUTPUT, "shape": [batch, n_out],
                        "labels": f"{ONNX_OUTPUT}_0..{ONNX_OUTPUT}_{n_out - 1} (flat, '<output name>_<i>')"},
             "batch": ("symbolic first dimension 'batch' (TFCSONNXHandler takes it as 1, with a warning)"
@@ -1039,7 +1045,8 @@ def _main(argv):
     graph = ops_to_graph(ops, out, input_ops, output_name) if "json" in formats else None
     onnx_bytes = None
     if "onnx" in formats:
-        doc = f"calokit generator {stem}: inputs node_0 = noise, node_1 = [energy label, 0]; output out = voxels / E_kin"
+        doc = (f"calokit generator {stem}: inputs {ONNX_INPUTS[0]} = noise, {ONNX_INPUTS[1]} = [energy label, 0]; "
+               "output out = voxels / E_kin")
         onnx_bytes = ops_to_onnx(ops, out, input_ops, args.onnx_dynamic_batch, doc).SerializeToString()
 
     check = None
