@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("preprocess", "train", "select_epoch", "export_lwtnn", "evaluate", "scaleout", "summary")
+STAGES = ("preprocess", "train", "select_epoch", "export_lwtnn", "evaluate", "scaleout", "summary", "fastcalosim")
 SHARED = ("HighLevelFeatures", "plumbing")
 TOY = "toyshower"
 #: what the README says each script needs beside it when copied alone
@@ -35,6 +35,7 @@ COMPANIONS = {
     "evaluate.py": ["HighLevelFeatures.py", "plumbing.py"],
     "scaleout.py": ["HighLevelFeatures.py", "plumbing.py"],
     "summary.py": ["HighLevelFeatures.py", "plumbing.py"],
+    "fastcalosim.py": ["HighLevelFeatures.py", "plumbing.py", "toyshower.py"],
 }
 LOCAL = set(STAGES) | set(SHARED) | {TOY}
 
