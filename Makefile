@@ -47,7 +47,7 @@
 #               (demo 2000; CaloChallenge data 10000, as FastCaloGAN)
 #   CLS_EPOCHS  epochs of the evaluate.py classifiers: demo 10, CaloChallenge data 50 (the reference's)
 #   TRAIN_ARGS  extra train.py flags. demo: --recipe calokit (FastCaloGAN's networks, more learnt per CPU-minute;
-#               measured against --recipe fastcalogan with bench/bench_quality.py, see README). CaloChallenge
+#               measured against --recipe fastcalogan with bench/bench_quality.py, see docs/). CaloChallenge
 #               data: --batches epoch (FastCaloGAN's recipe and its batches: epochs of the shuffled events,
 #               without replacement)
 #   SELECT_ARGS extra select_epoch.py flags. demo: --overflow --window mean (showers outside the E_tot chi2
