@@ -340,7 +340,12 @@ def binning_xml(slices):
              "(etaMin/etaMax = |eta| x 100), ganVersion 2, layers by id; voxel order of the networks = layers by id, "
              "r bins outer, alpha bins inner -->", "<Bins>"]
     for xpid, entries in sorted(by_xml.items()):
-        geoms = {lo: s["geom"] for _, lo, s in entries}
+        geoms = {}
+        for pid, lo, s in entries:        # protons read the pions' Particle: one binning per slice for both
+            if lo in geoms and layer_dicts(geoms[lo]) != layer_dicts(s["geom"]):
+                raise UserError(f"Particle {xpid} |eta| {lo / 100:.2f}: pid {pid} has another binning than the "
+                                "particle sharing its binning.xml entry")
+            geoms.setdefault(lo, s["geom"])
         sym = {g.symmetrise_alpha for g in geoms.values()}
         latent = {s["latent"] for *_, s in entries}
         if len(sym) > 1 or len(latent) > 1:
