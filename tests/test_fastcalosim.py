@@ -79,7 +79,9 @@ def check(folder, *extra):
 # ----------------------------------------------------------------------------------------------
 # the folder of a tiny run passes the check, and holds what FastCaloSim opens
 
+@pytest.mark.smoke
 def test_folder_passes_check(chain, tmp_path, capsys):
+    """The real script via main(argv) on tiny data (the fixture assembles, this checks): the smoke test."""
     out = tmp_path / "check.json"
     assert check(chain["folder"], "--json", str(out)) == 0
     assert "loads as FastCaloSim reads it: 1 slice(s), 2 network(s) run at 17 energy points" in capsys.readouterr().out
@@ -365,10 +367,10 @@ def test_missing_hits_are_reported_not_made_up(chain, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------
-# the real scripts on tiny data, as `make fastcalosim` runs them
+# the real scripts on tiny data, as `make fastcalosim` runs them (toy from 64 MeV, training included: ~25 s)
 
-@pytest.mark.smoke
-def test_smoke_chain(tmp_path, capsys):
+@pytest.mark.slow
+def test_chain_with_training(tmp_path, capsys):
     import select_epoch
 
     d = tmp_path
