@@ -399,3 +399,46 @@ def test_chain_with_training(tmp_path, capsys):
     assert check(d / "fastcalosim", "--json", str(d / "check.json")) == 0
     rep = json.loads((d / "check.json").read_text())
     assert rep["ok"] and len(rep["slices"][0]["networks"]) == 2
+
+
+def test_toy_low_energies_leave_the_other_files_unchanged(tmp_path):
+    """The toy seeds every energy on its own: adding 64 and 128 MeV (UltraLow12) leaves the 4096 MeV file as it was,
+    so the default demo's files do not change."""
+    for name, energies in (("alone", ["4096"]), ("with_low", ["64", "128", "4096"])):
+        assert preprocess.main(["toy", "--particle", "photon", "--eta", "0.20", "--events-per-energy", "20",
+                                "--energies", *energies, "--seed", "1", "--out", str(tmp_path / name)]) == 0
+    f = "hits_photon_E4096_eta_020_025.h5"
+    with h5py.File(tmp_path / "alone" / f) as a, h5py.File(tmp_path / "with_low" / f) as b:
+        assert sorted(a) == sorted(b)
+        for k in a:
+            np.testing.assert_array_equal(a[k][:], b[k][:])
+    with h5py.File(tmp_path / "with_low" / "hits_photon_E64_eta_020_025.h5") as h:
+        assert h["truth_p"].shape == (20,) and (h["truth_p"][:] == 64.0).all() and h["energy"][:].sum() > 0
+
+
+def test_photons_and_pions_in_one_folder(chain, tmp_path):
+    """A pion All network beside the photon networks: two Particles in binning.xml, the pion layers 13 and 14 in
+    rootFiles, both slices pass the check."""
+    model = train.build_generator(533, latent_dim=LATENT, activation="relu", batchnorm=False, output_activation="relu")
+    run = tmp_path / "run_pion"
+    (run / "ckpt_1").mkdir(parents=True)
+    model.save(str(run / "ckpt_1" / "generator.keras"))
+    m = 139.57
+    cfg = dict(_config("All", 8, 22), particle="pion", pid=211, n_voxels=533,
+               ekin_min=math.sqrt(2.0 ** 16 + m * m) - m, ekin_max=math.sqrt(2.0 ** 44 + m * m) - m)
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert ex.main(["--run", str(run), "--out", str(tmp_path / "net_pion")]) == 0
+    assert preprocess.main(["toy", "--particle", "pion", "--eta", "0.20", "--events-per-energy", "8",
+                            "--energies", "65536", "1048576", "--seed", "4", "--out", str(tmp_path / "hits")]) == 0
+    folder = tmp_path / "both"
+    assert fcs.main(["--out", str(folder), "--networks", *map(str, chain["nets"].values()), str(tmp_path / "net_pion"),
+                     "--hits", str(chain["d"] / "hits"), str(tmp_path / "hits")]) == 0
+    xml = (folder / "binning.xml").read_text()
+    assert re.findall(r'<Particle pid="(\d+)"', xml) == ["22", "211"]
+    assert os.path.isfile(folder / "neural_net_211_eta_20_25_All.onnx")
+    out = tmp_path / "check.json"
+    assert check(folder, "--json", str(out)) == 0
+    rep = {s["pid"]: s for s in json.loads(out.read_text())["slices"]}
+    assert sorted(rep) == [22, 211] and rep[211]["voxels"] == 533
+    assert sorted(rep[211]["extrap_weights"], key=int) == ["0", "1", "2", "3", "12", "13", "14"]
+    assert [e["p_mev"] for e in rep[211]["networks"]["All"]["energies"]] == [2.0 ** k for k in range(8, 23)]
