@@ -17,8 +17,9 @@ one folder per particle type and |eta| slice set and reads, for particle ``pid``
   looks each variable up by name; the ONNX handler fills each input tensor in the std::map order of the names
   (variable_0, variable_1, variable_10, ..., variable_19, variable_2, ...). Output ``i`` (after the common
   prefix of the output names is removed) is voxel ``i`` in FastCaloSim's order: layers by increasing id, inside
-  a layer r bins outer and alpha bins inner (alpha fastest); it deposits Einit x output and refuses an event whose
-  outputs sum to less than 0.
+  a layer r bins outer and alpha bins inner (alpha fastest; ``n_bin_alpha="32"`` means FastCaloGAN's optimised
+  alpha binning, 4/8/16/32 bins per r bin); it deposits Einit x output and refuses an event whose outputs sum to
+  less than 0.
 * ``rootFiles/pid<pid>_E1048576_eta_<etaMin>_<etaMin+5>.root``: TH1D ``r<layer>w`` (``r<layer>`` when that
   integral is NaN) per relevant layer; an exponential is fitted inside each r bin and its slope places the hits in
   r (ganVersion > 1).
@@ -140,21 +141,37 @@ def _progress(msg):
 # ----------------------------------------------------------------------------------------------
 # voxel order: calokit (CaloChallenge) -> FastCaloSim
 
+def fcs_alpha_bins(edges, n_alpha, symmetrise):
+    """Alpha bins per r bin as FastCaloSim counts them (GetAlphaBinsForRBin): ``n_alpha`` in every r bin, except
+    n_alpha = 32, FastCaloGAN's optimised binning: 4, 8, 16 or 32 by the circumference at the bin centre (pi r if
+    symmetrised, else 2 pi r) over the bin width (< 4, < 8, < 16, else)."""
+    edges = np.asarray(edges, dtype=np.float64)
+    if n_alpha != 32:
+        return [int(n_alpha)] * (edges.size - 1)
+    out = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        n = (math.pi if symmetrise else 2 * math.pi) * 0.5 * (a + b) / (b - a)
+        out.append(4 if n < 4 else 8 if n < 8 else 16 if n < 16 else 32)
+    return out
+
+
 def voxel_permutation(geom):
     """perm with FastCaloSim voxel j = calokit voxel perm[j]: layers by increasing id, r outer, alpha inner."""
     perm = []
     for lay in sorted(geom.layers, key=lambda lay: lay.id):
         if not lay.n_voxels:
             continue
-        if not lay.regular:
-            raise UserError(f"{geom.filename}: layer {lay.id} has per-r-bin alpha bins (optimisedAlphaBins), which "
-                            "FastCaloSim's GAN reader does not handle; export a regular binning")
         if lay.n_r == 1:
             raise UserError(f"{geom.filename}: layer {lay.id} has one r bin; FastCaloSim counts it relevant but skips "
                             "its voxels in fillEnergy, so every later voxel would be read one layer off")
+        fcs = fcs_alpha_bins(lay.r_edges, lay.n_alpha, geom.symmetrise_alpha)
+        if [int(n) for n in lay.alpha_per_r] != fcs:
+            raise UserError(f"{geom.filename}: layer {lay.id} has {lay.alpha_per_r.tolist()} alpha bins per r bin, "
+                            f"FastCaloSim reads {fcs} (n_bin_alpha 32 means its optimised binning, no merged first "
+                            "r bin)")
         start = geom.offsets[lay.id][0]
-        for ir in range(lay.n_r):
-            perm.extend(start + lay.index_of(np.full(lay.n_alpha, ir), np.arange(lay.n_alpha)))
+        for ir, n in enumerate(fcs):
+            perm.extend(start + lay.index_of(np.full(n, ir), np.arange(n)))
     return np.asarray(perm, dtype=np.int64)
 
 
@@ -624,7 +641,7 @@ def check_bin(path, xpid, info, b):
         if len(e) == 2:
             raise FolderError(f"{where}: Layer {lay['id']} has one r bin: FastCaloSim counts it relevant but skips "
                               "its voxels in fillEnergy")
-        n_vox += (len(e) - 1) * lay["n_alpha"]
+        n_vox += sum(fcs_alpha_bins(e, lay["n_alpha"], info["symmetrise"]))
     return layers, n_vox
 
 
@@ -786,6 +803,8 @@ class LwtnnNet:
 
 
 def _outputs_vector(outputs, n_vox, path):
+    if len(outputs) != n_vox:
+        raise FolderError(f"{path}: {len(outputs)} outputs for the {n_vox} voxels FastCaloSim reads from binning.xml")
     try:
         return np.array([outputs[str(i)] for i in range(n_vox)])
     except KeyError as err:

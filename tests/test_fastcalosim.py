@@ -442,3 +442,22 @@ def test_photons_and_pions_in_one_folder(chain, tmp_path):
     assert sorted(rep) == [22, 211] and rep[211]["voxels"] == 533
     assert sorted(rep[211]["extrap_weights"], key=int) == ["0", "1", "2", "3", "12", "13", "14"]
     assert [e["p_mev"] for e in rep[211]["networks"]["All"]["energies"]] == [2.0 ** k for k in range(8, 23)]
+
+
+def test_optimised_alpha_binning_is_fastcalosims_or_refused():
+    """n_bin_alpha 32 is FastCaloSim's optimised alpha binning (4/8/16/32 by circumference / width): a calokit layer
+    with those per-r-bin counts keeps its order (r outer, alpha inner already); a regular 32-bin layer or a merged
+    first r bin would be read with other counts and is refused."""
+    from HighLevelFeatures import Geometry, Layer, UserError
+
+    edges = [0, 2, 5, 10, 50, 100]
+    fcs_bins = fcs.fcs_alpha_bins(edges, 32, False)
+    # r centre / width x 2 pi: 1/2 -> 3.1, 3.5/3 -> 7.3, 7.5/5 -> 9.4, 30/40 -> 4.7, 75/50 -> 9.4
+    assert fcs_bins == [4, 8, 16, 8, 16] and fcs.fcs_alpha_bins(edges, 10, True) == [10] * 5
+    front = Layer(0, [0, 10, 20], 1)
+    geom = Geometry([front, Layer(1, edges, 32, alpha_per_r=fcs_bins)], "photon", 22)
+    perm = fcs.voxel_permutation(geom)
+    np.testing.assert_array_equal(perm, np.arange(2 + sum(fcs_bins)))
+    for bad in (Layer(1, edges, 32), Layer(1, edges, 32, alpha_per_r=[1] + fcs_bins[1:], merged_first=True)):
+        with pytest.raises(UserError, match="FastCaloSim reads"):
+            fcs.voxel_permutation(Geometry([front, bad], "photon", 22))
