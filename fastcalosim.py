@@ -840,6 +840,9 @@ def check_network(pid, name, lo_exp, hi_exp, exps, nets, n_vox, latent, args, rn
             total = float(np.sum(ekin * v))                      # Einit x output, summed over the voxels
             negative += total < 0
             totals.append(total)
+        if negative:
+            print(f"warning: {min(paths.values())}: {negative} of {args.check_events} showers at p = {p:g} MeV sum to "
+                  "less than 0; FastCaloSim skips such a particle", file=sys.stderr)
         per_energy.append({"p_mev": p, "ekin_mev": float(ekin), "label": float(label),
                            "mean_sum_over_ekin": float(np.mean(totals) / ekin), "negative_events": int(negative)})
     return per_energy, max_diff
