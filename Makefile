@@ -326,7 +326,7 @@ endif
 # a unit's training file from its slice's voxels (secondary expansion: the slice is the stem's first part)
 .SECONDEXPANSION:
 $(WORK)/%/train.h5: $$(WORK)/$$(call slice_of,$$*)/voxels.h5 preprocess.py $(SHARED) $(call settings,%,prepare)
-	$(PY) preprocess.py prepare --binning $(call binning,$*) --particle $(call part,$*) --norm $(NORM) \
+	$(PY) preprocess.py prepare --norm $(NORM) --binning $(call binning,$*) --particle $(call part,$*) \
 	    --range $(call range_of,$*) --out $@ $<
 
 # --resume continues a killed run; a run whose settings changed starts afresh (its stamp is kept inside it)
