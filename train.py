@@ -539,7 +539,12 @@ def build_critic(n_voxels, cond_dim=2, hidden=None, activation="relu", he=True, 
     x = keras.Input(shape=(int(n_voxels),), name="voxels")
     cond = keras.Input(shape=(int(cond_dim),), name="condition")
     parts = [x, cond]
-    if summaries:
+    inputs = [x, cond]
+    if summaries and independent_summaries(summaries):
+        s = keras.Input(shape=(len(summaries["mean"]),), name="summaries")
+        parts.append(s)
+        inputs.append(s)
+    elif summaries:
         weights = summary_weights(n_voxels, summaries)
         proj = layers.Dense(weights[0].shape[1], name="summaries", trainable=False)
         parts.append(proj(x))
@@ -548,7 +553,25 @@ def build_critic(n_voxels, cond_dim=2, hidden=None, activation="relu", he=True, 
     for i, n in enumerate(hidden):
         h = _dense(layers, n, f"dense_{i}", activation, he)(h)
     out = _dense(layers, 1, "score", None, he)(h)
-    return keras.Model([x, cond], out, name="critic")
+    return keras.Model(inputs, out, name="critic")
+
+
+def independent_summaries(summaries):
+    """Whether the critic gets its summaries as an input of their own (``penalty: independent``).
+
+    Then the training step computes them (the same fixed linear map, so the generator's gradient still flows
+    through them) and the gradient penalty treats them as coordinates of their own: it bounds
+    sqrt(|d score / d voxels|^2 + |d score / d summaries|^2), the critic's slope in a space where one unit of a
+    summary is one standardised unit x spread. That is what makes the spread a lever: with the summaries computed
+    inside the critic (``penalty: voxels``, runs of ``--critic-summaries``), the penalty bounds the slope along the
+    voxels, the summary's path included, and rescaling a summary is undone by the weights after it.
+    """
+    return bool(summaries) and summaries.get("penalty") == "independent"
+
+
+def summary_projection(n_voxels, summaries):
+    """(kernel, bias) float32 of the critic's independent summaries (:func:`summary_weights`), or None."""
+    return tuple(summary_weights(n_voxels, summaries)) if independent_summaries(summaries) else None
 
 
 def summary_matrix(n_voxels, spans, total_column=None):
@@ -733,18 +756,27 @@ class _TensorFlowStep:
         self.c_all = tf.constant(cond)
         b, k, lam = cfg["batch_size"], cfg["n_critic"], float(cfg["lambda_gp"])
         bn_train = batchnorm_training(cfg)
+        proj = summary_projection(cfg.get("n_features", cfg["n_voxels"]), cfg["critic"].get("summaries"))
+        if proj is not None:
+            proj = (tf.constant(proj[0]), tf.constant(proj[1]))
+
+        def extra(x):           # the critic's independent summaries of x (none without them)
+            return [] if proj is None else [tf.matmul(x, proj[0]) + proj[1]]
 
         def critic_update(x, c, z, eps):
             fake = gen([z, c], training=bn_train)
             interp = eps * x + (1.0 - eps) * fake
             with tf.GradientTape() as tape:
                 with tf.GradientTape() as gp_tape:
-                    gp_tape.watch(interp)
-                    d_interp = critic([interp, c], training=True)
-                grad = gp_tape.gradient(d_interp, interp)
-                norm = tf.sqrt(tf.reduce_sum(tf.square(grad), axis=1) + 1e-12)
+                    coords = [interp] + extra(interp)        # the penalty's coordinates
+                    for t in coords:
+                        gp_tape.watch(t)
+                    d_interp = critic([interp, c] + coords[1:], training=True)
+                grads = gp_tape.gradient(d_interp, coords)
+                norm = tf.sqrt(sum(tf.reduce_sum(tf.square(g), axis=1) for g in grads) + 1e-12)
                 gp = tf.reduce_mean(tf.square(norm - 1.0))
-                d = critic([tf.concat([x, fake], 0), tf.concat([c, c], 0)], training=True)
+                both = tf.concat([x, fake], 0)
+                d = critic([both, tf.concat([c, c], 0)] + extra(both), training=True)
                 w = tf.reduce_mean(d[:b]) - tf.reduce_mean(d[b:])
                 loss = lam * gp - w
             grads = tape.gradient(loss, critic.trainable_variables)
@@ -758,7 +790,7 @@ class _TensorFlowStep:
             c = tf.gather(c_all, idx[k - 1])         # FastCaloGAN: the conditions of the last critic batch
             with tf.GradientTape() as tape:
                 fake = gen([noise[k], c], training=bn_train)
-                g_loss = -tf.reduce_mean(critic([fake, c], training=True))
+                g_loss = -tf.reduce_mean(critic([fake, c] + extra(fake), training=True))
             grads = tape.gradient(g_loss, gen.trainable_variables)
             opt_g.apply(grads, gen.trainable_variables)
             m = tf.reduce_mean(tf.stack(parts), axis=0)
@@ -786,14 +818,22 @@ class _JaxStep:
         b, k, lam = cfg["batch_size"], cfg["n_critic"], float(cfg["lambda_gp"])
         bn_train = batchnorm_training(cfg)
 
-        def score(d_tv, d_ntv, x, c):
-            out, _ = critic.stateless_call(d_tv, d_ntv, [x, c], training=True)
+        proj = summary_projection(cfg.get("n_features", cfg["n_voxels"]), cfg["critic"].get("summaries"))
+
+        def extra(x):           # the critic's independent summaries of x (none without them)
+            return [] if proj is None else [x @ proj[0] + proj[1]]
+
+        def score(d_tv, d_ntv, x, c, coords=None):
+            out, _ = critic.stateless_call(d_tv, d_ntv, [x, c] + (extra(x) if coords is None else coords),
+                                           training=True)
             return out[:, 0]
 
         def critic_loss(d_tv, d_ntv, x, c, fake, eps):
             interp = eps * x + (1.0 - eps) * fake
-            grad = jax.grad(lambda xi: jnp.sum(score(d_tv, d_ntv, xi, c)))(interp)
-            gp = jnp.mean(jnp.square(jnp.sqrt(jnp.sum(jnp.square(grad), axis=1) + 1e-12) - 1.0))
+            coords = [interp] + extra(interp)                # the penalty's coordinates
+            grads = jax.grad(lambda cs: jnp.sum(score(d_tv, d_ntv, cs[0], c, cs[1:])))(coords)
+            sq = sum(jnp.sum(jnp.square(g), axis=1) for g in grads)
+            gp = jnp.mean(jnp.square(jnp.sqrt(sq + 1e-12) - 1.0))
             d = score(d_tv, d_ntv, jnp.concatenate([x, fake], 0), jnp.concatenate([c, c], 0))
             w = jnp.mean(d[:b]) - jnp.mean(d[b:])
             return lam * gp - w, (gp, w)
@@ -1080,6 +1120,8 @@ def make_config(args, data, dropped):
     elif layers_too or etot_spread > 0:
         summaries = summary_settings(data["voxels"], layer_spans(geom, n_vox) if layers_too else [],
                                      spread=etot_spread if etot_spread > 0 else 1.0)
+    if summaries:           # --critic-etot: the penalty's own coordinates; --critic-summaries alone: as before
+        summaries["penalty"] = "independent" if etot_spread > 0 else "voxels"
     lr_decay = float(st.get("lr_decay", args.lr_decay, None, 1.0))
     init = st.get("init", args.init, None, "he")
     latent = st.get("latent_dim", args.latent_dim, "latentDim", int(attrs["latent_dim"]), "training file")

@@ -92,9 +92,9 @@ def parse_args(argv=None):
                    help="train.py recipe names, or NAME=ARGS (train.py flags, e.g. 'fast=--recipe calokit --lr 4e-4')")
     p.add_argument("--ablation", action="store_true", help="the recipes " + ", ".join(ABLATION))
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="training seeds")
-    p.add_argument("--iterations", type=int, default=3000, help="training budget in generator iterations, "
+    p.add_argument("--iterations", type=int, default=12000, help="training budget in generator iterations, "
                    "make all's (a recipe's ARGS may give its own --iterations)")
-    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--checkpoint-every", type=int, default=200, help="make all's checkpoint interval")
     p.add_argument("--particle", default="photon")
     p.add_argument("--eta", type=float, default=0.20)
     p.add_argument("--events", type=int, default=1000, help="toy events per energy (training and held-out)")
@@ -251,28 +251,24 @@ def run_job(job):
     import train
 
     run, out = job["run"], job["out"]
-    argv = ["--data", job["train"], "--out", run, "--iterations", str(job["iterations"]),
-            "--checkpoint-every", str(job["checkpoint_every"]), "--seed", str(job["seed"]), *job["train_args"]]
-    if os.path.isdir(run):
-        argv.append("--resume")
-    t0, c0 = time.perf_counter(), time.process_time()
-    call(train.main, argv)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    wall, cpu = train_once(job, train.main)
     cfg = plumbing.read_run_config(run)
     sel = os.path.join(out, "select")
-    call(select_epoch.main, ["--run", run, "--reference", job["voxels"], "--events", str(job["select_events"]),
-                             "--generate-like", job["heldout"], "--seed", str(job["seed"]), "--out", sel,
-                             *shlex.split(job["select_args"])])
+    if not up_to_date(os.path.join(sel, "best.json"), newest_checkpoint(run)):
+        call(select_epoch.main, ["--run", run, "--reference", job["voxels"], "--events", str(job["select_events"]),
+                                 "--generate-like", job["heldout"], "--seed", str(job["seed"]), "--out", sel,
+                                 *shlex.split(job["select_args"])])
     with open(os.path.join(sel, "best.json")) as f:
         best = json.load(f)
     metrics = {}
     for mode in ("hist-chi", "cls-high", "fpd"):
         path = os.path.join(out, f"eval_{mode}.json")
-        call(evaluate.main, ["-i", os.path.join(sel, "generated.h5"), "-r", job["heldout"], "-m", mode,
-                             "-d", "1-pions" if cfg["particle"] in ("pion", "proton") else "1-photons",
-                             "--output_dir", os.path.join(out, f"eval_{mode}"), "--seed", str(job["eval_seed"]),
-                             "--cls_n_epochs", str(job["cls_epochs"]), "--json", path, "-q",
-                             *shlex.split(job["fpd_args"] if mode == "fpd" else job["cls_args"])])
+        if not up_to_date(path, os.path.join(sel, "generated.h5")):
+            call(evaluate.main, ["-i", os.path.join(sel, "generated.h5"), "-r", job["heldout"], "-m", mode,
+                                 "-d", "1-pions" if cfg["particle"] in ("pion", "proton") else "1-photons",
+                                 "--output_dir", os.path.join(out, f"eval_{mode}"), "--seed", str(job["eval_seed"]),
+                                 "--cls_n_epochs", str(job["cls_epochs"]), "--json", path, "-q",
+                                 *shlex.split(job["fpd_args"] if mode == "fpd" else job["cls_args"])])
         with open(path) as f:
             metrics[mode] = json.load(f)
     rows, overall = energy_table(os.path.join(sel, "generated.h5"), job["heldout"])
@@ -293,6 +289,55 @@ def run_job(job):
         "curve": learning_curve(run, job, cpu / max(iters, 1)),
     }
     return result
+
+
+def newest_checkpoint(run):
+    """Path of the run's newest complete checkpoint (None without one)."""
+    import plumbing
+
+    ckpts = plumbing.list_checkpoints(run) if os.path.isdir(run) else []
+    return ckpts[-1][1] if ckpts else None
+
+
+def up_to_date(path, source):
+    """Whether ``path`` exists and is newer than ``source`` (a file or folder; None: no source, not up to date)."""
+    return (source is not None and os.path.exists(path) and os.path.exists(source)
+            and os.path.getmtime(path) >= os.path.getmtime(source))
+
+
+def train_once(job, train_main):
+    """Train (or resume) the job's run to its budget; (wall s, CPU s) of its training in all.
+
+    The times are kept in OUT/train_time.json, so a benchmark killed after some runs finished reuses them and
+    redoes nothing (a run resumed part-way adds the part's times). A finished run without that file (trained by
+    an earlier version) reports the wall time between its first and last checkpoint, rescaled to the whole run,
+    and NaN CPU seconds.
+    """
+    import plumbing
+
+    run, path = job["run"], os.path.join(job["out"], "train_time.json")
+    done = plumbing.list_checkpoints(run) if os.path.isdir(run) else []
+    before = json.load(open(path)) if os.path.isfile(path) else None
+    if done and done[-1][0] >= job["iterations"]:
+        if before:
+            return before["wall_s"], before["cpu_s"]
+        (i0, p0), (i1, p1) = done[0], done[-1]
+        span = os.path.getmtime(p1) - os.path.getmtime(p0)
+        return (span * job["iterations"] / (i1 - i0) if i1 > i0 else float("nan")), float("nan")
+    argv = ["--data", job["train"], "--out", run, "--iterations", str(job["iterations"]),
+            "--checkpoint-every", str(job["checkpoint_every"]), "--seed", str(job["seed"]), *job["train_args"]]
+    if os.path.isdir(run):
+        argv.append("--resume")
+    t0, c0 = time.perf_counter(), time.process_time()
+    call(train_main, argv)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if done and before:
+        wall, cpu = wall + before["wall_s"], cpu + before["cpu_s"]
+    os.makedirs(job["out"], exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"wall_s": wall, "cpu_s": cpu}, f)
+    os.replace(path + ".tmp", path)
+    return wall, cpu
 
 
 def learning_curve(run, job, cpu_per_it):

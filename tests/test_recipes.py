@@ -75,16 +75,18 @@ def test_critic_etot_is_the_standardised_total_at_the_spread_asked(tmp_path, dat
     energies only with --critic-summaries; a negative spread is refused."""
     assert _train(data, tmp_path / "et", 2, 2, "--no-jit", "--recipe", "calokit", "--critic-etot", "0.2") == 0
     summ = plumbing.read_run_config(str(tmp_path / "et"))["critic"]["summaries"]
-    assert (summ["spans"], len(summ["mean"]), summ["spread"]) == ([], 1, 0.2)
+    assert (summ["spans"], len(summ["mean"]), summ["spread"], summ["penalty"]) == ([], 1, 0.2, "independent")
     rng = np.random.default_rng(5)
     vox = rng.exponential(0.01, size=(300, 368)).astype(np.float32)
-    summ = train.summary_settings(vox, [], spread=0.2)
-    critic = train.build_critic(368, 2, [8, 8, 8], summaries=summ)
-    keras = plumbing.import_keras()
-    got = np.asarray(keras.Model(critic.inputs[0], critic.get_layer("summaries").output)(vox))[:, 0]
+    summ = dict(train.summary_settings(vox, [], spread=0.2), penalty="independent")
+    kernel, bias = train.summary_projection(368, summ)
+    got = vox @ kernel + bias
     etot = vox.astype(np.float64).sum(1)
-    np.testing.assert_allclose(got, 0.2 * (etot - etot.mean()) / etot.std(), rtol=1e-3, atol=1e-4)
-    assert got.std() == pytest.approx(0.2, rel=1e-3)
+    np.testing.assert_allclose(got[:, 0], 0.2 * (etot - etot.mean()) / etot.std(), rtol=1e-3, atol=1e-4)
+    assert got[:, 0].std() == pytest.approx(0.2, rel=1e-3)
+    critic = train.build_critic(368, 2, [8, 8, 8], summaries=summ)     # the summary is an input of its own
+    assert [t.shape[-1] for t in critic.inputs] == [368, 2, 1]
+    assert critic.get_layer("concat").output.shape[-1] == 371
     assert _train(data, tmp_path / "both", 2, 2, "--no-jit", "--critic-etot", "0.5", "--critic-summaries") == 0
     summ = plumbing.read_run_config(str(tmp_path / "both"))["critic"]["summaries"]
     assert (len(summ["spans"]), summ["spread"]) == (5, 0.5)
@@ -99,16 +101,37 @@ def test_cosine_learning_rate_values():
     assert train.main(["--data", "x.h5", "--out", "y", "--lr-decay", "0"]) == 2
 
 
+def test_penalty_counts_the_independent_summary_as_a_coordinate():
+    """With --critic-etot the gradient penalty is sqrt(|dD/dx|^2 + |dD/ds|^2) with s the summary fed as an input:
+    for a critic that is linear in x and s (no hidden layer), the norm is |w_x| and |w_s| combined."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(2)
+    vox = rng.exponential(0.01, size=(100, 6)).astype(np.float32)
+    summ = dict(train.summary_settings(vox, [], spread=0.5), penalty="independent")
+    critic = train.build_critic(6, 2, [], summaries=summ)                  # score = w . [x, c, s] + b
+    w = np.asarray(critic.get_layer("score").kernel)[:, 0]
+    kernel, bias = train.summary_projection(6, summ)
+    x = tf.constant(vox[:4])
+    s = tf.matmul(x, kernel) + bias
+    with tf.GradientTape() as tape:
+        tape.watch([x, s])
+        d = critic([x, tf.zeros((4, 2)), s])
+    gx, gs = tape.gradient(d, [x, s])
+    norm = np.sqrt((np.asarray(gx) ** 2).sum(1) + (np.asarray(gs) ** 2).sum(1))
+    np.testing.assert_allclose(norm, np.sqrt((w[:6] ** 2).sum() + w[8] ** 2), rtol=1e-5)
+
+
 def test_decay_and_summaries_resume_exactly(tmp_path, data):
     """A killed run with the decaying rate (its schedule is in the optimiser state) and the critic's summaries
-    continues exactly."""
+    (layer energies and E_tot, as independent inputs) continues exactly."""
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    assert _train(data, ref, 8, 4, "--recipe", "calokit", "--lr-decay", "0.1", "--critic-summaries",
-                  "--keep-resume", "2", "--no-jit") == 0
+    flags = ("--recipe", "calokit", "--lr-decay", "0.1", "--critic-summaries", "--critic-etot", "0.2",
+             "--keep-resume", "2", "--no-jit")
+    assert _train(data, ref, 8, 4, *flags) == 0
     shutil.copytree(ref, cut)
     shutil.rmtree(cut / "ckpt_8")          # as if killed after the first checkpoint
-    assert _train(data, cut, 8, 4, "--recipe", "calokit", "--lr-decay", "0.1", "--critic-summaries",
-                  "--keep-resume", "2", "--no-jit", "--resume") == 0
+    assert _train(data, cut, 8, 4, *flags, "--resume") == 0
     np.testing.assert_array_equal(read_losses(str(cut)), read_losses(str(ref)))
 
 
