@@ -17,6 +17,7 @@
 #   make condor / make slurm       the same per-slice chain as an HTCondor DAG / a Slurm job array, plus a
 #                                  summary node after all chains; `make condor DEMO=barrel`: 78 chains
 #   make baseline                  evaluate an untrained (1-iteration) generator the same way, for comparison
+#                                  (one per range, combined as `make all` combines them: RESULTS/<slice>/baseline/)
 #   make clean | make clean-slice SLICE=photon_0.20   remove every slice's files / one slice's
 #   make clean-hits                the toy hits (~0.8 GB per slice) once voxelised; nothing is redone for them
 #
@@ -319,18 +320,28 @@ $(RESULTS)/summary/summary.json: summary.py $(SHARED) $(SLICE_RESULTS) $(SUMMARY
 summary-now: summary.py $(SHARED) | $(STAMP)
 	$(PY) summary.py --results $(RESULTS) --slices "$(SLICES)" --out $(RESULTS)/summary $(SUMMARY_ARGS)
 
-# --- baseline: the same chain with a generator trained for 1 iteration, to show what training buys
-ifneq ($(MULTI),)
-baseline:
-	@echo "make baseline: one range per slice only (this dataset trains $(RANGES); try RANGES=<one of them>)" >&2; exit 2
-else
+# --- baseline: the same chain with a generator trained for 1 iteration, to show what training buys: per unit
+# (one per range) a 1-iteration run and its selection; with several ranges their generated files combined as
+# `make all` combines them; the slice's generated file evaluated as `make all` evaluates it
 baseline: $(foreach s,$(SLICES),$(RESULTS)/$(s)/baseline/eval/metrics.json)
-endif
-$(RESULTS)/%/baseline/eval/metrics.json: $(WORK)/%/train.h5 $(WORK)/%/voxels_heldout.h5 train.py select_epoch.py evaluate.py     $(SHARED) $(call settings,%,train) $(call settings,%,select) $(call settings,%,eval) | $(STAMP)
+$(RESULTS)/%/baseline/select/best.json: $(WORK)/%/train.h5 $$(WORK)/$$(call slice_of,$$*)/voxels_heldout.h5 train.py \
+    select_epoch.py $(SHARED) $(call settings,%,train) $(call settings,%,select) | $(STAMP)
 	rm -rf $(WORK)/$*/run_untrained
 	$(PY) train.py --data $< --out $(WORK)/$*/run_untrained --iterations 1 --checkpoint-every 1 --seed $(SEED) --resume $(TRAIN_ARGS)
-	$(PY) select_epoch.py --run $(WORK)/$*/run_untrained --reference $(WORK)/$*/voxels.h5 --events $(SELECT_EVENTS) \
-	    --generate-like $(WORK)/$*/voxels_heldout.h5 --seed $(SEED) --out $(RESULTS)/$*/baseline/select $(SELECT_ARGS)
+	$(PY) select_epoch.py --run $(WORK)/$*/run_untrained --reference $(WORK)/$(call slice_of,$*)/voxels.h5 \
+	    --events $(SELECT_EVENTS) --generate-like $(WORK)/$(call slice_of,$*)/voxels_heldout.h5 --seed $(SEED) \
+	    --out $(@D) $(SELECT_ARGS)
+ifneq ($(MULTI),)
+define BASELINE_COMBINE_RULE
+$(RESULTS)/$(1)/baseline/select/best.json: $(foreach r,$(RANGES),$(RESULTS)/$(1)/$(r)/baseline/select/best.json) \
+    $(WORK)/$(1)/voxels_heldout.h5 select_epoch.py $(SHARED)
+	$$(PY) select_epoch.py --combine $(foreach r,$(RANGES),$(RESULTS)/$(1)/$(r)/baseline/select) \
+	    --generate-like $(WORK)/$(1)/voxels_heldout.h5 --out $$(@D)
+endef
+$(foreach s,$(SLICES),$(eval $(call BASELINE_COMBINE_RULE,$(s))))
+endif
+$(RESULTS)/%/baseline/eval/metrics.json: $(RESULTS)/%/baseline/select/best.json $(WORK)/%/voxels_heldout.h5 evaluate.py \
+    $(SHARED) $(call settings,%,eval) | $(STAMP)
 	$(PY) evaluate.py -i $(RESULTS)/$*/baseline/select/generated.h5 -r $(WORK)/$*/voxels_heldout.h5 -m all \
 	    -d $(call evalds,$*) --output_dir $(@D) --seed $(SEED) --cls_n_epochs $(CLS_EPOCHS) --json $@ $(EVAL_ARGS)
 

@@ -131,6 +131,19 @@ def test_condor_dag_commands_run_locally(chain, tmp_path):
 CC_TINY = ["ITERATIONS=40", "CKPT_EVERY=20", "SELECT_EVENTS=200", "CLS_EPOCHS=2", "SEED=3"]
 
 
+def cc_photon_files(data, per_energy=60):
+    """Small CaloChallenge-format dataset-1 photon files (synthetic showers, ``per_energy`` per momentum 2^8 ..
+    2^22 MeV, energies shuffled) named as `make DATASET=1-photons` looks for them in DATA_DIR."""
+    from evalutils import write_synthetic
+
+    data.mkdir()
+    einc = np.repeat(2.0 ** np.arange(8, 23), per_energy)
+    for k, name in enumerate(("dataset_1_photons_1.hdf5", "dataset_1_photons_2.hdf5")):
+        e = np.random.default_rng(k).permutation(einc)
+        write_synthetic(str(data / name), "1-photons", e.size, 10 + k, einc=e)
+    return data
+
+
 @pytest.mark.slow
 def test_make_all_calochallenge_photons_two_range_gans(tmp_path):
     """`make all DATASET=1-photons` on small CaloChallenge-format files (synthetic showers, 60 per momentum 2^8 ..
@@ -139,14 +152,8 @@ def test_make_all_calochallenge_photons_two_range_gans(tmp_path):
     import h5py
     import export_lwtnn
     import plumbing
-    from evalutils import write_synthetic
 
-    data = tmp_path / "data"
-    data.mkdir()
-    einc = np.repeat(2.0 ** np.arange(8, 23), 60)
-    for k, name in enumerate(("dataset_1_photons_1.hdf5", "dataset_1_photons_2.hdf5")):
-        e = np.random.default_rng(k).permutation(einc)
-        write_synthetic(str(data / name), "1-photons", e.size, 10 + k, einc=e)
+    data = cc_photon_files(tmp_path / "data")
     work, results = tmp_path / "work", tmp_path / "results"
     res = make("all", "DATASET=1-photons", f"DATA_DIR={data}", f"WORK={work}", f"RESULTS={results}", *CC_TINY)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -180,3 +187,28 @@ def test_make_all_calochallenge_photons_two_range_gans(tmp_path):
     assert row["range"] == "Low12 + High12" and row["state"] == "complete"
     again = make("all", "DATASET=1-photons", f"DATA_DIR={data}", f"WORK={work}", f"RESULTS={results}", *CC_TINY)
     assert again.returncode == 0 and "train.py" not in again.stdout and "evaluate.py" not in again.stdout
+
+
+@pytest.mark.slow
+def test_make_baseline_calochallenge_photons_per_range(tmp_path):
+    """`make baseline DATASET=1-photons` on the same small files: a 1-iteration Low12 and High12 generator, each
+    selected, combined (2^12 from Low12) and evaluated once as `make all` does; no trained run is made."""
+    data = cc_photon_files(tmp_path / "data")
+    work, results = tmp_path / "work", tmp_path / "results"
+    res = make("baseline", "DATASET=1-photons", f"DATA_DIR={data}", f"WORK={work}", f"RESULTS={results}", *CC_TINY)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = results / SLICE / "baseline"
+    for g in ("Low12", "High12"):
+        best = json.loads((results / SLICE / g / "baseline" / "select" / "best.json").read_text())
+        assert best["best_iteration"] == 1 and best["run"] == str(work / SLICE / g / "run_untrained")
+        assert best["energy_grouping"]["kind"] == "points"
+        assert not (work / SLICE / g / "run").exists()
+    combined = json.loads((out / "select" / "best.json").read_text())
+    served = {c["range"]: c["energies_served"] for c in combined["combined"]}
+    assert served == {"Low12": [2.0**k for k in range(8, 13)], "High12": [2.0**k for k in range(13, 23)]}
+    assert combined["best_iteration"] == {"Low12": 1, "High12": 1}
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["input_file"] == str((out / "select" / "generated.h5").resolve())
+    assert metrics["n_events"] == 15 * 60
+    sep = metrics["separation_power"]["Etot / Einc"]
+    assert math.isfinite(sep) and sep > 0.3         # an untrained generator is far from the reference
