@@ -18,6 +18,11 @@
 #                                  summary node after all chains; `make condor DEMO=barrel`: 78 chains
 #   make baseline                  evaluate an untrained (1-iteration) generator the same way, for comparison
 #                                  (one per range, combined as `make all` combines them: RESULTS/<slice>/baseline/)
+#   make fastcalosim               the folder C++ FastCaloSim's GAN loads, results/<dataset>/fastcalosim/: trains
+#                                  what it needs per slice (e/gamma UltraLow12 + High12, toy e/gamma from 64 MeV;
+#                                  pions All) in work/<dataset>/fastcalosim/, exports, writes binning.xml, the
+#                                  networks and rootFiles/, and ends with `fastcalosim.py --check-folder`
+#                                  (also DEMO=3x2, DATASET=1-photons|1-pions: no hits there, so no rootFiles/)
 #   make clean | make clean-slice SLICE=photon_0.20   remove every slice's files / one slice's
 #   make clean-hits                the toy hits (~0.8 GB per slice) once voxelised; nothing is redone for them
 #
@@ -39,11 +44,11 @@
 #               1-pions: All; demo: $(RANGE). With two or more, each range has its own folder
 #               (WORK/<slice>/<range>/, RESULTS/<slice>/<range>/select, lwtnn) and RESULTS/<slice>/select/ holds
 #               the combined generated file that evaluate.py judges
-#   SELECT_EVENTS showers generated per checkpoint and energy in select_epoch.py
+#   SELECT_EVENTS showers generated per checkpoint and energy (or log-energy bin, datasets 2, 3) in select_epoch.py
 #               (demo 2000; CaloChallenge data 10000, as FastCaloGAN)
 #   CLS_EPOCHS  epochs of the evaluate.py classifiers: demo 10, CaloChallenge data 50 (the reference's)
 #   TRAIN_ARGS  extra train.py flags. demo: --recipe calokit (FastCaloGAN's networks, more learnt per CPU-minute;
-#               measured against --recipe fastcalogan with bench/bench_quality.py, see README). CaloChallenge
+#               measured against --recipe fastcalogan with bench/bench_quality.py, see docs/). CaloChallenge
 #               data: --batches epoch (FastCaloGAN's recipe and its batches: epochs of the shuffled events,
 #               without replacement)
 #   SELECT_ARGS extra select_epoch.py flags. demo: --overflow --window mean (showers outside the E_tot chi2
@@ -175,6 +180,31 @@ else
   binning = $(BINNING_$(call evalds,$(1)))
 endif
 
+# --- FastCaloSim folder mode: FCS=1 (set by `make fastcalosim` for its sub-make) ----------------------------
+# The GANs FastCaloSim loads per slice: e/gamma UltraLow12 (p 2^6..2^12 MeV) + High12 (2^12..2^22), pions All,
+# each in WORK/<slice>/<range>/; the toy makes e/gamma from 64 MeV (2^6..2^22). Its own WORK keeps the default
+# demo's files as they are.
+toy_energies =
+ifeq ($(FCS),1)
+  ifneq ($(filter 2 3,$(DATASET)),)
+    $(error make fastcalosim: datasets 2 and 3 have 45 layers that are not ATLAS calorimeter samplings, which FastCaloSim's GAN reader expects)
+  endif
+  fcs_ranges = $(if $(filter pion,$(1)),All,UltraLow12 High12)
+  UNITS := $(foreach s,$(SLICES),$(foreach r,$(call fcs_ranges,$(call part,$(s))),$(s)/$(r)))
+  FCS_EGAMMA_ENERGIES := 64 128 256 512 1024 2048 4096 8192 16384 32768 65536 131072 262144 524288 1048576 \
+      2097152 4194304
+  toy_energies = $(if $(filter pion,$(call part,$(1))),,--energies $(FCS_EGAMMA_ENERGIES))
+  ifeq ($(DATASET),demo)
+    FCS_HITS := $(foreach s,$(SLICES),$(WORK)/$(s)/hits/.done)
+    FCS_ARGS := --hits $(foreach s,$(SLICES),$(WORK)/$(s)/hits)
+    FCS_CHECK_ARGS :=
+  else
+    FCS_HITS :=
+    FCS_ARGS := --eta $(call eta,$(firstword $(SLICES)))
+    FCS_CHECK_ARGS := --networks-only
+  endif
+endif
+
 .PHONY: all baseline venv test smoke bench data voxels train select export evaluate summary summary-now condor slurm \
     clean clean-hits clean-slice clean-venv help
 .DELETE_ON_ERROR:
@@ -230,7 +260,8 @@ SETTINGS_select = SELECT_EVENTS=$(SELECT_EVENTS) SEED=$(SEED) SELECT_ARGS=$(SELE
 SETTINGS_export = EXPORT_ARGS=$(EXPORT_ARGS)
 SETTINGS_eval = CLS_EPOCHS=$(CLS_EPOCHS) SEED=$(SEED) EVAL_ARGS=$(EVAL_ARGS)
 write_stamp = $(shell mkdir -p $(dir $(1)) && { printf '%s\n' '$(2)' | cmp -s - $(1) || printf '%s\n' '$(2)' > $(1); })
-NO_STAMP_GOALS := test smoke help venv bench clean clean-hits clean-venv clean-slice condor slurm data summary-now
+NO_STAMP_GOALS := test smoke help venv bench clean clean-hits clean-venv clean-slice condor slurm data summary-now \
+    fastcalosim
 # the summary's stamp (one for the dataset): which slices it covers and its flags
 SUMMARY_STAMP := $(WORK)/settings/summary
 SETTINGS_summary = SLICES=$(SLICES) SUMMARY_ARGS=$(SUMMARY_ARGS)
@@ -247,11 +278,11 @@ ifeq ($(DATASET),demo)
 TOY := preprocess.py toyshower.py $(SHARED)
 $(WORK)/%/hits/.done: $(TOY) $(call settings,%,hits) | $(STAMP)
 	rm -rf $(@D)
-	$(PY) preprocess.py toy --particle $(call part,$*) --eta $(call eta,$*) --events-per-energy $(EVENTS) --seed $(SEED) --out $(@D)
+	$(PY) preprocess.py toy --particle $(call part,$*) --eta $(call eta,$*) --events-per-energy $(EVENTS) --seed $(SEED) --out $(@D) $(call toy_energies,$*)
 	touch $@
 $(WORK)/%/hits_heldout/.done: $(TOY) $(call settings,%,hits) | $(STAMP)
 	rm -rf $(@D)
-	$(PY) preprocess.py toy --particle $(call part,$*) --eta $(call eta,$*) --events-per-energy $(EVENTS) --seed $$(( $(SEED) + 1000 )) --out $(@D)
+	$(PY) preprocess.py toy --particle $(call part,$*) --eta $(call eta,$*) --events-per-energy $(EVENTS) --seed $$(( $(SEED) + 1000 )) --out $(@D) $(call toy_energies,$*)
 	touch $@
 $(WORK)/%/voxels.h5: $(WORK)/%/hits/.done preprocess.py $(SHARED) $(call binning,%)
 	$(PY) preprocess.py voxelise --binning $(call binning,$*) --particle $(call part,$*) --out $@ $(WORK)/$*/hits/hits_*.h5
@@ -357,6 +388,23 @@ MAKEFLAGS_FOR_JOBS = DATASET=$(DATASET) PARTICLES="$(PARTICLES)" ETAS="$(strip $
     EVENTS=$(EVENTS) SELECT_EVENTS=$(SELECT_EVENTS) CLS_EPOCHS=$(CLS_EPOCHS) SEED=$(SEED) DATA_DIR=$(DATA_DIR) \
     TRAIN_ARGS="$(TRAIN_ARGS)" SELECT_ARGS="$(SELECT_ARGS)" EXPORT_ARGS="$(EXPORT_ARGS)" EVAL_ARGS="$(EVAL_ARGS)" \
     SUMMARY_ARGS="$(SUMMARY_ARGS)"
+
+# --- FastCaloSim input folder -----------------------------------------------------------------------
+# `make fastcalosim` runs the chain in FCS mode (its own WORK; select and export results inside it) and writes
+# RESULTS/fastcalosim/ with fastcalosim.py, then checks it as FastCaloSim reads it (RESULTS/fastcalosim-check.json).
+.PHONY: fastcalosim fastcalosim-folder
+fastcalosim: | $(STAMP)
+	$(MAKE) fastcalosim-folder FCS=1 WORK=$(WORK)/fastcalosim RESULTS=$(WORK)/fastcalosim/results \
+	    FCS_DIR=$(RESULTS)/fastcalosim
+ifeq ($(FCS),1)
+fastcalosim-folder: $(WORK)/.fastcalosim-done
+	@echo "calokit: FastCaloSim input folder $(FCS_DIR)/ (point FastCaloSim's FastCaloGANInputFolderName at it)"
+$(WORK)/.fastcalosim-done: $(foreach u,$(UNITS),$(RESULTS)/$(u)/lwtnn/.done) $(FCS_HITS) fastcalosim.py toyshower.py \
+    $(SHARED)
+	$(PY) fastcalosim.py --out $(FCS_DIR) --networks $(foreach u,$(UNITS),$(RESULTS)/$(u)/lwtnn) $(FCS_ARGS)
+	$(PY) fastcalosim.py --check-folder $(FCS_DIR) --json $(FCS_DIR)-check.json $(FCS_CHECK_ARGS)
+	touch $@
+endif
 
 clean:
 	rm -rf $(WORK) $(RESULTS)

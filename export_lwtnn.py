@@ -20,15 +20,17 @@ format (what ``lwt::parse_json_graph`` reads):
 * ``outputs``: ``{<name>: {"node_index": i, "labels": ["out_0", ...]}}``, one label per voxel (XML order).
 
 The ONNX model is written with the ``onnx`` package's helpers: opset 13, IR version 7 (loaded by ONNX Runtime
-1.6 and every later release), float32 in, out and throughout. Inputs ``node_0`` [1, latent] (noise) and
-``node_1`` [1, 2] ([label, 0]) in this order; output ``out`` [1, n_voxels], which TFCSONNXHandler reads as
-one flat vector labelled ``out_0``, ``out_1``, ... (``<output name>_<i>``), the JSON's labels. Fixed shapes,
+1.6 and every later release), float32 in, out and throughout. Inputs ``Noise`` [1, latent] (noise) and
+``mycond`` [1, 2] ([label, 0]) in this order, the names FastCaloSim's ONNX handler looks up (it does not
+rename them; its lwtnn handler maps them to ``node_0`` / ``node_1``); output ``out`` [1, n_voxels], which
+TFCSONNXHandler reads as one flat vector labelled ``out_0``, ``out_1``, ... (``<output name>_<i>``), the JSON's labels. Fixed shapes,
 because the handler takes a symbolic dimension as 1 with a warning; ``--onnx-dynamic-batch`` writes a
 symbolic first dimension instead, for Python users who run many rows per ONNX Runtime call. Operators: Gemm
 (x W^T + b, W stored n_out x n_in), Relu, LeakyRelu, Elu, Sigmoid, Tanh, Softmax, Mul (swish = x sigmoid(a x);
 an unfolded batch-norm = Mul + Add), Concat. The handler fills each input tensor from a name -> value map in
-the map's (sorted-name) order: for the noise this permutes i.i.d. values, which changes nothing; the
-condition's ``variable_0`` (label) sorts before ``variable_1``.
+the map's (sorted-name) order, variable_0, variable_1, variable_10, ..., variable_19, variable_2, ...: for
+the noise this permutes i.i.d. values, which changes nothing in distribution; the condition's ``variable_0``
+(label) sorts before ``variable_1``.
 
 Batch normalisation is folded into the dense layer before it by default (W' = diag(gamma/s) W,
 b' = (b - mean) gamma/s + beta, s = sqrt(var + eps)); ``--batchnorm normalization`` writes lwtnn
@@ -71,8 +73,9 @@ import sys
 import numpy as np
 
 from HighLevelFeatures import read_geometry
-from plumbing import (CKPT_RE, LABEL_FORMULAS, HelpFormatter, UserError, atomic_output, ensure_dir,
-                      list_checkpoints, load_generator_file, read_run_config, run_cli, write_text)
+from plumbing import (CKPT_RE, LABEL_FORMULAS, HelpFormatter, UserError, apply_activation,  # noqa: F401
+                      atomic_output, ensure_dir, evaluate_graph_inputs, list_checkpoints, load_generator_file,
+                      read_run_config, run_cli, write_text)
 
 # ----------------------------------------------------------------------------------------------
 # configuration: defaults of the command line
@@ -85,6 +88,10 @@ DEFAULTS = {
 }
 NOISE_NAME, CONDITION_NAME = "noise", "condition"   # Keras input names (train.py)
 LWTNN_INPUTS = ("node_0", "node_1")                  # lwtnn input node names FastCaloSim fills
+#: ONNX input names (noise, condition): TFCSONNXHandler looks each model input up by its name in the map
+#: TFCSEnergyAndHitGANV2 fills, {"Noise", "mycond"}, without renaming (TFCSGANLWTNNHandler renames them to
+#: node_0 / node_1 for lwtnn). The one place the ONNX input names are chosen.
+ONNX_INPUTS = ("Noise", "mycond")
 CONFIG_REQUIRED = ("particle", "pid", "eta_min", "eta_max", "range", "latent_dim", "n_voxels")
 
 # ----------------------------------------------------------------------------------------------
@@ -117,122 +124,8 @@ def lwtnn_activation(function, alpha=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# the numpy evaluator of an lwtnn graph JSON (independent of Keras)
-
-def _sigmoid(x):
-    """lwtnn's sigmoid: exactly 0 below -30 and 1 above 30."""
-    with np.errstate(over="ignore"):
-        s = 1.0 / (1.0 + np.exp(-np.clip(x, -30.0, 30.0)))
-    return np.where(x < -30.0, 0.0, np.where(x > 30.0, 1.0, s))
-
-
-def apply_activation(act, x):
-    """Apply an lwtnn activation (string or {function, alpha}) to rows of ``x`` as lwtnn does.
-
-    A parametrised function given as a plain string gets alpha = NaN, as in lwtnn (except elu: alpha 1).
-    """
-    if isinstance(act, dict):
-        fn, alpha = act["function"], float(act["alpha"])
-    else:
-        fn, alpha = act, (1.0 if act == "elu" else math.nan)
-    if fn == "linear":
-        return x
-    if fn == "rectified":
-        return np.where(np.isnan(x) | (x > 0), x, 0.0)
-    if fn == "sigmoid":
-        return _sigmoid(x)
-    if fn == "tanh":
-        return np.tanh(x)
-    if fn == "hard_sigmoid":
-        return np.clip(0.2 * x + 0.5, 0.0, 1.0)
-    if fn == "softmax":
-        e = np.exp(x - x.max(axis=-1, keepdims=True))
-        return e / e.sum(axis=-1, keepdims=True)
-    if fn == "swish":
-        return x * _sigmoid(alpha * x)
-    if fn == "leakyrelu":
-        return np.where(x > 0, x, alpha * x)
-    if fn == "elu":
-        with np.errstate(over="ignore"):
-            return np.where(x >= 0, x, alpha * np.expm1(np.minimum(x, 0.0)))
-    if fn == "abs":
-        return np.abs(x)
-    raise ValueError(f"activation function {fn!r} not recognised by lwtnn")
-
-
-def _apply_layer(layer, x):
-    """One lwtnn layer (dense or normalization) on rows of ``x`` (N, n_in)."""
-    arch = layer["architecture"]
-    w = np.asarray(layer["weights"], dtype=np.float64)
-    b = np.asarray(layer["bias"], dtype=np.float64)
-    if arch == "normalization":
-        if w.size != x.shape[1] or b.size != x.shape[1]:
-            raise ValueError(f"normalization layer has {w.size} weights / {b.size} biases for {x.shape[1]} inputs")
-        return w * (x + b)
-    if arch != "dense":
-        raise ValueError(f"layer architecture {arch!r} is not evaluated here (dense, normalization only)")
-    if "activation" not in layer:
-        raise ValueError("dense layer without an activation (lwtnn refuses it)")
-    if w.size:
-        n_in = x.shape[1]
-        if w.size % n_in:
-            raise ValueError(f"dense layer: {w.size} weights not divisible by {n_in} inputs")
-        x = x @ w.reshape(w.size // n_in, n_in).T
-    if b.size:
-        if b.size != x.shape[1]:
-            raise ValueError(f"dense layer: {b.size} biases for {x.shape[1]} outputs")
-        x = x + b
-    return apply_activation(layer["activation"], x)
-
-
-def evaluate_graph_inputs(graph, inputs, output=None):
-    """Evaluate an lwtnn graph JSON (dict) on ``inputs`` = {input node name: array (N, n_vars)}.
-
-    Returns the output node (``output`` name, or the only one) as float64 (N, n_labels).
-    """
-    arrays = []
-    for node in graph["inputs"]:
-        if node["name"] not in inputs:
-            raise ValueError(f"no values given for input node {node['name']}")
-        x = np.asarray(inputs[node["name"]], dtype=np.float64)
-        x = np.atleast_2d(x)
-        var = node["variables"]
-        if x.shape[1] != len(var):
-            raise ValueError(f"input {node['name']}: {x.shape[1]} columns for {len(var)} variables")
-        offset = np.array([v["offset"] for v in var], dtype=np.float64)
-        scale = np.array([v["scale"] for v in var], dtype=np.float64)
-        arrays.append((x + offset) * scale)
-    nodes, layers, cache = graph["nodes"], graph["layers"], {}
-
-    def value(i, stack=()):
-        if i in cache:
-            return cache[i]
-        if i in stack or not 0 <= i < len(nodes):
-            raise ValueError(f"node {i}: cycle or index out of range")
-        node = nodes[i]
-        kind, src = node["type"], node["sources"]
-        if kind == "input":
-            out = arrays[src[0]]
-            if out.shape[1] != node["size"]:
-                raise ValueError(f"input node {i}: size {node['size']} but {out.shape[1]} variables")
-        elif kind == "concatenate":
-            out = np.concatenate([value(s, stack + (i,)) for s in src], axis=1)
-        elif kind == "feed_forward":
-            if len(src) != 1:
-                raise ValueError(f"feed_forward node {i} needs one source, has {len(src)}")
-            out = _apply_layer(layers[node["layer_index"]], value(src[0], stack + (i,)))
-        else:
-            raise ValueError(f"node {i}: type {kind!r} is not evaluated here")
-        cache[i] = out
-        return out
-
-    outputs = graph["outputs"]
-    name = output if output is not None else next(iter(outputs))
-    out = value(outputs[name]["node_index"])
-    if out.shape[1] != len(outputs[name]["labels"]):
-        raise ValueError(f"output {name}: {out.shape[1]} values for {len(outputs[name]['labels'])} labels")
-    return out
-
+# the numpy evaluator of an lwtnn graph JSON (independent of Keras; in plumbing.py, shared with
+# fastcalosim.py's folder check): apply_activation, evaluate_graph_inputs
 
 def evaluate_graph(graph, noise, condition):
     """Evaluate a calokit generator graph: ``noise`` (N, latent) -> node_0, ``condition`` (N, 2) -> node_1."""
@@ -626,7 +519,7 @@ def _onnx_op(g, op, srcs, out):
 def ops_to_onnx(ops, out, input_ops, dynamic_batch=False, doc=""):
     """Build the ONNX ModelProto (float32 in and out) from simplified ops.
 
-    Inputs ``node_0`` (noise) and ``node_1`` (condition) in this order with shapes [1, n] (or [batch, n] with
+    Inputs ``Noise`` and ``mycond`` (``ONNX_INPUTS``: noise, condition) in this order with shapes [1, n] (or [batch, n] with
     ``dynamic_batch``); one output ``out`` of shape [1, n_out]. Opset ``ONNX_OPSET``, IR ``ONNX_IR_VERSION``.
     """
     from onnx import TensorProto, helper
@@ -634,8 +527,8 @@ def ops_to_onnx(ops, out, input_ops, dynamic_batch=False, doc=""):
     batch = ONNX_BATCH_DIM if dynamic_batch else 1
     g, name_of, inputs = _OnnxGraph(), {}, []
     for k, i in enumerate(input_ops):
-        name_of[i] = LWTNN_INPUTS[k]
-        inputs.append(helper.make_tensor_value_info(LWTNN_INPUTS[k], TensorProto.FLOAT, [batch, ops[i]["size"]]))
+        name_of[i] = ONNX_INPUTS[k]
+        inputs.append(helper.make_tensor_value_info(ONNX_INPUTS[k], TensorProto.FLOAT, [batch, ops[i]["size"]]))
     order = _reachable_in_order(ops, out)
     for i in order:
         if i in name_of:
@@ -689,7 +582,7 @@ def run_onnx_rows(session, noise, condition):
     """The ONNX model on each row alone, with [1, n] inputs as FastCaloSim feeds it; float64 (N, n_out)."""
     noise = np.asarray(noise, np.float32)
     condition = np.asarray(condition, np.float32)
-    rows = [session.run([ONNX_OUTPUT], {LWTNN_INPUTS[0]: noise[j:j + 1], LWTNN_INPUTS[1]: condition[j:j + 1]})[0]
+    rows = [session.run([ONNX_OUTPUT], {ONNX_INPUTS[0]: noise[j:j + 1], ONNX_INPUTS[1]: condition[j:j + 1]})[0]
             for j in range(len(noise))]
     return np.concatenate(rows, axis=0).astype(np.float64) if rows else np.zeros((0, 0))
 
@@ -841,8 +734,8 @@ def onnx_metadata(onnx_name, latent, n_cond, n_out, dynamic_batch):
     """The ONNX file's interface as TFCSONNXHandler sees it (names, shapes, element type, opset, IR version)."""
     batch = ONNX_BATCH_DIM if dynamic_batch else 1
     return {"file": onnx_name, "opset": ONNX_OPSET, "ir_version": ONNX_IR_VERSION, "element_type": "float32",
-            "inputs": [{"name": LWTNN_INPUTS[0], "shape": [batch, latent], "content": "noise"},
-                       {"name": LWTNN_INPUTS[1], "shape": [batch, n_cond], "content": "[energy label, 0]"}],
+            "inputs": [{"name": ONNX_INPUTS[0], "shape": [batch, latent], "content": "noise"},
+                       {"name": ONNX_INPUTS[1], "shape": [batch, n_cond], "content": "[energy label, 0]"}],
             "output": {"name": ONNX_OUTPUT, "shape": [batch, n_out],
                        "labels": f"{ONNX_OUTPUT}_0..{ONNX_OUTPUT}_{n_out - 1} (flat, '<output name>_<i>')"},
             "batch": ("symbolic first dimension 'batch' (TFCSONNXHandler takes it as 1, with a warning)"
@@ -1039,7 +932,8 @@ def _main(argv):
     graph = ops_to_graph(ops, out, input_ops, output_name) if "json" in formats else None
     onnx_bytes = None
     if "onnx" in formats:
-        doc = f"calokit generator {stem}: inputs node_0 = noise, node_1 = [energy label, 0]; output out = voxels / E_kin"
+        doc = (f"calokit generator {stem}: inputs {ONNX_INPUTS[0]} = noise, {ONNX_INPUTS[1]} = [energy label, 0]; "
+               "output out = voxels / E_kin")
         onnx_bytes = ops_to_onnx(ops, out, input_ops, args.onnx_dynamic_batch, doc).SerializeToString()
 
     check = None

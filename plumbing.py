@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -715,3 +716,122 @@ def _runner(model, refresh=False):
     if refresh or model not in _RUNNERS:
         _RUNNERS[model] = _Runner(model)
     return _RUNNERS[model]
+
+
+# ----------------------------------------------------------------------------------------------
+# the numpy evaluator of an lwtnn graph JSON (independent of Keras), as lwtnn computes it in C++:
+# export_lwtnn.py checks its JSON with it, fastcalosim.py runs the networks of a FastCaloSim folder with it
+
+def _sigmoid(x):
+    """lwtnn's sigmoid: exactly 0 below -30 and 1 above 30."""
+    with np.errstate(over="ignore"):
+        s = 1.0 / (1.0 + np.exp(-np.clip(x, -30.0, 30.0)))
+    return np.where(x < -30.0, 0.0, np.where(x > 30.0, 1.0, s))
+
+
+def apply_activation(act, x):
+    """Apply an lwtnn activation (string or {function, alpha}) to rows of ``x`` as lwtnn does.
+
+    A parametrised function given as a plain string gets alpha = NaN, as in lwtnn (except elu: alpha 1).
+    """
+    if isinstance(act, dict):
+        fn, alpha = act["function"], float(act["alpha"])
+    else:
+        fn, alpha = act, (1.0 if act == "elu" else math.nan)
+    if fn == "linear":
+        return x
+    if fn == "rectified":
+        return np.where(np.isnan(x) | (x > 0), x, 0.0)
+    if fn == "sigmoid":
+        return _sigmoid(x)
+    if fn == "tanh":
+        return np.tanh(x)
+    if fn == "hard_sigmoid":
+        return np.clip(0.2 * x + 0.5, 0.0, 1.0)
+    if fn == "softmax":
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+    if fn == "swish":
+        return x * _sigmoid(alpha * x)
+    if fn == "leakyrelu":
+        return np.where(x > 0, x, alpha * x)
+    if fn == "elu":
+        with np.errstate(over="ignore"):
+            return np.where(x >= 0, x, alpha * np.expm1(np.minimum(x, 0.0)))
+    if fn == "abs":
+        return np.abs(x)
+    raise ValueError(f"activation function {fn!r} not recognised by lwtnn")
+
+
+def _apply_layer(layer, x):
+    """One lwtnn layer (dense or normalization) on rows of ``x`` (N, n_in)."""
+    arch = layer["architecture"]
+    w = np.asarray(layer["weights"], dtype=np.float64)
+    b = np.asarray(layer["bias"], dtype=np.float64)
+    if arch == "normalization":
+        if w.size != x.shape[1] or b.size != x.shape[1]:
+            raise ValueError(f"normalization layer has {w.size} weights / {b.size} biases for {x.shape[1]} inputs")
+        return w * (x + b)
+    if arch != "dense":
+        raise ValueError(f"layer architecture {arch!r} is not evaluated here (dense, normalization only)")
+    if "activation" not in layer:
+        raise ValueError("dense layer without an activation (lwtnn refuses it)")
+    if w.size:
+        n_in = x.shape[1]
+        if w.size % n_in:
+            raise ValueError(f"dense layer: {w.size} weights not divisible by {n_in} inputs")
+        x = x @ w.reshape(w.size // n_in, n_in).T
+    if b.size:
+        if b.size != x.shape[1]:
+            raise ValueError(f"dense layer: {b.size} biases for {x.shape[1]} outputs")
+        x = x + b
+    return apply_activation(layer["activation"], x)
+
+
+def evaluate_graph_inputs(graph, inputs, output=None):
+    """Evaluate an lwtnn graph JSON (dict) on ``inputs`` = {input node name: array (N, n_vars)}.
+
+    Returns the output node (``output`` name, or the only one) as float64 (N, n_labels).
+    """
+    arrays = []
+    for node in graph["inputs"]:
+        if node["name"] not in inputs:
+            raise ValueError(f"no values given for input node {node['name']}")
+        x = np.asarray(inputs[node["name"]], dtype=np.float64)
+        x = np.atleast_2d(x)
+        var = node["variables"]
+        if x.shape[1] != len(var):
+            raise ValueError(f"input {node['name']}: {x.shape[1]} columns for {len(var)} variables")
+        offset = np.array([v["offset"] for v in var], dtype=np.float64)
+        scale = np.array([v["scale"] for v in var], dtype=np.float64)
+        arrays.append((x + offset) * scale)
+    nodes, layers, cache = graph["nodes"], graph["layers"], {}
+
+    def value(i, stack=()):
+        if i in cache:
+            return cache[i]
+        if i in stack or not 0 <= i < len(nodes):
+            raise ValueError(f"node {i}: cycle or index out of range")
+        node = nodes[i]
+        kind, src = node["type"], node["sources"]
+        if kind == "input":
+            out = arrays[src[0]]
+            if out.shape[1] != node["size"]:
+                raise ValueError(f"input node {i}: size {node['size']} but {out.shape[1]} variables")
+        elif kind == "concatenate":
+            out = np.concatenate([value(s, stack + (i,)) for s in src], axis=1)
+        elif kind == "feed_forward":
+            if len(src) != 1:
+                raise ValueError(f"feed_forward node {i} needs one source, has {len(src)}")
+            out = _apply_layer(layers[node["layer_index"]], value(src[0], stack + (i,)))
+        else:
+            raise ValueError(f"node {i}: type {kind!r} is not evaluated here")
+        cache[i] = out
+        return out
+
+    outputs = graph["outputs"]
+    name = output if output is not None else next(iter(outputs))
+    out = value(outputs[name]["node_index"])
+    if out.shape[1] != len(outputs[name]["labels"]):
+        raise ValueError(f"output {name}: {out.shape[1]} values for {len(outputs[name]['labels'])} labels")
+    return out

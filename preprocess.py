@@ -1,6 +1,6 @@
 """preprocess.py -- hits -> voxels -> training file, driven by the binning XML (and the toy hit source).
 
-Three sub-commands, one stage each (the README's pipeline), plus ``fetch`` for the CaloChallenge files::
+Three sub-commands, one stage each (the pipeline in README.md), plus ``fetch`` for the CaloChallenge files::
 
     python preprocess.py toy      --particle photon --eta 0.20 --events-per-energy 1000 --seed 1 --out hits/
     python preprocess.py voxelise --binning binning/binning_dataset_1_photons.xml --particle photon \\
@@ -13,7 +13,7 @@ Three sub-commands, one stage each (the README's pipeline), plus ``fetch`` for t
 source in toyshower.py -- a physics-shaped toy, NOT Geant4 (its parametrisation is in that module's
 docstring). ``--eta`` is any |eta| inside the 0.05-wide FastCaloGAN slice to fill (0.20 -> 0.20-0.25).
 
-``voxelise`` reads hits files (the hits format of the README: per hit ``event``, ``layer``, ``eta``, ``phi``, ``energy``
+``voxelise`` reads hits files (format: docs/formats-and-exports.md; per hit ``event``, ``layer``, ``eta``, ``phi``, ``energy``
 [, ``r``, ``z``]; per event ``truth_p`` [, ``truth_pdg``] and ``extrap_eta/phi/r/z`` (events, layer-id columns);
 file attributes are optional) and maps every hit to its voxel FastCaloGAN's way: at the extrapolated
 particle position
@@ -43,7 +43,7 @@ the files in flight): some 5 x 10^7 hits/s on one core once in memory (bench/ben
 processed in parallel (``--jobs``, default 2). Energy is conserved per event and layer to float64 rounding
 (the file stores float32).
 
-``prepare`` writes the training file of one GAN (format in the README): ``voxels`` = showers / E_kin (float32),
+``prepare`` writes the training file of one GAN (docs/formats-and-exports.md): ``voxels`` = showers / E_kin (float32),
 ``label`` (V2 by default: log(E_kin/E_kin,min)/log(E_kin,max/E_kin,min); V1: E_kin/2^22), ``incident_energies``
 (p, MeV), ``e_kin``, for the events of the FastCaloGAN energy range (``--range low|high|all``). ``--out`` may be
 a directory (existing, or a path ending in /): the file is then ``train_<particle>_eta_<min>_<max>_<range>.h5``.
@@ -1060,7 +1060,7 @@ def train_filename(geom, range_name):
 
 
 def run_prepare(args):
-    """``prepare``: CaloChallenge HDF5 -> the training file (format in the README); returns the summary line."""
+    """``prepare``: CaloChallenge HDF5 -> the training file (docs/formats-and-exports.md); returns the summary line."""
     import h5py
 
     particle = _particle(args.particle)

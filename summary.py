@@ -577,7 +577,7 @@ def write_outputs(out_dir, slices, across, energies, dpi, results):
 
 def build_parser():
     ap = argparse.ArgumentParser(prog="summary.py", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
-                                 epilog="Inputs, outputs and definitions: see the module docstring (README too).")
+                                 epilog="Inputs, outputs and definitions: see the module docstring (docs/ too).")
     ap.add_argument("--results", required=True, help="the results folder of one dataset (slice folders inside)")
     ap.add_argument("--out", default=None, help="output folder (default RESULTS/summary)")
     ap.add_argument("--slices", default="", help='slices expected, e.g. "photon_0.20 pion_0.20" (absent ones are '

@@ -6,8 +6,8 @@ energy-dependent longitudinal and lateral shapes, fluctuations that shrink with 
 shower earlier than photons, and both looking different from pions. Nothing here is tuned to ATLAS data;
 numbers are textbook-plausible choices.
 
-It writes *hits* in the calokit hits format (see preprocess.py and the README) for the CaloChallenge
-dataset-1 layer ids: 0-3 EM barrel (presampler, strips, middle, back), 12-14 Tile barrel (A, BC, D), plus
+It writes *hits* in the calokit hits format (see preprocess.py and docs/formats-and-exports.md) for the
+CaloChallenge dataset-1 layer ids: 0-3 EM barrel (presampler, strips, middle, back), 12-14 Tile barrel (A, BC, D), plus
 layer 15, a toy "leakage catcher" behind Tile D that no dataset-1 XML voxelises (its hits exercise the
 voxeliser's dropped-hit counter; it is a toy convention, not ATLAS geometry).
 

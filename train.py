@@ -114,6 +114,10 @@ def parse_args(argv=None):
                    help="the critic also sees E_tot / E_kin and each layer's E_layer / E_kin, standardised over "
                         "the training sample; the generator is unchanged (recipe's choice, else off as in "
                         "FastCaloGAN)")
+    p.add_argument("--critic-etot", type=float, default=None, metavar="SPREAD",
+                   help="the critic also sees E_tot / E_kin (the sum of the normalised voxels), standardised over "
+                        "the training sample and scaled to this spread (0 = off; recipe's choice, else off as in "
+                        "FastCaloGAN). With --critic-summaries the layer energies get the same spread")
     p.add_argument("--lr-decay", type=float, default=None, metavar="F",
                    help="cosine learning-rate decay from --lr to F x --lr over --iterations (1 = constant: "
                         "FastCaloGAN; recipe's choice, else 1)")
@@ -176,6 +180,8 @@ def parse_args(argv=None):
             raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
     check_hyper(args.lr, args.lambda_gp, args.beta1, args.beta2, "--lr must be > 0, --lambda-gp >= 0 and "
                 "--beta1/--beta2 in [0, 1)")
+    if args.critic_etot is not None and not (math.isfinite(args.critic_etot) and args.critic_etot >= 0):
+        raise UserError(f"--critic-etot must be a spread >= 0 (got {args.critic_etot})")
     if args.lr_decay is not None and not 0 < args.lr_decay <= 1:
         raise UserError(f"--lr-decay must be in (0, 1] (got {args.lr_decay})")
     if args.generator_layers is not None:
@@ -445,24 +451,33 @@ def summary_matrix(n_voxels, spans):
     return m
 
 
-def summary_settings(voxels, spans):
-    """The critic's summaries of a training sample: layer spans and each summary's mean and std (float lists).
+def summary_settings(voxels, spans, spread=1.0):
+    """The critic's summaries of a training sample: layer spans, each summary's mean and std (float lists) and
+    the spread the standardised summaries are scaled to.
 
-    >>> s = summary_settings(np.array([[1.0, 1.0, 2.0], [3.0, 1.0, 0.0]]), [(0, 1), (1, 3)])
-    >>> s["mean"], s["std"]
-    ([4.0, 2.0, 2.0], [0.0, 1.0, 1.0])
+    >>> s = summary_settings(np.array([[1.0, 1.0, 2.0], [3.0, 1.0, 0.0]]), [(0, 1), (1, 3)], spread=0.2)
+    >>> s["mean"], s["std"], s["spread"]
+    ([4.0, 2.0, 2.0], [0.0, 1.0, 1.0], 0.2)
     """
     sums = np.asarray(voxels, dtype=np.float64) @ summary_matrix(voxels.shape[1], spans).astype(np.float64)
     return {"spans": [[int(a), int(b)] for a, b in spans], "mean": [float(v) for v in sums.mean(0)],
-            "std": [float(v) for v in sums.std(0)]}
+            "std": [float(v) for v in sums.std(0)], "spread": float(spread)}
 
 
 def summary_weights(n_voxels, summaries):
-    """[kernel, bias] of the fixed layer computing (sums - mean) / std (std floored at 1e-6)."""
+    """[kernel, bias] of the fixed layer computing spread x (sums - mean) / std (std floored at 1e-6; runs
+    written before the spread existed have spread 1).
+
+    Why a spread: E_tot / E_kin varies by ~1 % around its mean, so as a raw input the critic barely feels it (the
+    gradient penalty keeps its slope near one per unit of input); standardised to unit spread it feels nothing
+    else (the voxels' shapes are lost). Scaled to a spread of 0.1-0.3 the E_tot resolution is learnt and the
+    shapes are kept (bench/bench_quality.py measures it).
+    """
     mean = np.asarray(summaries["mean"], dtype=np.float64)
     std = np.maximum(np.asarray(summaries["std"], dtype=np.float64), 1e-6)
-    m = summary_matrix(n_voxels, summaries["spans"]) / std[None, :]
-    return [m.astype(np.float32), (-mean / std).astype(np.float32)]
+    scale = float(summaries.get("spread", 1.0)) / std
+    m = summary_matrix(n_voxels, summaries["spans"]) * scale[None, :]
+    return [m.astype(np.float32), (-mean * scale).astype(np.float32)]
 
 
 def layer_spans(geom, n_voxels):
@@ -922,8 +937,11 @@ def make_config(args, data, dropped):
     else:
         critic = st.get("critic_layers", None, "discriminator", [min(n_vox, CRITIC_WIDTH_CAP)] * 3)
     summaries = None
-    if st.get("critic_summaries", args.critic_summaries, None, False):
-        summaries = summary_settings(data["voxels"], layer_spans(geom, n_vox))
+    layers_too = bool(st.get("critic_summaries", args.critic_summaries, None, False))
+    etot_spread = float(st.get("critic_etot", args.critic_etot, None, 0.0))
+    if layers_too or etot_spread > 0:
+        summaries = summary_settings(data["voxels"], layer_spans(geom, n_vox) if layers_too else [],
+                                     spread=etot_spread if etot_spread > 0 else 1.0)
     lr_decay = float(st.get("lr_decay", args.lr_decay, None, 1.0))
     init = st.get("init", args.init, None, "he")
     latent = st.get("latent_dim", args.latent_dim, "latentDim", int(attrs["latent_dim"]), "training file")

@@ -25,7 +25,7 @@ Usage:
     python bench/bench_quality.py --quick                       # tiny data and budget, 1 seed, in a temp folder
     python bench/bench_quality.py --recipes "fastcalogan=--recipe fastcalogan --iterations 1500" calokit
     python bench/bench_quality.py --recipes calokit "summaries=--recipe calokit --critic-summaries"
-    python bench/bench_quality.py --ablation                    # the README's table: every ingredient, 3 seeds
+    python bench/bench_quality.py --ablation                    # the table of docs/recipes-and-quality.md
 """
 import argparse
 import contextlib
@@ -105,7 +105,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join(ROOT, "results", "bench_quality"), help="JSON and plot")
     p.add_argument("--quick", action="store_true", help="tiny data and budget, 1 seed (for the test suite)")
     p.add_argument("--report", metavar="QUALITY.json",
-                   help="print the Markdown tables of an earlier run's quality.json (the README's) and stop")
+                   help="print the Markdown tables of an earlier run's quality.json (those of "
+                        "docs/recipes-and-quality.md) and stop")
     p.add_argument("--job", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -393,8 +394,8 @@ def _pm(spread_or_none, mean, fmt):
 
 
 def report_tables(report):
-    """The README's Markdown tables of a quality.json: per recipe the mean +- SD over seeds, then per energy the
-    generated / reference resolution ratio (mean over seeds)."""
+    """The Markdown tables of a quality.json (those of docs/recipes-and-quality.md): per recipe the mean +- SD over
+    seeds, then per energy the generated / reference resolution ratio (mean over seeds)."""
     rows = ["| recipe (train.py flags) | iterations | cls-high AUC | E_tot/E_inc sep. | mean sep. | FPD x 1e3 | "
             "worst res. ratio >= 1 GeV | best it. | train it/s | train CPU s |", "|---" * 10 + "|"]
     for name, rec in report["recipes"].items():

@@ -29,7 +29,7 @@ XML_DS2 = os.path.join(BINNING, "binning_dataset_2.xml")
 
 
 def write_hits(path, hits, extrap, truth_p, particle="photon", pdg=22):
-    """A hits file in the README's hits layout from plain arrays."""
+    """A hits file in the hits layout of docs/formats-and-exports.md from plain arrays."""
     n = len(truth_p)
     with h5py.File(path, "w") as f:
         f.create_dataset("event", data=np.asarray(hits["event"], dtype=np.int64))

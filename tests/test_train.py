@@ -1,7 +1,7 @@
 """train.py: networks and generate(), bad inputs, determinism, kill + resume, --exclude-energy, training helps.
 
-Training files are built here exactly as the README describes them (the format preprocess.py prepare
-writes), from synthetic dataset-1-photon showers with real structure: the visible energy fraction, the
+Training files are built here exactly as docs/formats-and-exports.md describes them (the format preprocess.py
+prepare writes), from synthetic dataset-1-photon showers with real structure: the visible energy fraction, the
 resolution and the longitudinal (layer) split depend on log E, hits are binned into voxels (sparse showers).
 """
 import csv
@@ -70,7 +70,7 @@ def synthetic_showers(energies, n_per_energy, seed=0):
 
 
 def write_training_file(path, energies=ENERGIES, n_per_energy=500, seed=0, particle="photon", rng_name="all"):
-    """A training file exactly as the README specifies (voxels = showers / E_kin, V2 labels, attrs)."""
+    """A training file exactly as docs/formats-and-exports.md specifies (voxels = showers / E_kin, V2 labels, attrs)."""
     geom = dataset_geometry("1-photons")
     einc, showers = synthetic_showers(energies, n_per_energy, seed)
     p_min, p_max, _ = energy_range(particle, rng_name)
