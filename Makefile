@@ -19,6 +19,7 @@
 #   make condor / make slurm       the same per-slice chain as an HTCondor DAG / a Slurm job array, plus a
 #                                  summary node after all chains; `make condor DEMO=barrel`: 78 chains
 #   make baseline                  evaluate an untrained (1-iteration) generator the same way, for comparison
+#                                  (one per range, combined as `make all` combines them: RESULTS/<slice>/baseline/)
 #   make fastcalosim               the folder C++ FastCaloSim's GAN loads, results/<dataset>/fastcalosim/: trains
 #                                  what it needs per slice (e/gamma UltraLow12 + High12, toy e/gamma from 64 MeV;
 #                                  pions All) in work/<dataset>/fastcalosim/, exports, writes binning.xml, the
@@ -47,7 +48,7 @@
 #               1-pions: All; demo: $(RANGE). With two or more, each range has its own folder
 #               (WORK/<slice>/<range>/, RESULTS/<slice>/<range>/select, lwtnn) and RESULTS/<slice>/select/ holds
 #               the combined generated file that evaluate.py judges
-#   SELECT_EVENTS showers generated per checkpoint and energy in select_epoch.py
+#   SELECT_EVENTS showers generated per checkpoint and energy (or log-energy bin, datasets 2, 3) in select_epoch.py
 #               (demo 2000; CaloChallenge data 10000, as FastCaloGAN)
 #   CLS_EPOCHS  epochs of the evaluate.py classifiers: demo 10, CaloChallenge data 50 (the reference's)
 #   RECIPE      the training recipe (train.py --recipe), given to every stage that depends on it: prepare writes
@@ -379,18 +380,28 @@ $(RESULTS)/summary/summary.json: summary.py $(SHARED) $(SLICE_RESULTS) $(SUMMARY
 summary-now: summary.py $(SHARED) | $(STAMP)
 	$(PY) summary.py --results $(RESULTS) --slices "$(SLICES)" --out $(RESULTS)/summary $(SUMMARY_ARGS)
 
-# --- baseline: the same chain with a generator trained for 1 iteration, to show what training buys
-ifneq ($(MULTI),)
-baseline:
-	@echo "make baseline: one range per slice only (this dataset trains $(RANGES); try RANGES=<one of them>)" >&2; exit 2
-else
+# --- baseline: the same chain with a generator trained for 1 iteration, to show what training buys: per unit
+# (one per range) a 1-iteration run and its selection; with several ranges their generated files combined as
+# `make all` combines them; the slice's generated file evaluated as `make all` evaluates it
 baseline: $(foreach s,$(SLICES),$(RESULTS)/$(s)/baseline/eval/metrics.json)
-endif
-$(RESULTS)/%/baseline/eval/metrics.json: $(WORK)/%/train.h5 $(WORK)/%/voxels_heldout.h5 train.py select_epoch.py evaluate.py     $(SHARED) $(call settings,%,train) $(call settings,%,select) $(call settings,%,eval) | $(STAMP)
+$(RESULTS)/%/baseline/select/best.json: $(WORK)/%/train.h5 $$(WORK)/$$(call slice_of,$$*)/voxels_heldout.h5 train.py \
+    select_epoch.py $(SHARED) $(call settings,%,train) $(call settings,%,select) | $(STAMP)
 	rm -rf $(WORK)/$*/run_untrained
 	$(PY) train.py --data $< --out $(WORK)/$*/run_untrained --iterations 1 --checkpoint-every 1 --seed $(SEED) --resume --recipe $(RECIPE) $(TRAIN_ARGS)
-	$(PY) select_epoch.py --run $(WORK)/$*/run_untrained --reference $(WORK)/$*/voxels.h5 --events $(SELECT_EVENTS) \
-	    --generate-like $(WORK)/$*/voxels_heldout.h5 --seed $(SEED) --out $(RESULTS)/$*/baseline/select $(SELECT_ARGS)
+	$(PY) select_epoch.py --run $(WORK)/$*/run_untrained --reference $(WORK)/$(call slice_of,$*)/voxels.h5 \
+	    --events $(SELECT_EVENTS) --generate-like $(WORK)/$(call slice_of,$*)/voxels_heldout.h5 --seed $(SEED) \
+	    --out $(@D) $(SELECT_ARGS)
+ifneq ($(MULTI),)
+define BASELINE_COMBINE_RULE
+$(RESULTS)/$(1)/baseline/select/best.json: $(foreach r,$(RANGES),$(RESULTS)/$(1)/$(r)/baseline/select/best.json) \
+    $(WORK)/$(1)/voxels_heldout.h5 select_epoch.py $(SHARED)
+	$$(PY) select_epoch.py --combine $(foreach r,$(RANGES),$(RESULTS)/$(1)/$(r)/baseline/select) \
+	    --generate-like $(WORK)/$(1)/voxels_heldout.h5 --out $$(@D)
+endef
+$(foreach s,$(SLICES),$(eval $(call BASELINE_COMBINE_RULE,$(s))))
+endif
+$(RESULTS)/%/baseline/eval/metrics.json: $(RESULTS)/%/baseline/select/best.json $(WORK)/%/voxels_heldout.h5 evaluate.py \
+    $(SHARED) $(call settings,%,eval) | $(STAMP)
 	$(PY) evaluate.py -i $(RESULTS)/$*/baseline/select/generated.h5 -r $(WORK)/$*/voxels_heldout.h5 -m all \
 	    -d $(call evalds,$*) --output_dir $(@D) --seed $(SEED) --cls_n_epochs $(CLS_EPOCHS) --json $@ $(EVAL_ARGS)
 

@@ -27,7 +27,9 @@ Facts kept from the reference
 -----------------------------
 * Voxels below the dataset's readout threshold are set to 0 in both files before anything else
   (``E < 1 MeV`` for dataset 1, ``E < 0.5e-3/0.033 MeV`` for datasets 2 and 3); that threshold is also the low edge
-  of the logarithmic energy binnings.
+  of the logarithmic energy binnings. Negative voxels, in the generated or the reference file, are below it and so
+  become 0 as well; how many there were (count, fraction, most negative) is said on stderr and in metrics.json
+  (``negative_voxels``). NaN/inf voxels and non-positive incident energies are bad input in either file.
 * Separation power = 0.5 * sum((h1 - h2)^2 / (h1 + h2 + 1e-16)) over bin *fractions* (entries inside the binning).
   An empty histogram (no entry inside the binning) has all fractions 0, so two empty histograms give 0 (never NaN).
 * The classifier is the reference MLP (an input layer and ``--cls_n_layer`` further hidden layers of ``--cls_n_hidden``
@@ -395,7 +397,7 @@ def threshold_showers(showers, threshold):
 
 
 def scan_file(path, geom, threshold, ranges, chunk, voxel_bins=None, low_kind=None, features=True, log=None,
-              prdc_rows=None, allow_negative=False):
+              prdc_rows=None):
     """One pass over a CaloChallenge file in its own dtype: threshold, features, sums, voxel histogram, classifier
     inputs. The energies are summed as the reference sums them (in that dtype), so that E_layer, Etot and the
     binnings derived from their maxima are the reference's to the bit. ``prdc_rows`` (sorted event indices): keep
@@ -412,10 +414,10 @@ def scan_file(path, geom, threshold, ranges, chunk, voxel_bins=None, low_kind=No
         scan.prdc = np.empty((len(prdc_rows), geom.n_voxels), dtype=dtype)
     parts = []
     last_log = time.monotonic()
-    # negative voxels pass in the generated file (``allow_negative``; zeroed by the threshold, as the reference
-    # does, and counted); in the reference (Geant4) file they stay a bad-input error
+    # negative voxels pass in either file: zeroed by the threshold as CaloChallenge's evaluate.py does for both,
+    # and counted (NaN/inf and non-positive incident energies stay bad-input errors)
     for start, einc, showers in iter_calo_chunks(path, geom.n_voxels, chunk_for(dtype, chunk), dtype=None,
-                                                 allow_negative=allow_negative):
+                                                 allow_negative=True):
         stop = start + len(einc)
         count_negative(scan, showers)
         threshold_showers(showers, threshold)
@@ -1643,7 +1645,7 @@ def scan_both(args, todo, geom, n_events, run, pool, n_workers, in_worker):
     d, out_dir = args.dataset, args.output_dir
     if in_worker:
         gen_scan = pool.submit(scan_in_worker, todo["hist_plots"], args.input_file, geom, threshold, ranges,
-                               chunk, log=log, allow_negative=True)
+                               chunk, log=log)
     # the reference's content hash (cache key): first where a cache entry may match, else in a worker
     cache_dir = args.cache_dir or os.path.join(out_dir, "reference_cache")
     may_hit = not args.no_cache and bool(glob.glob(os.path.join(glob.escape(cache_dir), "reference_*.npz")))
@@ -1679,7 +1681,7 @@ def scan_both(args, todo, geom, n_events, run, pool, n_workers, in_worker):
         gen.voxel_counts = counts
     else:
         gen = scan_file(args.input_file, geom, threshold, ranges, chunk, voxel_bins=voxel_bins,
-                        low_kind=low_kind, log=log, prdc_rows=prdc_rows, allow_negative=True)
+                        low_kind=low_kind, log=log, prdc_rows=prdc_rows)
     return types.SimpleNamespace(ref=ref, gen=gen, ref_sha=ref_sha, cache_hit=cache_hit, cache_dir=cache_dir,
                                  voxel_bins=voxel_bins)
 

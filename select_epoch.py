@@ -28,6 +28,33 @@ energy E_tot is histogrammed and compared with the reference's E_tot by ROOT's C
   energy left out of training with ``train.py --exclude-energy``: such energies are reported separately in
   best.json (chi2/ndf and the E_tot/E_inc separation power, evaluate.py's per-energy binning).
 
+Continuous incident energies (CaloChallenge datasets 2 and 3 draw E_inc log-uniformly from 1 GeV to 1 TeV, so
+nearly every event has its own energy and a per-energy histogram would hold one shower): the events are grouped
+into log-energy bins and each bin compares E_tot / E_inc instead of E_tot, since E_inc varies inside a bin (the
+response varies slowly with log E, E_tot itself by the bin's full width). Per bin, N showers are generated at
+incident energies drawn (seeded, with replacement) from the reference events of that bin, so both samples have the
+same E_inc distribution; the histogram, window (``mode``: the 100-bin histogram over [0, 2], the ratio's [0, 2p]),
+test and choice are as above, with the bins in place of the energy points.
+
+* detection (``--energy-bins auto``, the default): the energies are a small set of discrete points when the
+  reference has at most :data:`MAX_POINTS` distinct energies (within 0.1 %) and at least two events per energy on
+  average. Dataset 1 and the demo (15 energies 2^8..2^22 MeV, thousands of events each) are discrete and keep the
+  per-energy test exactly; a log-uniform file has about one distinct energy per event (a 1e-3 merge window groups
+  a few at 100k events: thousands of "points") and is binned;
+* number of bins: one per factor 2 of E_inc over the run's events (FastCaloGAN's dataset-1 points are one per
+  factor 2, so the choice sees the energy dependence at the same granularity), at most :data:`MAX_ENERGY_BINS`,
+  and fewer when a bin would average under :data:`MIN_BIN_EVENTS` reference events (a 30-bin chi2 needs a few
+  hundred). Datasets 2/3 (100k events, 1 GeV..1 TeV): High12 (4.1 GeV..1 TeV) gets 8 bins of ~10k events, Low12
+  (1..4.1 GeV) 2 bins; N = ``--events`` showers per bin, as per energy point;
+* ``--energy-bins N`` (1..:data:`MAX_ENERGY_BINS`) groups any reference, discrete or not, into N bins;
+  ``--energy-bins points`` keeps one group per distinct energy. Bins are equal in log E between the lowest and
+  highest in-range reference energy (the highest inside the last bin). An energy excluded from training
+  (``--exclude-energy``) needs the points: bins refuse it.
+
+best.json's ``energy_grouping`` records the choice (points or bins, the rule, the edges in MeV, events per bin,
+the compared quantity); ``per_energy`` is then keyed by bin (``"<lo>..<hi>"`` MeV) and chi2.csv's energy column
+names the bin the same way; the plot labels each bin's curve with its energy range.
+
 Outputs in --out:
   best.json               {"run", "best_iteration", "checkpoint", "chi2_ndf", "per_energy", "excluded", ...}
   chi2.csv                one row per (checkpoint, energy) plus a "total" row per checkpoint
@@ -74,6 +101,10 @@ WINDOWS = {"mode": "FastCaloGAN (BoloGAN selectBestEpoch_Energy.py)", "mean": "r
 #: (a, b): histogram range [peak - a RMS, peak + b RMS] per particle
 RANGE_RMS = {"photon": (3.0, 3.0), "electron": (3.0, 3.0), "pion": (4.0, 3.5), "proton": (4.0, 3.5)}
 ENERGY_RTOL = 1e-3          # energies within this relative tolerance are one energy point
+MAX_POINTS = 32             # at most this many distinct energies (and >= 2 events each on average): discrete points
+MAX_ENERGY_BINS = 16        # log-energy bins of a continuous reference: one per factor 2, at most this many,
+MIN_BIN_EVENTS = 500        # and at least this many reference events per bin on average
+GEN_FLOATS = 2**26          # voxels generated at once (256 MB of float32) when summing showers
 
 
 def parse_args(argv=None):
@@ -97,7 +128,20 @@ def parse_args(argv=None):
                    help="write generated.h5 for the events of this CaloChallenge file (e.g. the held-out sample "
                         "evaluate.py will compare with) instead of --reference")
     p.add_argument("--no-generated", action="store_true", help="do not write generated.h5")
+    p.add_argument("--energy-bins", default="auto", metavar="auto|points|N",
+                   help="how events are grouped for the test: auto = the reference's discrete energy points, or "
+                        "log-energy bins (E_tot/E_inc compared) when its energies are continuous; points = one "
+                        f"group per energy; N = N log-energy bins (1..{MAX_ENERGY_BINS})")
     args = p.parse_args(argv)
+    if args.energy_bins not in ("auto", "points"):
+        try:
+            n = int(args.energy_bins)
+        except ValueError:
+            n = 0
+        if not 1 <= n <= MAX_ENERGY_BINS:
+            raise UserError(f"--energy-bins must be auto, points or an integer 1..{MAX_ENERGY_BINS} "
+                            f"(got {args.energy_bins!r})")
+        args.energy_bins = n
     if args.combine is not None:
         if not args.generate_like:
             raise UserError("--combine needs --generate-like (the file every selection generated for)")
@@ -279,6 +323,50 @@ def energy_points(einc, rtol=ENERGY_RTOL):
     return points, np.clip(idx, 0, len(points) - 1)
 
 
+def is_discrete(points, n_events):
+    """True when ``points`` (distinct energies) are a small set of discrete energies for ``n_events`` events.
+
+    >>> is_discrete(2.0 ** np.arange(8, 23), 15000), is_discrete(np.geomspace(1e3, 1e6, 900), 1000)
+    (True, False)
+    """
+    return len(points) <= MAX_POINTS and n_events >= 2 * len(points)
+
+
+def auto_bin_count(einc):
+    """Log-energy bins for a continuous sample: one per factor 2 of E_inc, 1..MAX_ENERGY_BINS, and at most one
+    per MIN_BIN_EVENTS events.
+
+    >>> auto_bin_count(np.geomspace(4096.0, 2.0**20, 80000)), auto_bin_count(np.geomspace(1e3, 4096.0, 20000))
+    (8, 2)
+    """
+    e = np.asarray(einc, dtype=np.float64)
+    octaves = int(round(math.log2(e.max() / e.min()))) if e.size else 1
+    return int(max(1, min(octaves, MAX_ENERGY_BINS, e.size // MIN_BIN_EVENTS)))
+
+
+def log_energy_bins(einc, n_bins):
+    """(edges (n_bins + 1,), bin index per event) of ``n_bins`` equal bins in log E between the lowest and the
+    highest energy (that one inside the last bin).
+
+    >>> edges, idx = log_energy_bins([1000.0, 2000.0, 3999.0, 4000.0], 2)
+    >>> edges.tolist(), idx.tolist()
+    ([1000.0, 2000.0, 4000.0], [0, 1, 1, 1])
+    """
+    e = np.asarray(einc, dtype=np.float64)
+    lo, hi = float(e.min()), float(e.max())
+    if not hi > lo:
+        return np.array([lo, hi]), np.zeros(e.shape, dtype=np.int64)
+    edges = lo * (hi / lo) ** (np.arange(n_bins + 1) / n_bins)
+    edges[0], edges[-1] = lo, hi
+    idx = np.floor(np.log(e / lo) / math.log(hi / lo) * n_bins).astype(np.int64)
+    return edges, np.clip(idx, 0, n_bins - 1)
+
+
+def bin_name(lo, hi):
+    """best.json / chi2.csv key of a log-energy bin (MeV): '1000..2000'."""
+    return f"{lo:g}..{hi:g}"
+
+
 def read_reference(path, n_voxels):
     """Per-event incident energy and E_tot (MeV, float64) of a CaloChallenge file, streamed."""
     einc, etot = [], []
@@ -320,7 +408,8 @@ def write_chi2_csv(path, rows):
             w = csv.writer(f)
             w.writerow(["iteration", "energy_mev", "role", "chi2", "ndf", "chi2_ndf"])
             for r in rows:
-                w.writerow([r["iteration"], "" if r["energy"] is None else f"{r['energy']:g}", r["role"],
+                e = r["energy"]         # an energy point (MeV) or a log-energy bin's name
+                w.writerow([r["iteration"], "" if e is None else e if isinstance(e, str) else f"{e:g}", r["role"],
                             f"{r['chi2']:.6g}", r["ndf"], f"{r['chi2_ndf']:.6g}"])
 
 
@@ -336,25 +425,31 @@ def energy_text(mev):
     return f"{mev:.3g} MeV"
 
 
-def plot_chi2(path, iterations, total, per_energy, excluded, best_it):
+def plot_chi2(path, iterations, total, per_energy, excluded, best_it, labels=None, grouping=None):
+    """chi2/ndf against the iteration: the total, one curve per energy point or log-energy bin (``labels``: its
+    legend text by key), the excluded energies dashed; the title names the grouping."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    labels = labels or {}
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.92, max(len(per_energy), 1)))   # low E dark, high E light
     for colour, (e, vals) in zip(colours, sorted(per_energy.items())):
-        ax.plot(iterations, _plottable(vals), lw=0.9, alpha=0.8, color=colour, label=energy_text(e))
+        ax.plot(iterations, _plottable(vals), lw=0.9, alpha=0.8, color=colour, label=labels.get(e, energy_text(e)))
     for e, vals in excluded.items():
-        ax.plot(iterations, _plottable(vals), lw=1.2, ls="--", color="k", label=f"{energy_text(e)} (excluded)")
+        ax.plot(iterations, _plottable(vals), lw=1.2, ls="--", color="k",
+                label=f"{labels.get(e, energy_text(e))} (excluded)")
     ax.plot(iterations, _plottable(total), lw=2.2, color="tab:red", label="all (selection)")
     ax.axvline(best_it, color="tab:red", ls=":", lw=1)
     ax.set_xlabel("generator iteration")
-    ax.set_ylabel("E_tot chi2 / ndf")
+    binned = bool(grouping) and grouping.get("kind") != "points"
+    ax.set_ylabel("E_tot / E_inc chi2 / ndf" if binned else "E_tot chi2 / ndf")
     finite = [v for v in list(total) + [x for vals in per_energy.values() for x in vals] if math.isfinite(v) and v > 0]
     if finite and max(finite) / min(finite) > 20:
         ax.set_yscale("log")
-    ax.set_title(f"best iteration {best_it}")
+    ax.set_title(f"best iteration {best_it}" + (f" ({grouping['bins']} log-energy bins, E_tot / E_inc)" if binned
+                                                 else ""))
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     with atomic_output(path) as tmp:
@@ -376,7 +471,8 @@ def write_generated(path, generator, einc, label, ekin, seed, batch_size, chunk=
     import h5py
 
     rng = np.random.default_rng(seed)
-    n = einc.shape[0]
+    n, n_vox = einc.shape[0], int(generator.outputs[0].shape[-1])
+    chunk = max(1, min(chunk, GEN_FLOATS // n_vox))    # dataset 3: 1657 showers (256 MB) at a time
     with atomic_output(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("incident_energies", data=einc.reshape(-1, 1).astype(np.float64))
@@ -411,7 +507,8 @@ def copy_events(src, dst, mask, n_voxels):
 # the command: inputs, the scan over checkpoints, outputs
 
 def load_inputs(args):
-    """Run config, checkpoints and the reference's energy points: a namespace the later parts share."""
+    """Run config, checkpoints, the reference and its groups (energy points or log-energy bins, see
+    :func:`energy_groups`): a namespace the later parts share."""
     import types
 
     cfg = read_run_config(args.run)
@@ -429,25 +526,84 @@ def load_inputs(args):
     if not inrange.any():
         raise UserError(f"{args.reference}: no event inside the run's energy range "
                         f"({cfg.get('range')}: p {cfg.get('p_min')}..{cfg.get('p_max')} MeV)")
-    points, point_of = energy_points(einc)
-    used = [i for i, e in enumerate(points) if inrange[point_of == i].all() and (point_of == i).any()]
-    fit = [i for i in used if not is_excluded(points[i], cfg)]
-    held = [i for i in used if is_excluded(points[i], cfg)]
-    if not fit:
-        raise UserError(f"{args.reference}: every energy point in range is excluded from training; nothing to "
-                        f"choose the epoch on")
     if like_einc is not None and not run_mask(like_einc, cfg).any():
         raise UserError(f"{args.generate_like}: no event inside the run's energy range to generate")
-    return types.SimpleNamespace(cfg=cfg, ckpts=ckpts, particle=cfg["particle"], einc=einc, like_einc=like_einc,
-                                 points=points, used=used, fit=fit, held=held,
-                                 ref_etot={i: etot[point_of == i] for i in used},
-                                 ekin_pt=kinetic_energy(points, cfg["particle"]), label_pt=labels_for(points, cfg)[0])
+    inp = types.SimpleNamespace(cfg=cfg, ckpts=ckpts, particle=cfg["particle"], einc=einc, like_einc=like_einc)
+    inp.groups, inp.grouping = energy_groups(args, cfg, einc, etot, inrange)
+    inp.fit = [g for g in inp.groups if g.role == "fit"]
+    inp.held = [g for g in inp.groups if g.role == "excluded"]
+    if not inp.fit:
+        raise UserError(f"{args.reference}: every energy point in range is excluded from training; nothing to "
+                        f"choose the epoch on")
+    return inp
+
+
+def energy_groups(args, cfg, einc, etot, inrange):
+    """([group, ...], best.json's "energy_grouping") of the reference: its discrete energy points (E_tot compared,
+    FastCaloGAN's test) or log-energy bins (E_tot / E_inc compared), as the module docstring says. Each group has
+    key (plot), name (best.json, chi2.csv), role (fit / excluded), ref (the reference's compared values), label and
+    scale (the N generated showers' condition labels, and what turns their voxel sum into the compared value),
+    momentum (the mode window's p), sep_bins (the E_tot / E_inc separation binning) and text (plot legend)."""
+    import types
+
+    points, point_of = energy_points(einc)
+    discrete = is_discrete(points, einc.size)
+    choice = args.energy_bins
+    rule = (f"auto: {len(points)} distinct energies (within {ENERGY_RTOL:g}) for {einc.size} events: "
+            f"{'at most' if discrete else 'not'} {MAX_POINTS} points with >= 2 events each on average"
+            if choice == "auto" else f"--energy-bins {choice}")
+    if choice == "points" or (choice == "auto" and discrete):
+        used = [i for i, e in enumerate(points) if inrange[point_of == i].all() and (point_of == i).any()]
+        ekin, label = kinetic_energy(points, cfg["particle"]), labels_for(points, cfg)[0]
+        groups = [types.SimpleNamespace(
+            key=points[i], name=f"{points[i]:g}", role="excluded" if is_excluded(points[i], cfg) else "fit",
+            ref=etot[point_of == i], label=np.full(args.events, label[i]), scale=ekin[i], momentum=points[i],
+            sep_bins=ratio_bins(points[i], cfg["particle"]), text=energy_text(points[i])) for i in used]
+        grouping = {"kind": "points", "compared": "E_tot", "rule": rule, "points": len(used),
+                    "out_of_range_energies": [float(e) for i, e in enumerate(points) if i not in used]}
+        return groups, grouping
+    if cfg.get("excluded_energies"):
+        raise UserError(f"{args.run}: trained with --exclude-energy {cfg['excluded_energies']}, which needs the "
+                        f"reference's discrete energy points; log-energy bins cannot leave one energy out")
+    e_in, r_in = einc[inrange], etot[inrange] / einc[inrange]
+    n_bins = auto_bin_count(e_in) if choice in ("auto", "points") else int(choice)
+    edges, idx = log_energy_bins(e_in, n_bins)
+    rng = np.random.default_rng(args.seed + 2)            # the generated showers' incident energies, per bin
+    groups = []
+    for k in range(n_bins):
+        e_bin = e_in[idx == k]
+        if not e_bin.size:
+            continue
+        e_gen = rng.choice(e_bin, size=args.events, replace=True)
+        label, ekin = labels_for(e_gen, cfg)
+        lo, hi = float(edges[k]), float(edges[k + 1])
+        groups.append(types.SimpleNamespace(
+            key=lo, name=bin_name(lo, hi), role="fit", ref=r_in[idx == k], label=label, scale=ekin / e_gen,
+            momentum=1.0, sep_bins=ratio_bins(math.sqrt(lo * hi), cfg["particle"]),
+            text=f"{energy_text(lo)}..{energy_text(hi)}", edges=(lo, hi)))
+    grouping = {"kind": "log-energy bins", "compared": "E_tot / E_inc", "rule": rule, "bins": n_bins,
+                "edges_mev": [float(e) for e in edges],
+                "reference_events": [int(n) for n in np.bincount(idx, minlength=n_bins)],
+                "generated_per_bin": int(args.events),
+                "generated_energies": "drawn with replacement from the bin's reference events (seed + 2)",
+                "out_of_range_events": int((~inrange).sum())}
+    return groups, grouping
+
+
+def generated_sums(gen, label, rng, batch_size):
+    """Voxel sums (float64) of showers generated for ``label``; at most GEN_FLOATS voxels in memory at once
+    (dataset 3: 40500 voxels, so 10000 showers would be 1.6 GB), the noise drawn in the same order either way."""
+    rows = max(1, GEN_FLOATS // int(gen.outputs[0].shape[-1]))
+    if label.size <= rows:
+        return generate(gen, label, rng, batch_size=batch_size).sum(axis=1, dtype=np.float64)
+    return np.concatenate([generate(gen, label[i:i + rows], rng, batch_size=batch_size).sum(axis=1, dtype=np.float64)
+                           for i in range(0, label.size, rows)])
 
 
 def scan_checkpoints(args, inp):
-    """chi2 of every checkpoint at every energy point; returns (rows, totals, per_e, per_x, best_k, best_res)."""
-    points, used, held = inp.points, inp.used, inp.held
-    rows, totals, per_e, per_x = [], [], {points[i]: [] for i in inp.fit}, {points[i]: [] for i in held}
+    """chi2 of every checkpoint in every group; returns (rows, totals, per_e, per_x, best_k, best_res)."""
+    rows, totals = [], []
+    per_e, per_x = {g.key: [] for g in inp.fit}, {g.key: [] for g in inp.held}
     best_k, best_res = None, None
     from tqdm import tqdm
     for k_ckpt, (it, path) in enumerate(tqdm(inp.ckpts, desc="select", unit="ckpt", file=sys.stderr, disable=None,
@@ -455,37 +611,41 @@ def scan_checkpoints(args, inp):
         gen = load_generator_file(os.path.join(path, "generator.keras"))
         rng = np.random.default_rng(args.seed)       # the same noise for every checkpoint
         res = {}
-        for i in used:
-            x = generate(gen, np.full(args.events, inp.label_pt[i]), rng, batch_size=args.batch_size)
-            g_etot = x.sum(axis=1, dtype=np.float64) * inp.ekin_pt[i]
-            chi2, ndf = etot_chi2(inp.ref_etot[i], g_etot, inp.particle, overflow=args.overflow, window=args.window,
-                                  momentum=points[i])
-            res[i] = (chi2, ndf, g_etot)
-            role = "excluded" if i in held else "fit"
-            rows.append({"iteration": it, "energy": points[i], "role": role, "chi2": chi2, "ndf": ndf,
-                         "chi2_ndf": chi2 / ndf if ndf > 0 else math.inf})
-            (per_x if i in held else per_e)[points[i]].append(rows[-1]["chi2_ndf"])
-        c_sum, n_sum, total = total_chi2({points[i]: res[i][:2] for i in used}, [points[i] for i in inp.fit])
+        for g in inp.groups:
+            g_val = generated_sums(gen, g.label, rng, args.batch_size) * g.scale
+            chi2, ndf = etot_chi2(g.ref, g_val, inp.particle, overflow=args.overflow, window=args.window,
+                                  momentum=g.momentum)
+            res[g.name] = (chi2, ndf, g_val)
+            rows.append({"iteration": it, "energy": g.key if inp.grouping["kind"] == "points" else g.name,
+                         "role": g.role, "chi2": chi2, "ndf": ndf, "chi2_ndf": chi2 / ndf if ndf > 0 else math.inf})
+            (per_x if g.role == "excluded" else per_e)[g.key].append(rows[-1]["chi2_ndf"])
+        c_sum, n_sum, total = total_chi2({g.name: res[g.name][:2] for g in inp.groups}, [g.name for g in inp.fit])
         rows.append({"iteration": it, "energy": None, "role": "total", "chi2": c_sum, "ndf": n_sum,
                      "chi2_ndf": total})
         totals.append(total)
-        if best_index(totals, args.window) == k_ckpt:     # keep the generated E_tot of the best so far only
+        if best_index(totals, args.window) == k_ckpt:     # keep the generated values of the best so far only
             best_k, best_res = k_ckpt, res
     return rows, totals, per_e, per_x, best_k, best_res
 
 
-def energy_report(args, inp, res, i):
-    """best.json's numbers at energy point ``i`` for the chosen checkpoint."""
-    chi2, ndf, g_etot = res[i]
-    p, ref = inp.points[i], inp.ref_etot[i]
-    win = {"window": args.window, "momentum": p}
-    return {"chi2": _num(chi2), "ndf": ndf, "chi2_ndf": _num(chi2 / ndf) if ndf > 0 else None,
-            "etot_einc_separation": etot_separation(ref / p, g_etot / p, ratio_bins(p, inp.particle)),
-            "ref_mean_etot": float(ref.mean()), "gen_mean_etot": float(g_etot.mean()),
-            "ref_outside_fraction": outside_fraction(ref, ref, inp.particle, **win),
-            "gen_outside_fraction": outside_fraction(ref, g_etot, inp.particle, **win),
-            "histogram_range": list(histogram_range(ref, inp.particle, **win)),
-            "ref_events": int(ref.size)}
+def energy_report(args, inp, res, g):
+    """best.json's numbers for group ``g`` (an energy point or a log-energy bin) of the chosen checkpoint."""
+    chi2, ndf, g_val = res[g.name]
+    ref = g.ref
+    win = {"window": args.window, "momentum": g.momentum}
+    out = {"chi2": _num(chi2), "ndf": ndf, "chi2_ndf": _num(chi2 / ndf) if ndf > 0 else None}
+    if inp.grouping["kind"] == "points":
+        p = g.momentum
+        out.update({"etot_einc_separation": etot_separation(ref / p, g_val / p, g.sep_bins),
+                    "ref_mean_etot": float(ref.mean()), "gen_mean_etot": float(g_val.mean())})
+    else:
+        out.update({"energy_range_mev": list(g.edges), "etot_einc_separation": etot_separation(ref, g_val, g.sep_bins),
+                    "ref_mean_etot_einc": float(ref.mean()), "gen_mean_etot_einc": float(g_val.mean())})
+    out.update({"ref_outside_fraction": outside_fraction(ref, ref, inp.particle, **win),
+                "gen_outside_fraction": outside_fraction(ref, g_val, inp.particle, **win),
+                "histogram_range": list(histogram_range(ref, inp.particle, **win)),
+                "ref_events": int(ref.size)})
+    return out
 
 
 def write_best_generated(args, inp, out, best_path):
@@ -517,11 +677,12 @@ def _main(argv):
     t0 = time.perf_counter()
     rows, totals, per_e, per_x, best_k, res = scan_checkpoints(args, inp)
     best_it, best_path = inp.ckpts[best_k]
-    points, particle = inp.points, inp.particle
+    particle, binned = inp.particle, inp.grouping["kind"] != "points"
 
     out = ensure_dir(args.out)
     write_chi2_csv(os.path.join(out, "chi2.csv"), rows)
-    plot_chi2(os.path.join(out, "chi2_vs_iteration.png"), [it for it, _ in inp.ckpts], totals, per_e, per_x, best_it)
+    plot_chi2(os.path.join(out, "chi2_vs_iteration.png"), [it for it, _ in inp.ckpts], totals, per_e, per_x, best_it,
+              labels={g.key: g.text for g in inp.groups}, grouping=inp.grouping)
     generated, n_gen, ref_for_eval = None, 0, None
     like = args.reference if inp.like_einc is None else args.generate_like
     if not args.no_generated:
@@ -532,10 +693,11 @@ def _main(argv):
     best = {
         "run": os.path.abspath(args.run), "range": inp.cfg.get("range"), "best_iteration": int(best_it),
         "checkpoint": os.path.abspath(best_path), "chi2_ndf": _num(totals[best_k]),
-        "per_energy": {f"{points[i]:g}": energy_report(args, inp, res, i) for i in inp.fit},
-        "excluded": {f"{points[i]:g}": energy_report(args, inp, res, i) for i in inp.held},
+        "per_energy": {g.name: energy_report(args, inp, res, g) for g in inp.fit},
+        "excluded": {g.name: energy_report(args, inp, res, g) for g in inp.held},
         "excluded_energies": inp.cfg.get("excluded_energies", []),
-        "out_of_range_energies": [float(e) for i, e in enumerate(points) if i not in inp.used],
+        "out_of_range_energies": inp.grouping.pop("out_of_range_energies", []),
+        "energy_grouping": inp.grouping,
         "reference": os.path.abspath(args.reference), "events_per_energy": int(args.events), "seed": int(args.seed),
         "checkpoints": len(inp.ckpts),
         "histogram": {"bins": N_BINS, "range_rms": list(RANGE_RMS.get(particle, (3.0, 3.0))),
@@ -551,7 +713,8 @@ def _main(argv):
     write_json(os.path.join(out, "best.json"), best)
     dt = time.perf_counter() - t0
     print(f"select_epoch.py: {out}: best iteration {best_it} of {len(inp.ckpts)} checkpoints "
-          f"(chi2/ndf {totals[best_k]:.3g} over {len(inp.fit)} energies, {len(inp.held)} excluded, window "
+          f"(chi2/ndf {totals[best_k]:.3g} over {len(inp.fit)} "
+          f"{'log-energy bins of E_tot/E_inc' if binned else 'energies'}, {len(inp.held)} excluded, window "
           f"{args.window}), wrote best.json, chi2.csv, chi2_vs_iteration.png"
           + ("" if args.no_generated else f", generated.h5 ({n_gen} showers)") + f" in {dt:.1f} s")
     return 0

@@ -850,3 +850,43 @@ def test_negative_voxels_are_thresholded_as_the_reference_does(tmp_path, capsys,
     rc, _, err = _run(capsys, "-i", tmp_path / "e0.h5", "-r", ref_path, "-m", "hist-chi", "-d", "1-photons",
                       "--output_dir", tmp_path / "o3", "--no_cache", "--jobs", "1")
     assert rc == 2 and "non-positive" in err
+
+
+def test_reference_with_negative_voxels_is_thresholded_too(tmp_path, capsys, ds1):
+    """CaloChallenge's evaluate.py thresholds the reference file exactly as the generated one, so a reference with
+    negative voxels gives the separation powers of the same reference with them at zero, and says how many there
+    were (stderr, metrics.json); a cached reference scan says so too. NaN/inf voxels and non-positive incident
+    energies in the reference stay errors (test_faults.py)."""
+    _, gen_path, ref_path = ds1
+    with h5py.File(ref_path) as f:
+        einc, showers = f["incident_energies"][...], f["showers"][...]
+    rng = np.random.default_rng(8)
+    neg = showers.copy()
+    mask = rng.random(neg.shape) < 0.2
+    neg[mask] = -rng.uniform(0.001, 30.0, size=int(mask.sum())).astype(np.float32)
+    write_calo_file(tmp_path / "ref_neg.h5", einc, neg)
+    write_calo_file(tmp_path / "ref_zero.h5", einc, np.where(neg < 0, np.float32(0), neg))
+    got = {}
+    for name, extra in (("neg", ()), ("zero", ("--no_cache",)), ("cached", ())):
+        out = tmp_path / f"out_{name}"
+        ref = tmp_path / ("ref_zero.h5" if name == "zero" else "ref_neg.h5")
+        rc, _, err = _run(capsys, "-i", gen_path, "-r", ref, "-m", "hist-chi", "-d", "1-photons", "--output_dir", out,
+                          "--cache_dir", tmp_path / "cache", "--jobs", "1", "--json", out / "metrics.json", *extra)
+        assert rc == 0, err
+        got[name] = (ev.read_chi2_file(out / "histogram_chi2_1-photons.txt"),
+                     json.load(open(out / "metrics.json")), err)
+    assert got["neg"][0] == got["zero"][0] == got["cached"][0] and len(got["neg"][0]) > 10
+    assert got["neg"][1]["separation_power"] == got["zero"][1]["separation_power"]
+    for name in ("neg", "cached"):
+        report = got[name][1]["negative_voxels"]["reference"]
+        assert report["count"] == int(mask.sum())
+        assert report["fraction"] == pytest.approx(mask.mean())
+        assert report["most_negative_mev"] == pytest.approx(float(neg.min()))
+        assert f"{int(mask.sum())} negative voxels in the reference file" in got[name][2]
+    assert got["zero"][1]["negative_voxels"]["reference"]["count"] == 0
+    assert "negative voxels" not in got["zero"][2]
+    # the zeroed voxels matter: against the untouched reference the E_tot / E_inc separation differs
+    out = tmp_path / "out_orig"
+    assert _run(capsys, "-i", gen_path, "-r", ref_path, "-m", "hist-chi", "-d", "1-photons", "--output_dir", out,
+                "--no_cache", "--jobs", "1")[0] == 0
+    assert ev.read_chi2_file(out / "histogram_chi2_1-photons.txt")["Etot / Einc"] != got["neg"][0]["Etot / Einc"]

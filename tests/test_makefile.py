@@ -199,6 +199,43 @@ def test_calochallenge_photons_plan_two_gans_per_slice_and_one_evaluation(tree, 
     assert "work/1-pions/pion_0.20/run" in pions.stdout
 
 
+def test_baseline_two_range_dataset_plans_per_range_then_combines(tree, tmp_path):
+    """`make baseline DATASET=1-photons`: a 1-iteration run and its selection per range (Low12, High12, in their
+    own folders), the two generated files combined as `make all` combines them, one evaluate.py of the combination;
+    after a (stand-in) run nothing is planned. A one-range dataset keeps one run, no combination."""
+    repo, base = tree
+    data = tmp_path / "cc"
+    data.mkdir()
+    for name in ("dataset_1_photons_1.hdf5", "dataset_1_photons_2.hdf5", "dataset_1_pions_1.hdf5",
+                 "dataset_1_pions_2.hdf5"):
+        (data / name).write_text("")
+    cc = base + ["DATASET=1-photons", f"DATA_DIR={data}"]
+    res = subprocess.run(cc + ["-n", "baseline"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = re.sub(r"\\\n\s*", "", res.stdout)
+    w, r = "work/1-photons/photon_0.20", "results/1-photons/photon_0.20"
+    ranges = ("Low12", "High12")
+    trains = re.findall(r"fakepy train\.py --data (\S+) --out (\S+) --iterations 1 .*--batches epoch", out)
+    assert sorted(trains) == sorted((f"{w}/{g}/train.h5", f"{w}/{g}/run_untrained") for g in ranges)
+    selects = re.findall(r"fakepy select_epoch\.py --run (\S+) --reference (\S+)\s*--events (\d+) "
+                         r"--generate-like (\S+) .*--out (\S+)", out)
+    assert sorted(selects) == sorted((f"{w}/{g}/run_untrained", f"{w}/voxels.h5", "10000", f"{w}/voxels_heldout.h5",
+                                      f"{r}/{g}/baseline/select") for g in ranges)
+    assert re.findall(r"fakepy select_epoch\.py --combine (\S+) (\S+)\s*--generate-like (\S+) --out (\S+)", out) == [
+        (f"{r}/Low12/baseline/select", f"{r}/High12/baseline/select", f"{w}/voxels_heldout.h5", f"{r}/baseline/select")]
+    assert re.findall(r"fakepy evaluate\.py -i (\S+) -r (\S+) -m all\s*-d (\S+) --output_dir (\S+)", out) == [
+        (f"{r}/baseline/select/generated.h5", f"{w}/voxels_heldout.h5", "1-photons", f"{r}/baseline/eval")]
+    assert "export_lwtnn.py" not in out and "one range per slice" not in res.stderr
+    assert subprocess.run(cc + ["baseline"], capture_output=True, timeout=120).returncode == 0
+    again = subprocess.run(cc + ["-n", "baseline"], capture_output=True, text=True, timeout=120)
+    assert "fakepy" not in again.stdout, again.stdout
+    demo = subprocess.run(base + ["-n", "baseline", "ETAS=0.20"], capture_output=True, text=True, timeout=120)
+    plan = re.sub(r"\\\n\s*", "", demo.stdout)
+    assert re.findall(r"fakepy train\.py --data (\S+) --out (\S+) --iterations 1 ", plan) == [
+        ("work/demo/photon_0.20/train.h5", "work/demo/photon_0.20/run_untrained")]
+    assert "--combine" not in plan and "-i results/demo/photon_0.20/baseline/select/generated.h5" in plan
+
+
 def test_fastcalosim_plans_the_gans_fastcalosim_loads(tree, tmp_path):
     """`make fastcalosim DEMO=3x2`: e/gamma UltraLow12 + High12 (toy from 64 MeV), pions All, in their own WORK;
     one fastcalosim.py of every export and the hits, then its folder check; a rerun plans nothing; CaloChallenge

@@ -3,6 +3,7 @@ import csv
 import json
 import math
 import os
+import re
 
 import h5py
 import numpy as np
@@ -315,3 +316,130 @@ def test_combine_takes_each_energy_from_its_range(tmp_path, capsys):
     shutil.copy(heldout, other)
     assert se.main(["--combine", sel["Low12"], "--generate-like", other, "--out", str(tmp_path / "bad")]) == 2
     assert "not for" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# continuous incident energies (CaloChallenge datasets 2 and 3): log-energy bins of E_tot / E_inc
+
+CONT_VOXELS = 8
+CONT_CFG = {"particle": "photon", "n_voxels": CONT_VOXELS, "p_min": 1e3, "p_max": 1e6, "ekin_min": 1e3,
+            "ekin_max": 1e6, "label_scheme": "V2", "latent_dim": 50}
+RESP, SLOPE, SIGMA = 0.6, 0.3, 0.02     # E_tot / E_kin = 0.6 + 0.3 label + 0.02 N(0, 1): 0.6 at 1 GeV, 0.9 at 1 TeV
+
+
+def response_generator(factor):
+    """A one-layer Keras generator whose voxels sum to factor x (RESP + SLOPE label + SIGMA N(0, 1)) of E_kin
+    (noise N(0.5, 0.5): 2 SIGMA (z_0 - 0.5) is SIGMA N(0, 1))."""
+    import keras
+    noise, cond = keras.Input((50,), name="noise"), keras.Input((2,), name="condition")
+    dense = keras.layers.Dense(CONT_VOXELS)
+    model = keras.Model([noise, cond], dense(keras.layers.Concatenate()([noise, cond])))
+    kernel = np.zeros((52, CONT_VOXELS), np.float32)
+    kernel[0], kernel[50] = 2 * SIGMA / CONT_VOXELS, SLOPE / CONT_VOXELS
+    dense.set_weights([factor * kernel, np.full(CONT_VOXELS, factor * (RESP - SIGMA) / CONT_VOXELS, np.float32)])
+    return model
+
+
+@pytest.fixture(scope="module")
+def continuous_run(tmp_path_factory):
+    """A run with three checkpoints, the response 5 % high (iteration 1000), right (2000), 5 % low (3000), and a
+    reference of 8000 showers with E_inc log-uniform in 1 GeV..1 TeV from the right response."""
+    d = tmp_path_factory.mktemp("cont")
+    run = d / "run"
+    for it, factor in ((1000, 1.05), (2000, 1.0), (3000, 0.95)):
+        (run / f"ckpt_{it}").mkdir(parents=True)
+        response_generator(factor).save(run / f"ckpt_{it}" / "generator.keras")
+    (run / "config.json").write_text(json.dumps(CONT_CFG))
+    rng = np.random.default_rng(21)
+    einc = 10.0 ** rng.uniform(3, 6, 8000)
+    label = condition_label(einc, 1e3, 1e6)
+    etot = einc * (RESP + SLOPE * label + SIGMA * rng.standard_normal(einc.size))
+    ref = str(d / "ref.h5")
+    plumbing.write_calo_file(ref, einc, np.repeat((etot / CONT_VOXELS)[:, None], CONT_VOXELS, 1).astype(np.float32))
+    return str(run), ref, d
+
+
+def test_grouping_rule_discrete_points_or_log_energy_bins():
+    assert se.is_discrete(2.0 ** np.arange(8, 23), 15 * 10000)           # dataset 1 and the demo
+    assert se.is_discrete([256.0], 5)
+    assert not se.is_discrete(np.geomspace(1e3, 1e6, 2000), 2000)        # datasets 2 and 3
+    assert not se.is_discrete(np.geomspace(1e3, 1e6, 20), 30)            # 20 energies, 1.5 events each
+    # one bin per factor 2 (dataset 2/3 High12: 4.1 GeV..1 TeV -> 8, Low12: 1..4.1 GeV -> 2), at most 16, >= 500 events
+    assert se.auto_bin_count(np.geomspace(4096.0, 1e6, 80000)) == 8
+    assert se.auto_bin_count(np.geomspace(1e3, 4096.0, 20000)) == 2
+    assert se.auto_bin_count(np.geomspace(1.0, 2.0**30, 10**5)) == se.MAX_ENERGY_BINS
+    assert se.auto_bin_count(np.geomspace(1e3, 1e6, 1200)) == 2
+    assert se.auto_bin_count(np.geomspace(1e3, 1e6, 100)) == 1
+    edges, idx = se.log_energy_bins([1e3, 1e4, 1e5, 1e6, 3e3], 3)
+    assert edges == pytest.approx([1e3, 1e4, 1e5, 1e6]) and idx.tolist() == [0, 1, 2, 2, 0]
+
+
+@pytest.mark.parametrize("bins", ["auto"] + [str(n) for n in range(1, se.MAX_ENERGY_BINS + 1)])
+def test_continuous_energies_right_response_beats_5_percent_off(continuous_run, tmp_path, bins):
+    """At every bin count allowed (and auto: 8000 events over ~10 factors of 2 -> 10 bins), the checkpoint with
+    the right E_tot / E_inc is chosen over the ones 5 % high and 5 % low, with chi2/ndf near 1 in every bin."""
+    run, ref, _ = continuous_run
+    out = tmp_path / "sel"
+    assert se.main(["--run", run, "--reference", ref, "--events", "2000", "--out", str(out), "--no-generated",
+                    "--energy-bins", bins]) == 0
+    best = json.loads((out / "best.json").read_text())
+    n = 10 if bins == "auto" else int(bins)
+    grouping = best["energy_grouping"]
+    assert grouping["kind"] == "log-energy bins" and grouping["compared"] == "E_tot / E_inc"
+    assert grouping["bins"] == n and len(grouping["edges_mev"]) == n + 1 and sum(grouping["reference_events"]) == 8000
+    assert grouping["edges_mev"][0] == pytest.approx(1e3, rel=1e-2) and grouping["edges_mev"][-1] == pytest.approx(1e6, rel=1e-2)
+    assert best["best_iteration"] == 2000
+    assert sorted(best["per_energy"]) == sorted(se.bin_name(lo, hi) for lo, hi in
+                                                zip(grouping["edges_mev"][:-1], grouping["edges_mev"][1:]))
+    for rep in best["per_energy"].values():
+        assert 0.3 < rep["chi2_ndf"] < 3.0
+        assert rep["gen_mean_etot_einc"] == pytest.approx(rep["ref_mean_etot_einc"], rel=0.01)
+    rows = list(csv.DictReader(open(out / "chi2.csv", newline="")))
+    total = {int(r["iteration"]): float(r["chi2_ndf"]) for r in rows if r["role"] == "total"}
+    assert total[2000] < 3.0 and min(total[1000], total[3000]) > 5.0      # 1 bin: 1.05 vs 19.7
+    assert {r["energy_mev"] for r in rows if r["role"] == "fit"} == set(best["per_energy"])
+
+
+def test_continuous_energies_outputs_and_refusals(continuous_run, tmp_path, capsys):
+    """The auto choice on a continuous reference: bins in best.json and the plot, the generated file for every
+    reference event; a run trained with --exclude-energy needs energy points; a bad --energy-bins is one line."""
+    run, ref, d = continuous_run
+    out = tmp_path / "sel"
+    assert se.main(["--run", run, "--reference", ref, "--events", "500", "--out", str(out)]) == 0
+    best = json.loads((out / "best.json").read_text())
+    assert best["energy_grouping"]["bins"] == 10 and best["best_iteration"] == 2000
+    assert re.fullmatch(r"auto: \d+ distinct energies \(within 0.001\) for 8000 events: not 32 points .*",
+                        best["energy_grouping"]["rule"])
+    assert best["energy_grouping"]["out_of_range_events"] == 0 and best["out_of_range_energies"] == []
+    assert os.path.getsize(out / "chi2_vs_iteration.png") > 1000
+    with h5py.File(ref) as f, h5py.File(out / "generated.h5") as g:
+        np.testing.assert_array_equal(g["incident_energies"][:, 0], f["incident_energies"][:, 0])
+        ratio = g["showers"][...].sum(axis=1) / g["incident_energies"][:, 0]
+        label = condition_label(f["incident_energies"][:, 0], 1e3, 1e6)
+    assert np.mean(ratio - (RESP + SLOPE * label)) == pytest.approx(0.0, abs=0.002)
+    assert "log-energy bins of E_tot/E_inc" in capsys.readouterr().out
+    # the points would be one shower each: --energy-bins points is still possible, auto never does it
+    excl = tmp_path / "excl"
+    shutil_copy_run(run, excl, {"excluded_energies": [2e4]})
+    assert se.main(["--run", str(excl), "--reference", ref, "--out", str(tmp_path / "x")]) == 2
+    assert "needs the reference's discrete energy points" in capsys.readouterr().err
+    for bad in ("0", "17", "many"):
+        assert se.main(["--run", run, "--reference", ref, "--out", str(tmp_path / "x"), "--energy-bins", bad]) == 2
+        assert "--energy-bins must be auto, points or an integer 1..16" in capsys.readouterr().err
+
+
+def shutil_copy_run(run, dst, extra):
+    import shutil
+    shutil.copytree(run, dst)
+    cfg = json.loads(open(os.path.join(run, "config.json")).read())
+    (dst / "config.json").write_text(json.dumps({**cfg, **extra}))
+
+
+def test_discrete_reference_keeps_points(tiny_run, tmp_path):
+    """A dataset-1 style reference (a few energies, 200 events each) keeps the per-energy E_tot test, and says so."""
+    run, ref, _ = tiny_run
+    out = tmp_path / "sel"
+    assert se.main(["--run", run, "--reference", ref, "--events", "200", "--out", str(out), "--no-generated"]) == 0
+    g = json.loads((out / "best.json").read_text())["energy_grouping"]
+    assert g["kind"] == "points" and g["compared"] == "E_tot" and g["points"] == 4
+    assert g["rule"].startswith("auto: 5 distinct energies")
