@@ -54,8 +54,9 @@
 #   RECIPE      the training recipe (train.py --recipe), given to every stage that depends on it: prepare writes
 #               what it learns (--norm), train uses it, select/export/evaluate follow its generator. One of:
 #               fastcalogan   FastCaloGAN's own settings (default on CaloChallenge data: it reproduces FastCaloGAN)
-#               calokit       FastCaloGAN's networks, more learnt per CPU-minute (default on the demo; measured
-#                             against fastcalogan with bench/bench_quality.py, see docs/)
+#               calokit       FastCaloGAN's networks, more learnt per CPU-minute (measured against fastcalogan
+#                             with bench/bench_quality.py, see docs/)
+#               calokit-etot  calokit, and the critic also sees E_tot/E_kin as an input of its own (spread 0.2)
 #               caloshowergan CaloShowerGAN's: the layer representation (prepare --norm layer) and its heads
 #                             generator; exported as ONNX only (lwtnn's JSON cannot multiply); 1-photons: RANGES
 #                             Low12 Mid1218 High18 (p <= 2^12, 2^12..2^18, >= 2^18 MeV)
@@ -114,7 +115,7 @@ export MPLBACKEND := Agg
 export TF_CPP_MIN_LOG_LEVEL := 2
 
 # --- the training recipe: train.py --recipe, and what prepare must write for it (train.py's RECIPES "norm")
-RECIPES := fastcalogan calokit caloshowergan
+RECIPES := fastcalogan calokit calokit-etot caloshowergan
 ifeq ($(DATASET),demo)
   RECIPE ?= calokit
 else

@@ -89,6 +89,10 @@ RECIPES = {
                        "of He-uniform kernels, 2 critic steps per generator step at lr 2e-4 (about twice the "
                        "generator updates per CPU-second, each twice as large)",
         "options": {"n_critic": 2, "lr": 2e-4, "init": "glorot"}},
+    "calokit-etot": {
+        "description": "calokit, and the critic also sees E_tot / E_kin as an input coordinate of its own at "
+                       "spread 0.2 (--critic-etot 0.2): the generator, and so what FastCaloSim runs, is unchanged",
+        "options": {"n_critic": 2, "lr": 2e-4, "init": "glorot", "critic_etot": 0.2}},
     "caloshowergan": {
         "description": "CaloShowerGAN's (FastCaloGAN's successor, same authors; its public training code): the "
                        "layer representation (a training file of preprocess.py prepare --norm layer) learnt by "

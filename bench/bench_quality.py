@@ -446,6 +446,8 @@ def plot_curves(recipes, path):
                     continue
                 x = np.mean([[p[xkey] for p in c[:n]] for c in curves], axis=0)
                 y = np.array([[p[key] for p in c[:n]] for c in curves])
+                if not np.isfinite(x).any():        # reused runs whose CPU time was not recorded
+                    continue
                 line, = ax.plot(x, y.mean(0), marker="o", ms=3, label=f"{name} ({len(curves)} seeds)")
                 ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
             ax.set_xlabel(xlabel)

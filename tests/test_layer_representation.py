@@ -254,7 +254,7 @@ def test_chain_with_caloshowergan(tmp_path):
 
 
 def test_critic_etot_sees_the_representations_last_value(files, tmp_path, capsys):
-    """--critic-etot with the layer representation: the critic's fixed summary is spread x (E_tot/E_kin - mean) / std
+    """--critic-etot with the layer representation: the critic's summary is spread x (E_tot/E_kin - mean) / std
     of the representation's last value; --critic-summaries (sums of voxel / E_kin per layer) is refused."""
     out = str(tmp_path / "et")
     assert train.main(["--data", files["layer"], "--out", out, "--iterations", "1", "--checkpoint-every", "1",
@@ -265,8 +265,11 @@ def test_critic_etot_sees_the_representations_last_value(files, tmp_path, capsys
         rep = f["representation"][:]
     assert (s["spans"], s["total_column"], s["spread"]) == ([], 373, 0.2)
     np.testing.assert_allclose([s["mean"][0], s["std"][0]], [rep[:, -1].mean(), rep[:, -1].std()], rtol=1e-5)
+    assert s["penalty"] == "independent"           # an input of the critic's own (see train.independent_summaries)
     _, critic = train.networks_from_config(cfg)
-    got = np.asarray(critic.get_layer("summaries")(rep[:50]))[:, 0]
+    assert [t.shape[-1] for t in critic.inputs] == [374, 2, 1]
+    kernel, bias = train.summary_projection(374, s)
+    got = (rep[:50] @ kernel + bias)[:, 0]
     np.testing.assert_allclose(got, 0.2 * (rep[:50, -1] - s["mean"][0]) / s["std"][0], rtol=1e-4, atol=1e-6)
     assert train.main(["--data", files["layer"], "--out", str(tmp_path / "cs"), "--iterations", "1", *FAST,
                        "--critic-summaries"]) == 2
