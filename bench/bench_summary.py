@@ -12,7 +12,7 @@ machine the second is the one that does not depend on the other users.
 
 Usage:
     python bench/bench_summary.py            # 300 events per energy (the 3x2 demo's EVENTS=300), 4500 per file
-    python bench/bench_summary.py --quick    # 20 events per energy (the test suite: the same 78 slices, less data)
+    python bench/bench_summary.py --quick    # 60 events per energy
     python bench/bench_summary.py --keep DIR # build into DIR and keep it
 
 The printed keys are listed in KEYS (numbers) and OTHER_KEYS below; tests/test_bench.py runs --quick and checks
@@ -85,10 +85,10 @@ def build(results, work, events, seed=1):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="20 events per energy instead of 300")
+    p.add_argument("--quick", action="store_true", help="60 events per energy instead of 300")
     p.add_argument("--keep", default=None, help="build into this folder and keep it")
     args = p.parse_args(argv)
-    events = 20 if args.quick else 300
+    events = 60 if args.quick else 300
     base = args.keep or tempfile.mkdtemp(prefix="bench_summary-")
     try:
         t0 = time.perf_counter()
