@@ -20,15 +20,17 @@ format (what ``lwt::parse_json_graph`` reads):
 * ``outputs``: ``{<name>: {"node_index": i, "labels": ["out_0", ...]}}``, one label per voxel (XML order).
 
 The ONNX model is written with the ``onnx`` package's helpers: opset 13, IR version 7 (loaded by ONNX Runtime
-1.6 and every later release), float32 in, out and throughout. Inputs ``node_0`` [1, latent] (noise) and
-``node_1`` [1, 2] ([label, 0]) in this order; output ``out`` [1, n_voxels], which TFCSONNXHandler reads as
-one flat vector labelled ``out_0``, ``out_1``, ... (``<output name>_<i>``), the JSON's labels. Fixed shapes,
+1.6 and every later release), float32 in, out and throughout. Inputs ``Noise`` [1, latent] (noise) and
+``mycond`` [1, 2] ([label, 0]) in this order, the names FastCaloSim's ONNX handler looks up (it does not
+rename them; its lwtnn handler maps them to ``node_0`` / ``node_1``); output ``out`` [1, n_voxels], which
+TFCSONNXHandler reads as one flat vector labelled ``out_0``, ``out_1``, ... (``<output name>_<i>``), the JSON's labels. Fixed shapes,
 because the handler takes a symbolic dimension as 1 with a warning; ``--onnx-dynamic-batch`` writes a
 symbolic first dimension instead, for Python users who run many rows per ONNX Runtime call. Operators: Gemm
 (x W^T + b, W stored n_out x n_in), Relu, LeakyRelu, Elu, Sigmoid, Tanh, Softmax, Mul (swish = x sigmoid(a x);
 an unfolded batch-norm = Mul + Add), Concat. The handler fills each input tensor from a name -> value map in
-the map's (sorted-name) order: for the noise this permutes i.i.d. values, which changes nothing; the
-condition's ``variable_0`` (label) sorts before ``variable_1``.
+the map's (sorted-name) order, variable_0, variable_1, variable_10, ..., variable_19, variable_2, ...: for
+the noise this permutes i.i.d. values, which changes nothing in distribution; the condition's ``variable_0``
+(label) sorts before ``variable_1``.
 
 Batch normalisation is folded into the dense layer before it by default (W' = diag(gamma/s) W,
 b' = (b - mean) gamma/s + beta, s = sqrt(var + eps)); ``--batchnorm normalization`` writes lwtnn
@@ -37,6 +39,13 @@ after it then needs a layer of its own) and ONNX Mul + Add. Activations: linear,
 softmax, and the parametrised ones only in lwtnn's object form ``{"function": "swish"|"leakyrelu"|"elu",
 "alpha": a}`` (the plain strings give NaN in C++). Any layer or activation that the formats cannot reproduce
 exactly is an error (exit code 2, one line naming the layer, neither file written): never a silently wrong file.
+
+A generator of CaloShowerGAN's layer representation (train.py's heads on a ``prepare --norm layer`` file) outputs
+[voxel fractions, layer fractions, E_tot / E_kin]; FastCaloSim multiplies each output by E_kin and knows nothing of
+heads, so the ONNX graph computes voxel / E_kin itself: the heads' Softmax, then Slice, MatMul of the layer
+fractions with a fixed layer-to-voxel 0/1 matrix, Mul, Mul (:func:`add_layer_product`). lwtnn's graph format
+cannot multiply: ``--format json`` refuses such a generator (exit 2, one line), ``--format both`` writes the ONNX
+model alone and says so on stderr. Never a JSON FastCaloSim would read as wrong energies.
 
 Beside the network(s), ``neural_net_<...>.meta.json`` records what a consumer needs to drive them and invert
 the voxel normalisation (latent size, noise, label scheme, E_kin range, particle, slice, binning, voxel count;
@@ -71,8 +80,9 @@ import sys
 import numpy as np
 
 from HighLevelFeatures import read_geometry
-from plumbing import (CKPT_RE, LABEL_FORMULAS, HelpFormatter, UserError, atomic_output, ensure_dir,
-                      list_checkpoints, load_generator_file, read_run_config, run_cli, write_text)
+from plumbing import (CKPT_RE, LABEL_FORMULAS, HelpFormatter, UserError, apply_activation,  # noqa: F401
+                      atomic_output, ensure_dir, evaluate_graph_inputs, list_checkpoints, load_generator_file,
+                      read_run_config, representation_spans, run_cli, to_voxels, write_text)
 
 # ----------------------------------------------------------------------------------------------
 # configuration: defaults of the command line
@@ -85,6 +95,10 @@ DEFAULTS = {
 }
 NOISE_NAME, CONDITION_NAME = "noise", "condition"   # Keras input names (train.py)
 LWTNN_INPUTS = ("node_0", "node_1")                  # lwtnn input node names FastCaloSim fills
+#: ONNX input names (noise, condition): TFCSONNXHandler looks each model input up by its name in the map
+#: TFCSEnergyAndHitGANV2 fills, {"Noise", "mycond"}, without renaming (TFCSGANLWTNNHandler renames them to
+#: node_0 / node_1 for lwtnn). The one place the ONNX input names are chosen.
+ONNX_INPUTS = ("Noise", "mycond")
 CONFIG_REQUIRED = ("particle", "pid", "eta_min", "eta_max", "range", "latent_dim", "n_voxels")
 
 # ----------------------------------------------------------------------------------------------
@@ -117,122 +131,8 @@ def lwtnn_activation(function, alpha=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# the numpy evaluator of an lwtnn graph JSON (independent of Keras)
-
-def _sigmoid(x):
-    """lwtnn's sigmoid: exactly 0 below -30 and 1 above 30."""
-    with np.errstate(over="ignore"):
-        s = 1.0 / (1.0 + np.exp(-np.clip(x, -30.0, 30.0)))
-    return np.where(x < -30.0, 0.0, np.where(x > 30.0, 1.0, s))
-
-
-def apply_activation(act, x):
-    """Apply an lwtnn activation (string or {function, alpha}) to rows of ``x`` as lwtnn does.
-
-    A parametrised function given as a plain string gets alpha = NaN, as in lwtnn (except elu: alpha 1).
-    """
-    if isinstance(act, dict):
-        fn, alpha = act["function"], float(act["alpha"])
-    else:
-        fn, alpha = act, (1.0 if act == "elu" else math.nan)
-    if fn == "linear":
-        return x
-    if fn == "rectified":
-        return np.where(np.isnan(x) | (x > 0), x, 0.0)
-    if fn == "sigmoid":
-        return _sigmoid(x)
-    if fn == "tanh":
-        return np.tanh(x)
-    if fn == "hard_sigmoid":
-        return np.clip(0.2 * x + 0.5, 0.0, 1.0)
-    if fn == "softmax":
-        e = np.exp(x - x.max(axis=-1, keepdims=True))
-        return e / e.sum(axis=-1, keepdims=True)
-    if fn == "swish":
-        return x * _sigmoid(alpha * x)
-    if fn == "leakyrelu":
-        return np.where(x > 0, x, alpha * x)
-    if fn == "elu":
-        with np.errstate(over="ignore"):
-            return np.where(x >= 0, x, alpha * np.expm1(np.minimum(x, 0.0)))
-    if fn == "abs":
-        return np.abs(x)
-    raise ValueError(f"activation function {fn!r} not recognised by lwtnn")
-
-
-def _apply_layer(layer, x):
-    """One lwtnn layer (dense or normalization) on rows of ``x`` (N, n_in)."""
-    arch = layer["architecture"]
-    w = np.asarray(layer["weights"], dtype=np.float64)
-    b = np.asarray(layer["bias"], dtype=np.float64)
-    if arch == "normalization":
-        if w.size != x.shape[1] or b.size != x.shape[1]:
-            raise ValueError(f"normalization layer has {w.size} weights / {b.size} biases for {x.shape[1]} inputs")
-        return w * (x + b)
-    if arch != "dense":
-        raise ValueError(f"layer architecture {arch!r} is not evaluated here (dense, normalization only)")
-    if "activation" not in layer:
-        raise ValueError("dense layer without an activation (lwtnn refuses it)")
-    if w.size:
-        n_in = x.shape[1]
-        if w.size % n_in:
-            raise ValueError(f"dense layer: {w.size} weights not divisible by {n_in} inputs")
-        x = x @ w.reshape(w.size // n_in, n_in).T
-    if b.size:
-        if b.size != x.shape[1]:
-            raise ValueError(f"dense layer: {b.size} biases for {x.shape[1]} outputs")
-        x = x + b
-    return apply_activation(layer["activation"], x)
-
-
-def evaluate_graph_inputs(graph, inputs, output=None):
-    """Evaluate an lwtnn graph JSON (dict) on ``inputs`` = {input node name: array (N, n_vars)}.
-
-    Returns the output node (``output`` name, or the only one) as float64 (N, n_labels).
-    """
-    arrays = []
-    for node in graph["inputs"]:
-        if node["name"] not in inputs:
-            raise ValueError(f"no values given for input node {node['name']}")
-        x = np.asarray(inputs[node["name"]], dtype=np.float64)
-        x = np.atleast_2d(x)
-        var = node["variables"]
-        if x.shape[1] != len(var):
-            raise ValueError(f"input {node['name']}: {x.shape[1]} columns for {len(var)} variables")
-        offset = np.array([v["offset"] for v in var], dtype=np.float64)
-        scale = np.array([v["scale"] for v in var], dtype=np.float64)
-        arrays.append((x + offset) * scale)
-    nodes, layers, cache = graph["nodes"], graph["layers"], {}
-
-    def value(i, stack=()):
-        if i in cache:
-            return cache[i]
-        if i in stack or not 0 <= i < len(nodes):
-            raise ValueError(f"node {i}: cycle or index out of range")
-        node = nodes[i]
-        kind, src = node["type"], node["sources"]
-        if kind == "input":
-            out = arrays[src[0]]
-            if out.shape[1] != node["size"]:
-                raise ValueError(f"input node {i}: size {node['size']} but {out.shape[1]} variables")
-        elif kind == "concatenate":
-            out = np.concatenate([value(s, stack + (i,)) for s in src], axis=1)
-        elif kind == "feed_forward":
-            if len(src) != 1:
-                raise ValueError(f"feed_forward node {i} needs one source, has {len(src)}")
-            out = _apply_layer(layers[node["layer_index"]], value(src[0], stack + (i,)))
-        else:
-            raise ValueError(f"node {i}: type {kind!r} is not evaluated here")
-        cache[i] = out
-        return out
-
-    outputs = graph["outputs"]
-    name = output if output is not None else next(iter(outputs))
-    out = value(outputs[name]["node_index"])
-    if out.shape[1] != len(outputs[name]["labels"]):
-        raise ValueError(f"output {name}: {out.shape[1]} values for {len(outputs[name]['labels'])} labels")
-    return out
-
+# the numpy evaluator of an lwtnn graph JSON (independent of Keras; in plumbing.py, shared with
+# fastcalosim.py's folder check): apply_activation, evaluate_graph_inputs
 
 def evaluate_graph(graph, noise, condition):
     """Evaluate a calokit generator graph: ``noise`` (N, latent) -> node_0, ``condition`` (N, 2) -> node_1."""
@@ -526,6 +426,7 @@ def export_ops(model, fold=True, source=""):
         raise UserError(f"{where}generator inputs are {sorted(by_name)}, expected exactly "
                         f"'{NOISE_NAME}' and '{CONDITION_NAME}'")
     ops, out = simplify_ops(ops, out, fold=fold)
+    ops, out = add_layer_product(ops, out, representation_spans(model))
     output_layer = model.get_config()["output_layers"]
     output_layer = output_layer[0] if isinstance(output_layer[0], (list, tuple)) else output_layer
     return ops, out, [by_name[NOISE_NAME], by_name[CONDITION_NAME]], f"{output_layer[0]}_0"
@@ -534,7 +435,80 @@ def export_ops(model, fold=True, source=""):
 def export_model(model, fold=True, source=""):
     """Keras generator (inputs ``noise``, ``condition``) -> lwtnn graph dict. UserError if not exportable."""
     ops, out, input_ops, output_name = export_ops(model, fold, source)
+    refusal = lwtnn_refusal(ops, source)
+    if refusal:
+        raise UserError(refusal)
     return ops_to_graph(ops, out, input_ops, output_name)
+
+
+# ----------------------------------------------------------------------------------------------
+# CaloShowerGAN's layer representation: voxel / E_kin = (E_tot / E_kin) x layer fraction x voxel fraction, a
+# product of the heads, computed inside the ONNX graph (lwtnn's graph format cannot multiply)
+
+def add_layer_product(ops, out, spans):
+    """With layer ``spans`` (a generator of the layer representation, plumbing.representation_spans), append the
+    op turning its output [voxel fractions, layer fractions, E_tot / E_kin] into voxel / E_kin; returns (ops, new
+    output index). Without spans, (ops, out) unchanged."""
+    if spans is None:
+        return ops, out
+    n_vox = int(spans[-1][1])
+    if ops[out]["size"] != n_vox + len(spans) + 1:
+        raise UserError(f"layer '{ops[out]['layer']}': output of {ops[out]['size']} values, the layer representation "
+                        f"of {len(spans)} layers and {n_vox} voxels has {n_vox + len(spans) + 1}")
+    ops = ops + [{"kind": "layer_product", "src": [out], "size": n_vox, "layer": "voxels_over_ekin",
+                  "spans": [(int(a), int(b)) for a, b in spans]}]
+    return ops, len(ops) - 1
+
+
+def lwtnn_refusal(ops, source=""):
+    """The one-line reason the ops cannot be an lwtnn graph JSON (a product of heads), or None."""
+    if not any(op["kind"] == "layer_product" for op in ops):
+        return None
+    where = f"{source}: " if source else ""
+    return (f"{where}this generator learns CaloShowerGAN's layer representation (voxel = E_tot/E_kin x layer "
+            f"fraction x voxel fraction, a product of its heads), which lwtnn's graph format cannot compute (no "
+            f"multiply); use --format onnx: the .onnx file computes voxel / E_kin and serves FastCaloSim")
+
+
+def layer_voxel_matrix(spans):
+    """(n_layers, n_voxels) float32 0/1 matrix: row l is 1 on the voxels of layer l.
+
+    >>> layer_voxel_matrix([(0, 2), (2, 3)]).tolist()
+    [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    """
+    m = np.zeros((len(spans), int(spans[-1][1])), dtype=np.float32)
+    for i, (a, b) in enumerate(spans):
+        m[i, int(a):int(b)] = 1.0
+    return m
+
+
+def _onnx_int64(g, stem, values):
+    """An int64 initialiser (Slice's starts / ends / axes) in the graph ``g``; returns its name."""
+    from onnx import numpy_helper
+
+    name = g.name(stem)
+    g.inits.append(numpy_helper.from_array(np.asarray(values, dtype=np.int64), name))
+    return name
+
+
+def _onnx_layer_product(g, op, src, out):
+    """voxel / E_kin from the layer representation ``src`` [1, V + L + 1]: Slice the voxel fractions [1, V], the
+    layer fractions [1, L] and E_tot / E_kin [1, 1]; MatMul the layer fractions with the fixed layer-to-voxel 0/1
+    matrix (each voxel gets its layer's fraction); Mul, Mul. The order of the products is
+    plumbing.from_layer_representation's."""
+    spans = op["spans"]
+    n_vox, n_lay = int(spans[-1][1]), len(spans)
+    axis = _onnx_int64(g, "axis", [1])
+
+    def part(lo, hi, stem):
+        return g.node("Slice", [src, _onnx_int64(g, "start", [lo]), _onnx_int64(g, "end", [hi]), axis], stem)
+
+    voxel_frac = part(0, n_vox, "voxel_fractions")
+    layer_frac = part(n_vox, n_vox + n_lay, "layer_fractions")
+    etot = part(n_vox + n_lay, n_vox + n_lay + 1, "etot_over_ekin")
+    per_voxel = g.node("MatMul", [layer_frac, g.const("layer_to_voxel", layer_voxel_matrix(spans), op["layer"])],
+                       "layer_fraction_per_voxel")
+    return g.node("Mul", [g.node("Mul", [voxel_frac, per_voxel], "voxel_times_layer"), etot], "voxels", out)
 
 
 def export_onnx(model, fold=True, source="", dynamic_batch=False):
@@ -620,13 +594,15 @@ def _onnx_op(g, op, srcs, out):
         return g.node("Add", [y, g.const("bn_shift", op["beta"] - op["mean"] * k, where)], "bn", out)
     if kind == "act":
         return _onnx_activation(g, op["act"], srcs[0], where, out)
+    if kind == "layer_product":
+        return _onnx_layer_product(g, op, srcs[0], out)
     raise UserError(f"internal: unknown op kind {kind}")
 
 
 def ops_to_onnx(ops, out, input_ops, dynamic_batch=False, doc=""):
     """Build the ONNX ModelProto (float32 in and out) from simplified ops.
 
-    Inputs ``node_0`` (noise) and ``node_1`` (condition) in this order with shapes [1, n] (or [batch, n] with
+    Inputs ``Noise`` and ``mycond`` (``ONNX_INPUTS``: noise, condition) in this order with shapes [1, n] (or [batch, n] with
     ``dynamic_batch``); one output ``out`` of shape [1, n_out]. Opset ``ONNX_OPSET``, IR ``ONNX_IR_VERSION``.
     """
     from onnx import TensorProto, helper
@@ -634,8 +610,8 @@ def ops_to_onnx(ops, out, input_ops, dynamic_batch=False, doc=""):
     batch = ONNX_BATCH_DIM if dynamic_batch else 1
     g, name_of, inputs = _OnnxGraph(), {}, []
     for k, i in enumerate(input_ops):
-        name_of[i] = LWTNN_INPUTS[k]
-        inputs.append(helper.make_tensor_value_info(LWTNN_INPUTS[k], TensorProto.FLOAT, [batch, ops[i]["size"]]))
+        name_of[i] = ONNX_INPUTS[k]
+        inputs.append(helper.make_tensor_value_info(ONNX_INPUTS[k], TensorProto.FLOAT, [batch, ops[i]["size"]]))
     order = _reachable_in_order(ops, out)
     for i in order:
         if i in name_of:
@@ -689,7 +665,7 @@ def run_onnx_rows(session, noise, condition):
     """The ONNX model on each row alone, with [1, n] inputs as FastCaloSim feeds it; float64 (N, n_out)."""
     noise = np.asarray(noise, np.float32)
     condition = np.asarray(condition, np.float32)
-    rows = [session.run([ONNX_OUTPUT], {LWTNN_INPUTS[0]: noise[j:j + 1], LWTNN_INPUTS[1]: condition[j:j + 1]})[0]
+    rows = [session.run([ONNX_OUTPUT], {ONNX_INPUTS[0]: noise[j:j + 1], ONNX_INPUTS[1]: condition[j:j + 1]})[0]
             for j in range(len(noise))]
     return np.concatenate(rows, axis=0).astype(np.float64) if rows else np.zeros((0, 0))
 
@@ -698,13 +674,14 @@ def run_onnx_rows(session, noise, condition):
 # comparison with Keras
 
 def keras_predict(model, noise, condition):
-    """The Keras generator's output (float64) for noise and condition, inference mode."""
+    """The Keras generator's showers as voxel / E_kin (float64) for noise and condition, inference mode
+    (plumbing.to_voxels: a generator of the layer representation gives the product of its heads)."""
     import keras
 
     feed = {NOISE_NAME: np.asarray(noise, np.float32), CONDITION_NAME: np.asarray(condition, np.float32)}
     names = [t.name.split(":")[0] for t in model.inputs]
     out = model([feed[n] for n in names], training=False)
-    return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float64)
+    return np.asarray(to_voxels(model, keras.ops.convert_to_numpy(out)), dtype=np.float64)   # voxel / E_kin
 
 
 def random_inputs(latent_dim, n, seed, noise_mean=0.5, noise_std=0.5):
@@ -841,8 +818,8 @@ def onnx_metadata(onnx_name, latent, n_cond, n_out, dynamic_batch):
     """The ONNX file's interface as TFCSONNXHandler sees it (names, shapes, element type, opset, IR version)."""
     batch = ONNX_BATCH_DIM if dynamic_batch else 1
     return {"file": onnx_name, "opset": ONNX_OPSET, "ir_version": ONNX_IR_VERSION, "element_type": "float32",
-            "inputs": [{"name": LWTNN_INPUTS[0], "shape": [batch, latent], "content": "noise"},
-                       {"name": LWTNN_INPUTS[1], "shape": [batch, n_cond], "content": "[energy label, 0]"}],
+            "inputs": [{"name": ONNX_INPUTS[0], "shape": [batch, latent], "content": "noise"},
+                       {"name": ONNX_INPUTS[1], "shape": [batch, n_cond], "content": "[energy label, 0]"}],
             "output": {"name": ONNX_OUTPUT, "shape": [batch, n_out],
                        "labels": f"{ONNX_OUTPUT}_0..{ONNX_OUTPUT}_{n_out - 1} (flat, '<output name>_<i>')"},
             "batch": ("symbolic first dimension 'batch' (TFCSONNXHandler takes it as 1, with a warning)"
@@ -993,6 +970,19 @@ def build_parser():
     return p
 
 
+def formats_for(requested, formats, refusal):
+    """The formats to write: ``formats`` unless lwtnn cannot hold the network (``refusal``, one line): then
+    ``--format json`` is refused (UserError: exit 2) and ``--format both`` writes the ONNX model alone, saying
+    so on stderr (make all's export step stays one command for every recipe). Never a JSON FastCaloSim would read
+    as wrong energies."""
+    if refusal is None or "json" not in formats:
+        return formats
+    if requested == "json":
+        raise UserError(refusal)
+    print(f"note: {refusal.replace('; use --format onnx:', ': writing the ONNX model alone;')}", file=sys.stderr)
+    return tuple(f for f in formats if f != "json")
+
+
 def _check_exports(args, cfg, model, model_path, latent, graph, onnx_bytes):
     """--check: the check record for the meta JSON, or None after printing why the export is refused."""
     noise = cfg.get("noise", {})
@@ -1031,6 +1021,7 @@ def _main(argv):
     model = load_generator_file(model_path)
     # one walk of the Keras graph; both writers read the same simplified ops
     ops, out, input_ops, output_name = export_ops(model, fold=args.batchnorm == "fold", source=model_path)
+    formats = formats_for(args.format, formats, lwtnn_refusal(ops, model_path))
     sizes = (ops[input_ops[0]]["size"], ops[input_ops[1]]["size"], ops[out]["size"])
     for what, got, want in zip(("noise size", "condition size", "output size"), sizes,
                                (cfg["latent_dim"], 2, cfg["n_voxels"])):
@@ -1039,7 +1030,8 @@ def _main(argv):
     graph = ops_to_graph(ops, out, input_ops, output_name) if "json" in formats else None
     onnx_bytes = None
     if "onnx" in formats:
-        doc = f"calokit generator {stem}: inputs node_0 = noise, node_1 = [energy label, 0]; output out = voxels / E_kin"
+        doc = (f"calokit generator {stem}: inputs {ONNX_INPUTS[0]} = noise, {ONNX_INPUTS[1]} = [energy label, 0]; "
+               "output out = voxels / E_kin")
         onnx_bytes = ops_to_onnx(ops, out, input_ops, args.onnx_dynamic_batch, doc).SerializeToString()
 
     check = None
@@ -1059,8 +1051,16 @@ def _main(argv):
                           geometry_of(cfg, args.binning, sizes[2]))
     if graph is not None:
         meta.update(n_layers=len(graph["layers"]), n_nodes=len(graph["nodes"]))
+    if any(op["kind"] == "layer_product" for op in ops):
+        meta["layer_representation"] = ("the generator learns CaloShowerGAN's layer representation; the ONNX graph "
+                                         "multiplies its heads (Slice, MatMul with a fixed layer-to-voxel 0/1 matrix, "
+                                         "Mul), so its output is voxel / E_kin like any other calokit export")
     meta_path = os.path.join(args.out, stem + ".meta.json")
     write_json(meta_path, meta)
+    stale = os.path.join(args.out, f"{stem}.json")
+    if "json" in FORMATS[args.format] and "json" not in formats and os.path.isfile(stale):
+        os.remove(stale)        # an earlier export's JSON beside this ONNX model would be another network
+        print(f"note: removed {stale}, an earlier export (another network) that lwtnn would still load", file=sys.stderr)
     checked = f"; check: max diff {check['max_diff']:.2g} on {check['events']} inputs" if check else ""
     written = " and ".join(os.path.join(args.out, files[f]) for f in formats)
     print(f"wrote {written} (iteration {iteration}{checked}) and {meta_path}")

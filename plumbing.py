@@ -5,6 +5,8 @@ inside the functions that need them). It holds, top to bottom:
 
 * FastCaloGAN's normalisations and their inverses side by side: E_kin from the momentum, energy ranges,
   the condition label (V1/V2) and :func:`label_to_ekin`, the condition vector [label, 0];
+* CaloShowerGAN's layer representation (:func:`to_layer_representation`) and its exact inverse, and
+  :func:`to_voxels`, the one place a generator's output becomes voxel / E_kin;
 * atomic outputs (:func:`atomic_output`, :func:`write_text`, :func:`atomic_directory`), HDF5 opening and the
   validated, chunked reading and writing of CaloChallenge files;
 * the command wrapper :func:`run_cli` (``UserError`` -> one line on stderr and exit code 2);
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -160,6 +163,111 @@ def label_to_ekin(label, ekin_min, ekin_max, scheme="V2", max_exp=MAX_EXP):
     if scheme == "Exp":
         return np.exp2(label)
     raise UserError(f"unknown label scheme '{scheme}' (choose from {', '.join(LABEL_FORMULAS)})")
+
+
+# ----------------------------------------------------------------------------------------------
+# CaloShowerGAN's layer representation and its inverse (``preprocess.py prepare --norm layer``)
+
+#: CaloShowerGAN's fill: every zero voxel is set to this many MeV before the fractions are taken
+LAYER_FILL_MEV = 1e-4
+#: the output layer of a generator of the layer representation (train.py); :func:`representation_spans` finds
+#: its voxel-fraction heads (``voxel_fractions_<i>``) by name
+LAYER_OUTPUT = "layer_representation"
+LAYER_HEAD = "voxel_fractions_"
+
+
+def check_spans(spans, n_voxels=None):
+    """The layer spans as a list of (first, last + 1) int tuples; UserError unless they are non-empty and tile
+    0 .. n_voxels without gaps (the voxelised layers of a slice, in XML order).
+
+    >>> check_spans([[0, 2], [2, 5]], 5)
+    [(0, 2), (2, 5)]
+    """
+    out = [(int(a), int(b)) for a, b in spans]
+    if not out or out[0][0] != 0 or any(b <= a for a, b in out) or any(a != pb for (a, _), (_, pb) in
+                                                                        zip(out[1:], out[:-1])):
+        raise UserError(f"layer spans {out}: expected non-empty spans tiling 0..n_voxels without gaps")
+    if n_voxels is not None and out[-1][1] != int(n_voxels):
+        raise UserError(f"layer spans end at voxel {out[-1][1]}, the slice has {n_voxels} voxels")
+    return out
+
+
+def layer_representation_size(spans):
+    """Values per shower in the layer representation: voxels + layers + 1."""
+    return int(spans[-1][1]) + len(spans) + 1
+
+
+def to_layer_representation(voxels_over_ekin, spans, ekin, fill_mev=LAYER_FILL_MEV):
+    """CaloShowerGAN's representation of showers given as voxel / E_kin (N, V): float64 (N, V + L + 1) =
+    [each voxel / its layer's energy (each layer sums to 1), each layer's energy / E_tot (they sum to 1),
+    E_tot / E_kin].
+
+    ``spans`` = [(first, last + 1)] of the L voxelised layers (layers without voxels are not in it); ``ekin``
+    (N,) the kinetic energies in MeV. First every zero voxel is set to ``fill_mev`` (1e-4 MeV, CaloShowerGAN's
+    code), so no layer is empty: a layer with no energy in an event becomes ``n_voxels_of_layer`` x 1e-4 MeV
+    spread evenly (fractions 1/n), and E_tot is never 0. The fill *adds energy*: (zero voxels) x 1e-4 MeV per
+    shower, at most V x 1e-4 MeV (0.037 MeV for the 368 voxels of dataset 1 photons). Relative to E_tot, on the
+    demo's toy photons (88 % of voxels zero at 256 MeV, 55 % at 4 TeV): median 1.3e-4 (at most 2.7e-4) at
+    256 MeV, 1.4e-5 at 2 GeV, 3.6e-7 at 65 GeV, 5e-9 at 4 TeV. :func:`from_layer_representation` returns the
+    filled showers (it cannot tell a filled voxel from a real one of the same energy).
+
+    >>> rep = to_layer_representation(np.array([[0.2, 0.2, 0.6, 0.0]]), [(0, 2), (2, 4)], np.array([1e4]))
+    >>> np.round(rep, 6).tolist()
+    [[0.5, 0.5, 1.0, 0.0, 0.4, 0.6, 1.0]]
+    >>> bool(np.allclose(from_layer_representation(rep, [(0, 2), (2, 4)]), [[0.2, 0.2, 0.6, 1e-8]], rtol=1e-9, atol=0))
+    True
+    """
+    spans = check_spans(spans)
+    x = np.array(voxels_over_ekin, dtype=np.float64, ndmin=2)
+    if x.shape[1] != spans[-1][1]:
+        raise UserError(f"showers have {x.shape[1]} voxels, the layer spans {spans[-1][1]}")
+    ekin = np.asarray(ekin, dtype=np.float64).reshape(-1, 1)
+    x = np.where(x == 0.0, fill_mev / ekin, x)
+    lengths = np.array([b - a for a, b in spans])
+    layer = np.add.reduceat(x, [a for a, _ in spans], axis=1)
+    etot = layer.sum(axis=1, keepdims=True)
+    return np.concatenate([x / np.repeat(layer, lengths, axis=1), layer / etot, etot], axis=1)
+
+
+def from_layer_representation(rep, spans):
+    """The exact inverse of :func:`to_layer_representation`: voxel / E_kin = (E_tot / E_kin) x layer fraction x
+    voxel fraction, (N, V) in the dtype of ``rep`` (float32 stays float32).
+
+    >>> x = from_layer_representation(np.array([[0.25, 0.75, 1.0, 0.5, 0.5, 0.2]], np.float32), [(0, 2), (2, 3)])
+    >>> x.dtype.name, np.round(x.astype(float), 6).tolist()
+    ('float32', [[0.025, 0.075, 0.1]])
+    """
+    spans = check_spans(spans)
+    rep = np.asarray(rep)
+    v, n_layers = spans[-1][1], len(spans)
+    if rep.ndim != 2 or rep.shape[1] != v + n_layers + 1:
+        raise UserError(f"layer representation of shape {rep.shape}: expected (N, {v + n_layers + 1})")
+    lengths = np.array([b - a for a, b in spans])
+    out = rep[:, :v] * np.repeat(rep[:, v:v + n_layers], lengths, axis=1)
+    out *= rep[:, v + n_layers:]
+    return out
+
+
+def representation_spans(model):
+    """The layer spans of a Keras generator of the layer representation (output layer ``layer_representation``,
+    heads ``voxel_fractions_<i>``), or None for a generator whose output already is voxel / E_kin."""
+    names = {layer.name: layer for layer in model.layers}
+    if LAYER_OUTPUT not in names:
+        return None
+    units, i = [], 0
+    while f"{LAYER_HEAD}{i}" in names:
+        units.append(int(names[f"{LAYER_HEAD}{i}"].units))
+        i += 1
+    edges = np.concatenate([[0], np.cumsum(units)]).astype(int).tolist()
+    return check_spans(list(zip(edges[:-1], edges[1:])))
+
+
+def to_voxels(model, output):
+    """The ONE place a generator's output becomes voxel / E_kin: the layer representation's product for a
+    generator of that kind (:func:`representation_spans`), the output itself otherwise. :func:`generate` and the
+    export checks go through it, so no stage can forget the product."""
+    spans = representation_spans(model)
+    return output if spans is None else from_layer_representation(output, spans)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -547,7 +655,7 @@ def generator_chain(model):
     the Dense layer before it (inference mode: moving statistics), or None if the model is not a
     [noise, condition] -> Concatenate -> Dense / BatchNormalization / activation chain."""
     L = import_keras().layers
-    if len(model.inputs) != 2:
+    if len(model.inputs) != 2 or representation_spans(model) is not None:
         return None
     chain = []
     for layer in model.layers:
@@ -635,7 +743,9 @@ class _Runner:
 
     def __init__(self, model):
         self.model = weakref.ref(model)       # the runner lives as long as its model (see _RUNNERS)
-        self.chain = generator_chain(model)
+        self.spans = representation_spans(model)     # heads whose product is the shower: see to_voxels
+        self.n_out = int(model.outputs[0].shape[-1]) if self.spans is None else int(self.spans[-1][1])
+        self.chain = generator_chain(model) if self.spans is None else None
         self.weights = None
         if self.chain is not None:        # never trust the folding blindly: compare with Keras once (eager call:
             rng = np.random.default_rng(12345)                    # nothing is compiled for the check)
@@ -667,15 +777,19 @@ class _Runner:
         return _writable_float32(out)
 
     def __call__(self, z, label):
+        """voxel / E_kin (N, n_out) float32 for noise ``z`` and labels."""
         if self.chain is None:
-            return self.keras(z, label)
+            out = self.keras(z, label)
+            return out if self.spans is None else from_layer_representation(out, self.spans)
         h = np.concatenate([z, condition_vector(label)], axis=1)         # [noise, condition], as the Concatenate
         return self.numpy(h) if z.shape[0] <= SMALL_BATCH else self.compiled(h)
 
 
 def generate(generator, label, rng_or_seed=None, batch_size=10000, noise_mean=NOISE_MEAN, noise_std=NOISE_STD,
              refresh=False):
-    """Normalised showers (N, V) float32 of a Keras ``generator`` for condition labels (N,) (condition [label, 0]).
+    """Showers as voxel / E_kin (N, V) float32 of a Keras ``generator`` for condition labels (N,) (condition
+    [label, 0]). A generator of the layer representation (CaloShowerGAN's heads) gives voxel / E_kin too: its
+    output goes through :func:`from_layer_representation` here (:func:`to_voxels`), so every stage gets showers.
 
     Noise: N(noise_mean, noise_std) from the numpy Generator ``rng_or_seed`` (or ``default_rng(seed)``); the
     result does not depend on ``batch_size``. Calls of up to :data:`SMALL_BATCH` showers run as numpy matrix
@@ -697,7 +811,7 @@ def generate(generator, label, rng_or_seed=None, batch_size=10000, noise_mean=NO
     latent, n, bs = int(generator.inputs[0].shape[-1]), label.shape[0], max(1, int(batch_size))
     if n <= bs:
         return run(draw_noise(rng, n, latent, noise_mean, noise_std), label)
-    out = np.empty((n, int(generator.outputs[0].shape[-1])), dtype=np.float32)
+    out = np.empty((n, run.n_out), dtype=np.float32)
     for i in range(0, n, bs):
         m = min(bs, n - i)
         z = np.full((bs, latent), noise_mean, dtype=np.float32)
@@ -715,3 +829,122 @@ def _runner(model, refresh=False):
     if refresh or model not in _RUNNERS:
         _RUNNERS[model] = _Runner(model)
     return _RUNNERS[model]
+
+
+# ----------------------------------------------------------------------------------------------
+# the numpy evaluator of an lwtnn graph JSON (independent of Keras), as lwtnn computes it in C++:
+# export_lwtnn.py checks its JSON with it, fastcalosim.py runs the networks of a FastCaloSim folder with it
+
+def _sigmoid(x):
+    """lwtnn's sigmoid: exactly 0 below -30 and 1 above 30."""
+    with np.errstate(over="ignore"):
+        s = 1.0 / (1.0 + np.exp(-np.clip(x, -30.0, 30.0)))
+    return np.where(x < -30.0, 0.0, np.where(x > 30.0, 1.0, s))
+
+
+def apply_activation(act, x):
+    """Apply an lwtnn activation (string or {function, alpha}) to rows of ``x`` as lwtnn does.
+
+    A parametrised function given as a plain string gets alpha = NaN, as in lwtnn (except elu: alpha 1).
+    """
+    if isinstance(act, dict):
+        fn, alpha = act["function"], float(act["alpha"])
+    else:
+        fn, alpha = act, (1.0 if act == "elu" else math.nan)
+    if fn == "linear":
+        return x
+    if fn == "rectified":
+        return np.where(np.isnan(x) | (x > 0), x, 0.0)
+    if fn == "sigmoid":
+        return _sigmoid(x)
+    if fn == "tanh":
+        return np.tanh(x)
+    if fn == "hard_sigmoid":
+        return np.clip(0.2 * x + 0.5, 0.0, 1.0)
+    if fn == "softmax":
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+    if fn == "swish":
+        return x * _sigmoid(alpha * x)
+    if fn == "leakyrelu":
+        return np.where(x > 0, x, alpha * x)
+    if fn == "elu":
+        with np.errstate(over="ignore"):
+            return np.where(x >= 0, x, alpha * np.expm1(np.minimum(x, 0.0)))
+    if fn == "abs":
+        return np.abs(x)
+    raise ValueError(f"activation function {fn!r} not recognised by lwtnn")
+
+
+def _apply_layer(layer, x):
+    """One lwtnn layer (dense or normalization) on rows of ``x`` (N, n_in)."""
+    arch = layer["architecture"]
+    w = np.asarray(layer["weights"], dtype=np.float64)
+    b = np.asarray(layer["bias"], dtype=np.float64)
+    if arch == "normalization":
+        if w.size != x.shape[1] or b.size != x.shape[1]:
+            raise ValueError(f"normalization layer has {w.size} weights / {b.size} biases for {x.shape[1]} inputs")
+        return w * (x + b)
+    if arch != "dense":
+        raise ValueError(f"layer architecture {arch!r} is not evaluated here (dense, normalization only)")
+    if "activation" not in layer:
+        raise ValueError("dense layer without an activation (lwtnn refuses it)")
+    if w.size:
+        n_in = x.shape[1]
+        if w.size % n_in:
+            raise ValueError(f"dense layer: {w.size} weights not divisible by {n_in} inputs")
+        x = x @ w.reshape(w.size // n_in, n_in).T
+    if b.size:
+        if b.size != x.shape[1]:
+            raise ValueError(f"dense layer: {b.size} biases for {x.shape[1]} outputs")
+        x = x + b
+    return apply_activation(layer["activation"], x)
+
+
+def evaluate_graph_inputs(graph, inputs, output=None):
+    """Evaluate an lwtnn graph JSON (dict) on ``inputs`` = {input node name: array (N, n_vars)}.
+
+    Returns the output node (``output`` name, or the only one) as float64 (N, n_labels).
+    """
+    arrays = []
+    for node in graph["inputs"]:
+        if node["name"] not in inputs:
+            raise ValueError(f"no values given for input node {node['name']}")
+        x = np.asarray(inputs[node["name"]], dtype=np.float64)
+        x = np.atleast_2d(x)
+        var = node["variables"]
+        if x.shape[1] != len(var):
+            raise ValueError(f"input {node['name']}: {x.shape[1]} columns for {len(var)} variables")
+        offset = np.array([v["offset"] for v in var], dtype=np.float64)
+        scale = np.array([v["scale"] for v in var], dtype=np.float64)
+        arrays.append((x + offset) * scale)
+    nodes, layers, cache = graph["nodes"], graph["layers"], {}
+
+    def value(i, stack=()):
+        if i in cache:
+            return cache[i]
+        if i in stack or not 0 <= i < len(nodes):
+            raise ValueError(f"node {i}: cycle or index out of range")
+        node = nodes[i]
+        kind, src = node["type"], node["sources"]
+        if kind == "input":
+            out = arrays[src[0]]
+            if out.shape[1] != node["size"]:
+                raise ValueError(f"input node {i}: size {node['size']} but {out.shape[1]} variables")
+        elif kind == "concatenate":
+            out = np.concatenate([value(s, stack + (i,)) for s in src], axis=1)
+        elif kind == "feed_forward":
+            if len(src) != 1:
+                raise ValueError(f"feed_forward node {i} needs one source, has {len(src)}")
+            out = _apply_layer(layers[node["layer_index"]], value(src[0], stack + (i,)))
+        else:
+            raise ValueError(f"node {i}: type {kind!r} is not evaluated here")
+        cache[i] = out
+        return out
+
+    outputs = graph["outputs"]
+    name = output if output is not None else next(iter(outputs))
+    out = value(outputs[name]["node_index"])
+    if out.shape[1] != len(outputs[name]["labels"]):
+        raise ValueError(f"output {name}: {out.shape[1]} values for {len(outputs[name]['labels'])} labels")
+    return out

@@ -48,6 +48,11 @@ processed in parallel (``--jobs``, default 2). Energy is conserved per event and
 (p, MeV), ``e_kin``, for the events of the FastCaloGAN energy range (``--range low|high|all``). ``--out`` may be
 a directory (existing, or a path ending in /): the file is then ``train_<particle>_eta_<min>_<max>_<range>.h5``.
 Inverse: showers = voxels * e_kin, and e_kin = ``plumbing.label_to_ekin``(label, ekin_min, ekin_max, scheme).
+``--norm layer`` adds ``representation`` (float32, events x (voxels + layers + 1)): CaloShowerGAN's layer
+representation of the same showers (``plumbing.to_layer_representation``: zero voxels set to 1e-4 MeV, each
+voxel / its layer's energy, each layer's energy / E_tot, E_tot / E_kin), what train.py then trains on; the
+attributes ``norm`` (ekin | layer), ``layer_spans`` (first, last + 1 voxel of each voxelised layer),
+``layer_fill_mev`` and ``n_features`` say so. Inverse: ``plumbing.from_layer_representation``.
 
 Exit codes: 0 done (one summary line on stdout), 2 bad input (one line on stderr naming file and reason,
 nothing written), 1 internal error. Outputs are written to temporary files and renamed at the end.
@@ -64,8 +69,10 @@ import warnings
 import numpy as np
 
 from HighLevelFeatures import PARTICLES, GeometryError, eta_to_mm, list_slices, read_geometry, wrap_phi
-from plumbing import (LABEL_FORMULAS, MAX_EXP, HelpFormatter, UserError, atomic_output, condition_label, energy_range,
-                      ensure_dir, in_energy_range, iter_calo_chunks, kinetic_energy, open_calo_file, open_h5, run_cli)
+from plumbing import (LABEL_FORMULAS, LAYER_FILL_MEV, MAX_EXP, HelpFormatter, UserError,
+                      atomic_output, check_spans, condition_label, energy_range, ensure_dir, in_energy_range,
+                      iter_calo_chunks, kinetic_energy, layer_representation_size, open_calo_file, open_h5, run_cli,
+                      to_layer_representation)
 
 # ----------------------------------------------------------------------------------------------
 # configuration (defaults of the command line)
@@ -1104,7 +1111,12 @@ def run_prepare(args):
              "eta_max": float(geom.eta_max), "range": args.range, "binning": args.binning,
              "label_scheme": args.label, "max_exp": MAX_EXP, "p_min": float(p_min), "p_max": float(p_max),
              "ekin_min": ekin_min, "ekin_max": ekin_max, "latent_dim": int(geom.latent_dim or 50),
-             "n_voxels": int(V), "source": ",".join(args.voxels)}
+             "n_voxels": int(V), "source": ",".join(args.voxels), "norm": args.norm}
+    spans = None
+    if args.norm == "layer":
+        spans = check_spans([geom.offsets[lay.id] for lay in geom.layers if lay.n_voxels], V)
+        attrs.update(layer_spans=np.asarray(spans, dtype=np.int64), layer_fill_mev=LAYER_FILL_MEV,
+                     n_features=layer_representation_size(spans))
     # pass 2: stream, normalise, write
     with atomic_output(out_path) as tmp, h5py.File(tmp, "w") as out:
         d_v = out.create_dataset("voxels", shape=(n_sel, V), dtype=np.float32,
@@ -1112,6 +1124,9 @@ def run_prepare(args):
         d_l = out.create_dataset("label", shape=(n_sel,), dtype=np.float32)
         d_p = out.create_dataset("incident_energies", shape=(n_sel, 1), dtype=np.float64)
         d_k = out.create_dataset("e_kin", shape=(n_sel,), dtype=np.float64)
+        d_r = None if spans is None else out.create_dataset(
+            "representation", shape=(n_sel, layer_representation_size(spans)), dtype=np.float32,
+            chunks=(max(1, min(n_sel, 2 ** 20 // max(V, 1))), layer_representation_size(spans)))
         out.attrs.update(attrs)
         row = 0
         for path, mask in zip(args.voxels, masks):
@@ -1122,14 +1137,17 @@ def run_prepare(args):
                 p, showers = p[sel], showers[sel]
                 ekin = kinetic_energy(p, particle)
                 m = p.size
-                d_v[row:row + m] = (showers / ekin[:, None]).astype(np.float32)
+                v32 = (showers / ekin[:, None]).astype(np.float32)
+                d_v[row:row + m] = v32
+                if d_r is not None:     # from the float32 voxels / E_kin the file holds: both describe one shower
+                    d_r[row:row + m] = to_layer_representation(v32, spans, ekin).astype(np.float32)
                 d_l[row:row + m] = condition_label(ekin, ekin_min, ekin_max, args.label, MAX_EXP).astype(np.float32)
                 d_p[row:row + m, 0] = p
                 d_k[row:row + m] = ekin
                 row += m
     return (f"prepare: wrote {out_path} ({n_sel} events x {V} voxels, {particle} |eta| {geom.eta_min / 100:.2f}-"
             f"{geom.eta_max / 100:.2f}, range {args.range} p {p_min:g}-{p_max:g} MeV, label {args.label}, "
-            f"voxels / E_kin)")
+            f"voxels / E_kin{'' if spans is None else ' and the layer representation'})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1256,6 +1274,10 @@ def build_parser():
                         "(E_kin/E_max), Exp (log2 E_kin); default: the XML's label_definition, else V2")
     p.add_argument("--eta", type=float, default=None,
                    help="|eta| of the slice in a multi-slice XML (default: from the voxel file's attributes)")
+    p.add_argument("--norm", default="ekin", choices=["ekin", "layer"],
+                   help="what the network learns: ekin = voxels / E_kin (FastCaloGAN); layer = CaloShowerGAN's "
+                        "layer representation (zero voxels set to 1e-4 MeV, voxel / layer energy, layer energy / "
+                        "E_tot, E_tot / E_kin), stored beside the voxels (train.py --recipe caloshowergan needs it)")
     p.add_argument("--out", required=True,
                    help="training file, or a directory for train_<particle>_eta_<min>_<max>_<range>.h5")
     p.add_argument("voxels", nargs="+", help="CaloChallenge HDF5 file(s)")

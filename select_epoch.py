@@ -40,7 +40,8 @@ Outputs in --out:
                           the file to compare with as "reference_for_evaluate")
 
 ``--combine DIR [DIR ...]`` (no --run): one generated file for a slice trained as several energy-range GANs
-(FastCaloGAN's photons and electrons: Low12 + High12). Each DIR is a selection of one range, made with the same
+(FastCaloGAN's photons and electrons: Low12 + High12; CaloShowerGAN's photons: Low12 + Mid1218 + High18, p <= 2^12,
+2^12..2^18, >= 2^18 MeV). Each DIR is a selection of one range, made with the same
 ``--generate-like`` file; every event of that file takes its shower from the range FastCaloSim uses for its
 momentum: among the ranges that contain p, the one with the lowest upper end (FastCaloSim's TFCSGANEtaSlice
 takes the high network for p > 2^12 MeV, so the point 2^12 that Low12 and High12 share comes from Low12; BoloGAN
@@ -379,11 +380,12 @@ def write_generated(path, generator, einc, label, ekin, seed, batch_size, chunk=
     with atomic_output(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("incident_energies", data=einc.reshape(-1, 1).astype(np.float64))
-            ds = f.create_dataset("showers", shape=(n, int(generator.outputs[0].shape[-1])), dtype=np.float32,
-                                  chunks=True)
+            ds = None
             for i in range(0, n, chunk):
-                x = generate(generator, label[i:i + chunk], rng, batch_size=batch_size)
+                x = generate(generator, label[i:i + chunk], rng, batch_size=batch_size)   # voxel / E_kin
                 x *= ekin[i:i + chunk, None].astype(np.float32)
+                if ds is None:
+                    ds = f.create_dataset("showers", shape=(n, x.shape[1]), dtype=np.float32, chunks=True)
                 ds[i:i + chunk] = x
 
 
@@ -561,10 +563,15 @@ def _main(argv):
 def serving_range(einc, ranges):
     """Per event, the index of the range that generates it, -1 if none: among the ranges containing p (each a
     (p_min, p_max, p_min included) tuple), the one with the lowest p_max, as FastCaloSim picks its network
-    (p > 2^12 MeV: High12; else Low12).
+    (p > 2^12 MeV: High12; else Low12). Any number of ranges: every momentum inside one of them is served by
+    exactly one, so CaloShowerGAN's three photon ranges (Low12, Mid1218, High18) share 2^12 and 2^18 as FastCaloGAN's
+    two share 2^12: the shared point comes from the lower range.
 
     >>> serving_range(np.array([256.0, 4096.0, 8192.0, 1e7]), [(4096.0, 2.0**22, True), (256.0, 4096.0, True)])
     array([ 1,  1,  0, -1])
+    >>> serving_range(2.0 ** np.arange(8, 23), [(2.0**8, 2.0**12, True), (2.0**12, 2.0**18, True),
+    ...                                          (2.0**18, 2.0**22, True)]).tolist()
+    [0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2]
     """
     e = np.asarray(einc, dtype=np.float64)
     owner = np.full(e.shape, -1, dtype=np.int64)
@@ -645,7 +652,7 @@ def combine(args):
                       "best_iteration": best["best_iteration"], "chi2_ndf": best.get("chi2_ndf"),
                       "p_min": b[0], "p_max": b[1], "energies_served": served[d]} for d, best, c, b, _ in parts],
         "rule": "each event from the range containing its momentum with the lowest upper end (FastCaloSim: "
-                "p > 2^12 MeV -> High12, else Low12)",
+                "p > 2^12 MeV -> High12, else Low12; likewise for any set of ranges)",
         "best_iteration": {c.get("range"): best["best_iteration"] for _, best, c, _, _ in parts},
         "chi2_ndf": None,
         "generated": os.path.abspath(generated), "generated_events": int(covered.sum()),

@@ -99,24 +99,30 @@ def list_slices(results, expected=()):
 
 
 def missing_files(folder):
-    """Which of the slice's result files are absent (lwtnn counts when it holds a network JSON)."""
+    """Which of the slice's result files are absent (lwtnn counts when it holds a network: an lwtnn JSON, or an
+    ONNX model alone for a generator lwtnn cannot hold)."""
     missing = []
     for rel in FILES:
         path = os.path.join(folder, rel)
         if rel == "lwtnn":
-            if not any(f.endswith(".json") and not f.endswith(".meta.json") for f, _ in export_files(folder)):
+            if not any(_is_network(f) for f, _ in export_files(folder)):
                 missing.append("lwtnn/*.json")
             elif os.path.isfile(os.path.join(folder, "select", "best.json")):
                 combined = read_json(os.path.join(folder, "select", "best.json")).get("combined") or []
                 names = [f for f, _ in export_files(folder)]
                 missing += [f"{c['range']}/lwtnn/*.json" for c in combined
-                            if not any(n.startswith(f"{c['range']}/") and n.endswith(".json") for n in names)]
+                            if not any(n.startswith(f"{c['range']}/") and _is_network(n) for n in names)]
         elif not os.path.isfile(path):
             missing.append(rel)
     return missing
 
 
 EXPORT_SUFFIXES = (".json", ".onnx")
+
+
+def _is_network(name):
+    """An exported network file (lwtnn JSON or ONNX), not a meta JSON."""
+    return name.endswith(".onnx") or (name.endswith(".json") and not name.endswith(".meta.json"))
 
 
 def export_files(folder):
@@ -309,7 +315,7 @@ def _energy_range(best, exports):
         except UserError:
             pass
     for e in exports:
-        m = re.match(r"neural_net_\d+_eta_\d+_\d+_(\w+)\.json$", e["file"])
+        m = re.match(r"neural_net_\d+_eta_\d+_\d+_(\w+)\.(json|onnx)$", e["file"])
         if m:
             return m.group(1)
     return None

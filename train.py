@@ -9,6 +9,10 @@ event) and trains the FastCaloGAN V2 network pair with Keras 3 on whatever backe
   biases; see :func:`build_generator`), picked by the binning XML's energy range or by particle and range;
   batch-norm runs in inference mode during training by default, as FastCaloGAN's code trained it
   (:func:`batchnorm_training`);
+* or, for a training file of CaloShowerGAN's layer representation (``preprocess.py prepare --norm layer``;
+  ``--recipe caloshowergan`` needs one), the same body with CaloShowerGAN's heads (:func:`build_layer_generator`);
+  the critic then sees the representation, E_tot / E_kin included, and ``plumbing.generate`` multiplies the heads
+  back into voxel / E_kin;
 * critic: input [voxels, condition] concatenated, Dense layers of the XML's ``discriminator`` sizes or three of
   N_vox with ReLU, linear output (width capped at CRITIC_WIDTH_CAP = 2048 by default, so that CaloChallenge
   datasets 2 and 3 fit; ``--critic-width``);
@@ -54,9 +58,9 @@ import time
 import numpy as np
 
 from HighLevelFeatures import PARTICLES, read_geometry
-from plumbing import (FASTCALOGAN_RANGES, NOISE_MEAN, NOISE_STD, HelpFormatter, UserError, atomic_directory, atomic_output,
-                      condition_vector, ensure_dir, import_keras, kinetic_energy, open_h5, read_run_config, run_cli,
-                      write_json)
+from plumbing import (FASTCALOGAN_RANGES, LAYER_HEAD, LAYER_OUTPUT, NOISE_MEAN, NOISE_STD, HelpFormatter, UserError,
+                      atomic_directory, atomic_output, check_spans, condition_vector, ensure_dir, import_keras,
+                      kinetic_energy, layer_representation_size, open_h5, read_run_config, run_cli, write_json)
 from plumbing import list_checkpoints as plumbing_list_checkpoints
 
 # ----------------------------------------------------------------------------------------------
@@ -85,7 +89,62 @@ RECIPES = {
                        "of He-uniform kernels, 2 critic steps per generator step at lr 2e-4 (about twice the "
                        "generator updates per CPU-second, each twice as large)",
         "options": {"n_critic": 2, "lr": 2e-4, "init": "glorot"}},
+    "caloshowergan": {
+        "description": "CaloShowerGAN's (FastCaloGAN's successor, same authors; its public training code): the "
+                       "layer representation (a training file of preprocess.py prepare --norm layer) learnt by "
+                       "FastCaloGAN's swish body with softmax heads per layer, a layer-fraction head and an "
+                       "E_tot/E_kin head; Adam lr 1e-4, beta1 0.5, batch 1024, latent 50; e/gamma 8 critic steps "
+                       "with gradient-penalty weight 3, pions and protons 5 and 10",
+        "norm": "layer",
+        "options": {"lr": 1e-4, "beta1": 0.5, "batch_size": 1024, "latent_dim": 50,
+                    "activation": "swish", "batchnorm": True, "generator_layers": [50, 100, 200]},
+        "by_particle": {("photon", "electron"): {"n_critic": 8, "lambda_gp": 3.0},
+                        ("pion", "proton"): {"n_critic": 5, "lambda_gp": 10.0}},
+        "origin": {
+            "lr": "CaloShowerGAN training code: Adam learning rate 1e-4",
+            "beta1": "CaloShowerGAN training code: Adam beta1 0.5",
+            "batch_size": "CaloShowerGAN training code: batch 1024",
+            "latent_dim": "CaloShowerGAN training code: latent 50 ~ N(0.5, 0.5)",
+            "activation": "CaloShowerGAN training code: BNswishCust generators (Dense -> BatchNorm -> swish body)",
+            "batchnorm": "CaloShowerGAN training code: BNswishCust generators (Dense -> BatchNorm -> swish body)",
+            "generator_layers": "CaloShowerGAN training code: body widths [50, 100, 200] x G_size 1",
+            "n_critic": "CaloShowerGAN training code: photons 8, pions 5 critic steps per generator step",
+            "lambda_gp": "CaloShowerGAN training code: photons gradient-penalty weight 3, pions 10",
+        }},
 }
+
+
+def recipe_options(name, particle):
+    """{option: (value, where it came from)} of recipe ``name`` for ``particle``: the recipe's options, then
+    those of its particle group (``by_particle``: e/gamma and hadrons may differ).
+
+    >>> recipe_options("caloshowergan", "pion")["n_critic"]
+    (5, 'recipe caloshowergan: CaloShowerGAN training code: photons 8, pions 5 critic steps per generator step')
+    >>> recipe_options("calokit", "photon")["lr"]
+    (0.0002, 'recipe calokit')
+    """
+    recipe = RECIPES[name]
+    opts = dict(recipe["options"])
+    for particles, extra in recipe.get("by_particle", {}).items():
+        if particle in particles:
+            opts.update(extra)
+    origin = recipe.get("origin", {})
+    return {k: (v, f"recipe {name}" + (f": {origin[k]}" if k in origin else "")) for k, v in opts.items()}
+
+
+def training_norm(attrs):
+    """What a training file holds for the network to learn: ``ekin`` (voxels / E_kin) or ``layer``."""
+    return str(attrs.get("norm", "ekin"))
+
+
+def check_recipe_norm(recipe, attrs, path):
+    """UserError (one line) if ``recipe`` needs a training-file representation that ``path`` does not hold
+    (a recipe without ``norm`` trains on either: the generator follows the file)."""
+    need, have = RECIPES[recipe].get("norm"), training_norm(attrs)
+    if need is not None and need != have:
+        what = {"ekin": "voxels / E_kin", "layer": "the layer representation"}
+        raise UserError(f"{path}: --recipe {recipe} trains on {what.get(need, need)} but this file holds "
+                        f"{what.get(have, have)}; prepare it with preprocess.py prepare --norm {need}")
 
 
 def parse_args(argv=None):
@@ -114,6 +173,10 @@ def parse_args(argv=None):
                    help="the critic also sees E_tot / E_kin and each layer's E_layer / E_kin, standardised over "
                         "the training sample; the generator is unchanged (recipe's choice, else off as in "
                         "FastCaloGAN)")
+    p.add_argument("--critic-etot", type=float, default=None, metavar="SPREAD",
+                   help="the critic also sees E_tot / E_kin (the sum of the normalised voxels), standardised over "
+                        "the training sample and scaled to this spread (0 = off; recipe's choice, else off as in "
+                        "FastCaloGAN). With --critic-summaries the layer energies get the same spread")
     p.add_argument("--lr-decay", type=float, default=None, metavar="F",
                    help="cosine learning-rate decay from --lr to F x --lr over --iterations (1 = constant: "
                         "FastCaloGAN; recipe's choice, else 1)")
@@ -176,6 +239,8 @@ def parse_args(argv=None):
             raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
     check_hyper(args.lr, args.lambda_gp, args.beta1, args.beta2, "--lr must be > 0, --lambda-gp >= 0 and "
                 "--beta1/--beta2 in [0, 1)")
+    if args.critic_etot is not None and not (math.isfinite(args.critic_etot) and args.critic_etot >= 0):
+        raise UserError(f"--critic-etot must be a spread >= 0 (got {args.critic_etot})")
     if args.lr_decay is not None and not 0 < args.lr_decay <= 1:
         raise UserError(f"--lr-decay must be in (0, 1] (got {args.lr_decay})")
     if args.generator_layers is not None:
@@ -228,6 +293,8 @@ def _jsonable(value):
 def load_training_file(path):
     """Read and validate a training file; returns dict(voxels (N,V) float32, label (N,), einc (N,), attrs).
 
+    ``voxels`` is what the network learns: the file's ``voxels`` (voxel / E_kin), or, in a file prepared with
+    ``--norm layer``, its ``representation`` (N, V + L + 1; CaloShowerGAN's layer representation).
     Any problem is a :class:`UserError` naming the file and the field.
     """
     import h5py
@@ -246,28 +313,50 @@ def load_training_file(path):
         if einc.shape not in ((n,), (n, 1)):
             raise UserError(f"{path}: 'incident_energies' has shape {einc.shape}, expected ({n}, 1)")
         attrs = {k: _jsonable(v) for k, v in f.attrs.items()}
+        if "n_voxels" in attrs and int(attrs["n_voxels"]) != vox.shape[1]:
+            raise UserError(f"{path}: attribute n_voxels={attrs['n_voxels']} but 'voxels' has {vox.shape[1]} columns")
+        attrs.setdefault("n_voxels", vox.shape[1])
+        feat = _features_dataset(f, path, attrs, n)
         try:
-            voxels = np.asarray(vox[...], dtype=np.float32)
+            voxels = np.asarray(f[feat][...], dtype=np.float32)
             label = np.asarray(lab[...], dtype=np.float32).reshape(-1)
             energies = np.asarray(einc[...], dtype=np.float64).reshape(-1)
         except (OSError, ValueError, TypeError) as err:
             raise UserError(f"{path}: cannot read the datasets ({err})") from None
-    for name, arr in (("voxels", voxels), ("label", label), ("incident_energies", energies)):
+    for name, arr in ((feat, voxels), ("label", label), ("incident_energies", energies)):
         if not np.all(np.isfinite(arr)):
             raise UserError(f"{path}: '{name}' has NaN/inf values")
     if (voxels < 0).any():
-        raise UserError(f"{path}: 'voxels' has negative values")
+        raise UserError(f"{path}: '{feat}' has negative values")
     if "particle" not in attrs:
         raise UserError(f"{path}: missing attribute 'particle'")
     if attrs["particle"] not in PARTICLES:
         raise UserError(f"{path}: attribute particle={attrs['particle']!r} is not one of {', '.join(PARTICLES)}")
-    if "n_voxels" in attrs and int(attrs["n_voxels"]) != voxels.shape[1]:
-        raise UserError(f"{path}: attribute n_voxels={attrs['n_voxels']} but 'voxels' has {voxels.shape[1]} columns")
-    attrs.setdefault("n_voxels", voxels.shape[1])
     attrs.setdefault("latent_dim", 50)
     if int(attrs["latent_dim"]) < 1:
         raise UserError(f"{path}: attribute latent_dim={attrs['latent_dim']} must be >= 1")
     return {"voxels": voxels, "label": label, "einc": energies, "attrs": attrs}
+
+
+def _features_dataset(f, path, attrs, n):
+    """Name of the dataset the network learns (``voxels`` or ``representation``), its layout checked."""
+    norm = training_norm(attrs)
+    if norm == "ekin":
+        return "voxels"
+    if norm != "layer":
+        raise UserError(f"{path}: attribute norm={norm!r} is neither 'ekin' nor 'layer'")
+    if "representation" not in f or "layer_spans" not in attrs:
+        raise UserError(f"{path}: norm='layer' but no 'representation' dataset / 'layer_spans' attribute "
+                        f"(write it with preprocess.py prepare --norm layer)")
+    try:
+        spans = check_spans(attrs["layer_spans"], attrs["n_voxels"])
+    except (UserError, TypeError, ValueError) as err:
+        raise UserError(f"{path}: attribute layer_spans: {err}") from None
+    want = (n, layer_representation_size(spans))
+    if tuple(f["representation"].shape) != want:
+        raise UserError(f"{path}: 'representation' has shape {f['representation'].shape}, expected {want}")
+    attrs["layer_spans"] = [list(sp) for sp in spans]
+    return "representation"
 
 
 def energy_mask(einc, energies, rtol=EXCLUDE_RTOL):
@@ -402,6 +491,36 @@ def build_generator(n_voxels, latent_dim=50, cond_dim=2, hidden=GENERATOR_HIDDEN
     return keras.Model([noise, cond], h, name="generator")
 
 
+def build_layer_generator(spans, latent_dim=50, cond_dim=2, hidden=GENERATOR_HIDDEN, activation="swish",
+                          batchnorm=True, init="he"):
+    """CaloShowerGAN's generator of the layer representation: FastCaloGAN's body ([noise, condition] ->
+    (Dense -> [BatchNorm] -> activation) x hidden), then heads joined by a Concatenate named
+    ``layer_representation``: one Dense(n_voxels_of_layer, softmax) per layer span (``voxel_fractions_<i>``), one
+    Dense(n_layers, softmax) (``layer_fractions``), one Dense(1, relu) (``etot_over_ekin``). Output: (N, V + L + 1)
+    in :func:`plumbing.to_layer_representation`'s layout; :func:`plumbing.generate` turns it into voxel / E_kin.
+
+    >>> g = build_layer_generator([(0, 3), (3, 5)], latent_dim=4, hidden=(6,))     # doctest: +SKIP
+    >>> g.output.shape                                                              # doctest: +SKIP
+    (None, 8)
+    """
+    keras = _keras()
+    layers = keras.layers
+    spans = check_spans(spans)
+    he = init == "he"
+    noise = keras.Input(shape=(int(latent_dim),), name="noise")
+    cond = keras.Input(shape=(int(cond_dim),), name="condition")
+    h = layers.Concatenate(name="concat")([noise, cond])
+    for i, n in enumerate(hidden):
+        h = _dense(layers, n, f"dense_{i}", None, he)(h)
+        if batchnorm:
+            h = layers.BatchNormalization(name=f"batchnorm_{i}")(h)
+        h = _activation_layer(layers, activation, batchnorm, f"activation_{i}")(h)
+    heads = [_dense(layers, b - a, f"{LAYER_HEAD}{i}", "softmax", he)(h) for i, (a, b) in enumerate(spans)]
+    heads.append(_dense(layers, len(spans), "layer_fractions", "softmax", he)(h))
+    heads.append(_dense(layers, 1, "etot_over_ekin", "relu", he)(h))
+    return keras.Model([noise, cond], layers.Concatenate(name=LAYER_OUTPUT)(heads), name="generator")
+
+
 def build_critic(n_voxels, cond_dim=2, hidden=None, activation="relu", he=True, summaries=None):
     """FastCaloGAN critic: [voxels, condition] -> Dense(hidden) (ReLU) -> linear score.
 
@@ -432,37 +551,56 @@ def build_critic(n_voxels, cond_dim=2, hidden=None, activation="relu", he=True, 
     return keras.Model([x, cond], out, name="critic")
 
 
-def summary_matrix(n_voxels, spans):
-    """(n_voxels, 1 + len(spans)) 0/1 matrix: column 0 sums every voxel, column 1 + i the voxels of span i.
+def summary_matrix(n_voxels, spans, total_column=None):
+    """(n_voxels, 1 + len(spans)) 0/1 matrix: column 0 sums every voxel (or, with ``total_column``, takes that
+    input alone: E_tot / E_kin of the layer representation), column 1 + i the voxels of span i.
 
     >>> summary_matrix(5, [(0, 2), (2, 5)]).T.tolist()
     [[1.0, 1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0, 1.0]]
+    >>> summary_matrix(4, [], total_column=3).T.tolist()
+    [[0.0, 0.0, 0.0, 1.0]]
     """
     m = np.zeros((int(n_voxels), 1 + len(spans)), dtype=np.float32)
-    m[:, 0] = 1.0
+    if total_column is None:
+        m[:, 0] = 1.0
+    else:
+        m[int(total_column), 0] = 1.0
     for i, (a, b) in enumerate(spans):
         m[int(a):int(b), 1 + i] = 1.0
     return m
 
 
-def summary_settings(voxels, spans):
-    """The critic's summaries of a training sample: layer spans and each summary's mean and std (float lists).
+def summary_settings(voxels, spans, spread=1.0, total_column=None):
+    """The critic's summaries of a training sample: layer spans, each summary's mean and std (float lists) and
+    the spread the standardised summaries are scaled to.
 
-    >>> s = summary_settings(np.array([[1.0, 1.0, 2.0], [3.0, 1.0, 0.0]]), [(0, 1), (1, 3)])
-    >>> s["mean"], s["std"]
-    ([4.0, 2.0, 2.0], [0.0, 1.0, 1.0])
+    >>> s = summary_settings(np.array([[1.0, 1.0, 2.0], [3.0, 1.0, 0.0]]), [(0, 1), (1, 3)], spread=0.2)
+    >>> s["mean"], s["std"], s["spread"]
+    ([4.0, 2.0, 2.0], [0.0, 1.0, 1.0], 0.2)
     """
-    sums = np.asarray(voxels, dtype=np.float64) @ summary_matrix(voxels.shape[1], spans).astype(np.float64)
-    return {"spans": [[int(a), int(b)] for a, b in spans], "mean": [float(v) for v in sums.mean(0)],
-            "std": [float(v) for v in sums.std(0)]}
+    sums = (np.asarray(voxels, dtype=np.float64)
+            @ summary_matrix(voxels.shape[1], spans, total_column).astype(np.float64))
+    out = {"spans": [[int(a), int(b)] for a, b in spans], "mean": [float(v) for v in sums.mean(0)],
+           "std": [float(v) for v in sums.std(0)], "spread": float(spread)}
+    if total_column is not None:
+        out["total_column"] = int(total_column)
+    return out
 
 
 def summary_weights(n_voxels, summaries):
-    """[kernel, bias] of the fixed layer computing (sums - mean) / std (std floored at 1e-6)."""
+    """[kernel, bias] of the fixed layer computing spread x (sums - mean) / std (std floored at 1e-6; runs
+    written before the spread existed have spread 1).
+
+    Why a spread: E_tot / E_kin varies by ~1 % around its mean, so as a raw input the critic barely feels it (the
+    gradient penalty keeps its slope near one per unit of input); standardised to unit spread it feels nothing
+    else (the voxels' shapes are lost). Scaled to a spread of 0.1-0.3 the E_tot resolution is learnt and the
+    shapes are kept (bench/bench_quality.py measures it).
+    """
     mean = np.asarray(summaries["mean"], dtype=np.float64)
     std = np.maximum(np.asarray(summaries["std"], dtype=np.float64), 1e-6)
-    m = summary_matrix(n_voxels, summaries["spans"]) / std[None, :]
-    return [m.astype(np.float32), (-mean / std).astype(np.float32)]
+    scale = float(summaries.get("spread", 1.0)) / std
+    m = summary_matrix(n_voxels, summaries["spans"], summaries.get("total_column")) * scale[None, :]
+    return [m.astype(np.float32), (-mean * scale).astype(np.float32)]
 
 
 def layer_spans(geom, n_voxels):
@@ -488,10 +626,14 @@ def networks_from_config(cfg):
     """(generator, critic) built from a run's config.json dict."""
     g, c = cfg["generator"], cfg["critic"]
     layout, init = g.get("layout", "legacy"), cfg.get("init", "he")
-    gen = build_generator(cfg["n_voxels"], cfg["latent_dim"], 2, g["hidden"], g["activation"], g["batchnorm"],
-                          g["output_activation"], g.get("output_batchnorm", False), layout, init)
-    critic = build_critic(cfg["n_voxels"], 2, c["hidden"], c["activation"], he=layout != "legacy" and init == "he",
-                          summaries=c.get("summaries"))
+    if layout == "layer_heads":
+        gen = build_layer_generator(g["spans"], cfg["latent_dim"], 2, g["hidden"], g["activation"], g["batchnorm"],
+                                    init)
+    else:
+        gen = build_generator(cfg["n_voxels"], cfg["latent_dim"], 2, g["hidden"], g["activation"], g["batchnorm"],
+                              g["output_activation"], g.get("output_batchnorm", False), layout, init)
+    critic = build_critic(cfg.get("n_features", cfg["n_voxels"]), 2, c["hidden"], c["activation"],
+                          he=layout != "legacy" and init == "he", summaries=c.get("summaries"))
     return gen, critic
 
 
@@ -864,17 +1006,17 @@ class _Settings:
     """Each setting from the command line, else the recipe, else the XML, else a default; remembers where each
     came from."""
 
-    def __init__(self, xml, recipe="fastcalogan"):
+    def __init__(self, xml, recipe="fastcalogan", particle=None):
         self.xml = xml
         self.recipe_name = recipe
-        self.recipe = RECIPES[recipe]["options"]
+        self.recipe = recipe_options(recipe, particle)
         self.source = {}
 
     def get(self, key, cli, xml_key, default, default_source="default", conv=None):
         if cli is not None:
             value, src = cli, "command line"
         elif key in self.recipe:
-            value, src = self.recipe[key], f"recipe {self.recipe_name}"
+            value, src = self.recipe[key]
         elif xml_key in self.xml:
             raw, src = self.xml[xml_key]
             value = conv(raw) if conv else raw
@@ -893,8 +1035,11 @@ def make_config(args, data, dropped):
     attrs = data["attrs"]
     particle = attrs["particle"]
     n_vox = int(attrs["n_voxels"])
+    check_recipe_norm(args.recipe, attrs, args.data)
     xml, xml_path, geom = xml_settings(args, attrs)
-    st = _Settings(xml, args.recipe)
+    st = _Settings(xml, args.recipe, particle)
+    spans = attrs.get("layer_spans") if training_norm(attrs) == "layer" else None
+    n_feat = n_vox if spans is None else layer_representation_size(spans)
     act0, bn0, out0 = default_network(particle, attrs.get("p_max"), attrs.get("range"))
     activation = st.get("activation", args.activation, "activationFunction", act0, conv=_xml_activation)
     batchnorm = bool(st.get("batchnorm", args.batchnorm, "useBatchNormalisation", bn0))
@@ -911,6 +1056,9 @@ def make_config(args, data, dropped):
     output_batchnorm = batchnorm and activation == "swish" and output_activation == "swish"
     st.source["output_batchnorm"] = st.source["output_activation"]
     bn_mode = st.get("batchnorm_mode", args.batchnorm_mode, None, "inference")
+    if spans is not None:             # the heads replace the output layer: the training file decides
+        st.source["output_activation"] = st.source["output_batchnorm"] = \
+            "training file (layer representation): CaloShowerGAN's softmax / ReLU heads"
     for name in (activation, output_activation):
         try:
             _keras().activations.get(name)
@@ -920,10 +1068,18 @@ def make_config(args, data, dropped):
     if args.critic_width is not None:
         critic = st.get("critic_layers", [int(args.critic_width)] * 3, None, None)
     else:
-        critic = st.get("critic_layers", None, "discriminator", [min(n_vox, CRITIC_WIDTH_CAP)] * 3)
+        critic = st.get("critic_layers", None, "discriminator", [min(n_feat, CRITIC_WIDTH_CAP)] * 3)
     summaries = None
-    if st.get("critic_summaries", args.critic_summaries, None, False):
-        summaries = summary_settings(data["voxels"], layer_spans(geom, n_vox))
+    layers_too = bool(st.get("critic_summaries", args.critic_summaries, None, False))
+    etot_spread = float(st.get("critic_etot", args.critic_etot, None, 0.0))
+    if spans is not None and layers_too:
+        raise UserError(f"{args.data}: --critic-summaries sums voxels / E_kin per layer; this file holds the layer "
+                        f"representation, whose layer fractions the critic already sees (--critic-etot works)")
+    if spans is not None and etot_spread > 0:      # E_tot / E_kin is the representation's last value
+        summaries = summary_settings(data["voxels"], [], spread=etot_spread, total_column=n_feat - 1)
+    elif layers_too or etot_spread > 0:
+        summaries = summary_settings(data["voxels"], layer_spans(geom, n_vox) if layers_too else [],
+                                     spread=etot_spread if etot_spread > 0 else 1.0)
     lr_decay = float(st.get("lr_decay", args.lr_decay, None, 1.0))
     init = st.get("init", args.init, None, "he")
     latent = st.get("latent_dim", args.latent_dim, "latentDim", int(attrs["latent_dim"]), "training file")
@@ -938,14 +1094,13 @@ def make_config(args, data, dropped):
     cfg = {k: attrs[k] for k in TRAINING_ATTRS if k in attrs}
     cfg.update({k: v for k, v in attrs.items() if k not in cfg})
     cfg.update({
-        "n_voxels": n_vox, "latent_dim": int(latent),
+        "n_voxels": n_vox, "n_features": int(n_feat), "latent_dim": int(latent),
         "train_data": os.path.abspath(args.data), "seed": int(args.seed), "iterations": int(args.iterations),
         "checkpoint_every": int(args.checkpoint_every), "batch_size": int(batch),
         "n_critic": int(n_critic), "lambda_gp": float(lam), "lr": float(lr),
         "beta1": float(beta1), "beta2": float(args.beta2),
-        "generator": {"hidden": [int(n) for n in hidden], "activation": activation, "batchnorm": batchnorm,
-                      "output_activation": output_activation, "output_batchnorm": output_batchnorm,
-                      "batchnorm_mode": bn_mode, "layout": "fastcalogan"},
+        "generator": generator_settings(hidden, activation, batchnorm, output_activation, output_batchnorm, bn_mode,
+                                        spans),
         "critic": {"hidden": [int(n) for n in critic], "activation": "relu", "summaries": summaries},
         "recipe": args.recipe, "recipe_description": RECIPES[args.recipe]["description"],
         "lr_decay": lr_decay, "lr_decay_iterations": int(args.iterations), "init": init,
@@ -962,7 +1117,7 @@ def make_config(args, data, dropped):
 
         "noise": {"mean": NOISE_MEAN, "std": NOISE_STD},
         "condition": "[label, 0]",
-        "normalisation": "voxels / E_kin",
+        "normalisation": "voxels / E_kin" if spans is None else LAYER_NORMALISATION,
         "backend": _backend(),
         "jit": bool(args.jit),
         "keep_resume": int(args.keep_resume),
@@ -971,6 +1126,23 @@ def make_config(args, data, dropped):
         einc = np.asarray(data["einc"], dtype=np.float64)
         cfg["data_ekin_range"] = [float(x) for x in kinetic_energy(np.array([einc.min(), einc.max()]), particle)]
     return cfg
+
+
+LAYER_NORMALISATION = ("layer representation: [voxel / its layer's energy (zero voxels set to 1e-4 MeV first), layer "
+                       "energy / E_tot, E_tot / E_kin]; voxel / E_kin = product (plumbing.from_layer_representation)")
+
+
+def generator_settings(hidden, activation, batchnorm, output_activation, output_batchnorm, bn_mode, spans=None):
+    """config.json's generator block: FastCaloGAN's network, or with layer ``spans`` (a training file of the
+    layer representation) its body with CaloShowerGAN's heads (:func:`build_layer_generator`)."""
+    g = {"hidden": [int(n) for n in hidden], "activation": activation, "batchnorm": batchnorm,
+         "output_activation": output_activation, "output_batchnorm": output_batchnorm, "batchnorm_mode": bn_mode,
+         "layout": "fastcalogan"}
+    if spans is not None:
+        g.update(layout="layer_heads", spans=[[int(a), int(b)] for a, b in spans], output_activation=None,
+                 output_batchnorm=False,
+                 heads="Dense(n_voxels_of_layer, softmax) per layer, Dense(n_layers, softmax), Dense(1, relu)")
+    return g
 
 
 def _resume_config(args, run):
@@ -1041,8 +1213,9 @@ def open_run(args, data):
     for name in os.listdir(run):   # checkpoints a kill left half-written (never loaded, but as big as one)
         if name.startswith(".tmp-ckpt_"):
             shutil.rmtree(os.path.join(run, name), ignore_errors=True)
-    if voxels.shape[1] != cfg["n_voxels"]:
-        raise UserError(f"{args.data}: 'voxels' has {voxels.shape[1]} columns, the run expects {cfg['n_voxels']}")
+    if voxels.shape[1] != cfg.get("n_features", cfg["n_voxels"]):
+        raise UserError(f"{args.data}: the training data have {voxels.shape[1]} columns, the run expects "
+                        f"{cfg.get('n_features', cfg['n_voxels'])}")
     cfg["backend"] = _backend()
     write_json(os.path.join(run, "config.json"), cfg)
     return cfg, resume_from, voxels, label, einc

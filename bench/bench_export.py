@@ -88,7 +88,7 @@ def writer_times(model):
             "json": best(lambda: ex._format_json(ex.ops_to_graph(ops, out, ins, name))),
             "onnx": best(lambda: ex.ops_to_onnx(ops, out, ins).SerializeToString()),
             "ort_1000_rows_one_per_call": best(lambda: ex.run_onnx_rows(rows, noise, cond)),
-            "ort_1000_rows_one_call": best(lambda: batched.run(["out"], {"node_0": noise, "node_1": cond})),
+            "ort_1000_rows_one_call": best(lambda: batched.run(["out"], {"Noise": noise, "mycond": cond})),
             "json_evaluator_1000_rows": best(lambda: ex.evaluate_graph(ex.ops_to_graph(ops, out, ins, name),
                                                                        noise, cond))}
 

@@ -4,7 +4,10 @@ For each recipe (a ``train.py --recipe`` name, or NAME=ARGS for any set of train
 demo slice (toy photons, |eta| 0.20-0.25, by default) is trained for the budget, the epoch is chosen as
 ``make all`` chooses it (select_epoch.py on the training sample, the demo's selection flags), and the chosen
 generator is evaluated against held-out toy showers of another seed with one fixed evaluation seed
-(evaluate.py: hist-chi, cls-high, fpd). Per recipe and seed it records:
+(evaluate.py: hist-chi, cls-high, fpd). A recipe that learns another representation of the showers (train.py's
+RECIPES ``norm``: ``caloshowergan`` learns the layer representation) trains on its own training file, prepared
+with ``preprocess.py prepare --norm``; a NAME=ARGS recipe may pick one with ``--norm ekin|layer`` among its ARGS
+(a bench option, not passed to train.py). Per recipe and seed it records:
 
 * ``cls_high_auc``, ``etot_einc_separation`` (overall), ``fpd_x1e3``, ``separation_power_mean``;
 * per energy: the E_tot/E_inc separation power, the generated / reference resolution RMS(E_tot)/<E_tot>
@@ -25,6 +28,7 @@ Usage:
     python bench/bench_quality.py --quick                       # tiny data and budget, 1 seed, in a temp folder
     python bench/bench_quality.py --recipes "fastcalogan=--recipe fastcalogan --iterations 1500" calokit
     python bench/bench_quality.py --recipes calokit "summaries=--recipe calokit --critic-summaries"
+    python bench/bench_quality.py --recipes calokit caloshowergan "heads-calokit=--recipe calokit --norm layer"
     python bench/bench_quality.py --ablation                    # the table of docs/recipes-and-quality.md
 """
 import argparse
@@ -129,6 +133,23 @@ def recipe_args(spec):
     return spec, ["--recipe", spec]
 
 
+def recipe_norm(flags):
+    """(training-file representation, train.py flags without ``--norm``): ``--norm X`` among the flags, else the
+    norm the flags' ``--recipe`` needs (train.py RECIPES), else ekin (voxels / E_kin).
+
+    >>> recipe_norm(["--recipe", "caloshowergan"]), recipe_norm(["--lr", "1e-4", "--norm", "layer"])
+    (('layer', ['--recipe', 'caloshowergan']), ('layer', ['--lr', '1e-4']))
+    """
+    import train
+
+    flags = list(flags)
+    if "--norm" in flags:
+        i = flags.index("--norm")
+        return flags[i + 1], flags[:i] + flags[i + 2:]
+    recipe = flags[flags.index("--recipe") + 1] if "--recipe" in flags else "fastcalogan"
+    return train.RECIPES.get(recipe, {}).get("norm", "ekin"), flags
+
+
 @contextlib.contextmanager
 def quiet():
     """Stage scripts print a summary line on stdout: keep stdout for the JSON object."""
@@ -147,17 +168,20 @@ def call(main, argv):
 # ----------------------------------------------------------------------------------------------
 # data (made once, as make all makes it)
 
-def make_data(args):
-    """Toy hits -> voxels (training and held-out) -> training file in args.work; returns the three paths."""
+def make_data(args, norms=("ekin",)):
+    """Toy hits -> voxels (training and held-out) -> one training file per representation in ``norms`` in
+    args.work; returns the paths: voxels, voxels_heldout, train (voxels / E_kin) and train_<norm> for each norm."""
     import preprocess
 
     tag = f"{args.particle}_{args.eta:.2f}_ev{args.events}"
     d = os.path.join(args.work, "data", tag)
     paths = {k: os.path.join(d, f"{k}.h5") for k in ("voxels", "voxels_heldout", "train")}
-    if all(os.path.isfile(p) for p in paths.values()):
-        return paths
+    paths.update({f"train_{n}": paths["train"] if n == "ekin" else os.path.join(d, f"train_{n}.h5")
+                  for n in set(norms) | {"ekin"}})
     binning = os.path.join(ROOT, "binning", "binning_fastcalogan.xml")
     for kind, seed in (("voxels", 1), ("voxels_heldout", 1001)):
+        if os.path.isfile(paths[kind]):
+            continue
         hits = os.path.join(d, f"hits_{kind}")
         call(preprocess.main, ["toy", "--particle", args.particle, "--eta", f"{args.eta:.2f}",
                                "--events-per-energy", str(args.events), "--seed", str(seed), "--out", hits])
@@ -166,8 +190,10 @@ def make_data(args):
                                "--out", paths[kind], *files])
         for f in files:
             os.remove(f)
-    call(preprocess.main, ["prepare", "--binning", binning, "--particle", args.particle, "--range", "all",
-                           "--out", paths["train"], paths["voxels"]])
+    for norm in sorted(set(norms) | {"ekin"}):
+        if not os.path.isfile(paths[f"train_{norm}"]):
+            call(preprocess.main, ["prepare", "--binning", binning, "--particle", args.particle, "--range", "all",
+                                   "--norm", norm, "--out", paths[f"train_{norm}"], paths["voxels"]])
     return paths
 
 
@@ -253,7 +279,8 @@ def run_job(job):
     iters = (int(cfg["iterations"]) if not os.path.isfile(os.path.join(run, "losses.csv")) else
              sum(1 for _ in open(os.path.join(run, "losses.csv"))) - 1)
     result = {
-        "train_args": job["train_args"], "recipe": cfg.get("recipe"), "best_iteration": int(best["best_iteration"]),
+        "train_args": job["train_args"], "recipe": cfg.get("recipe"), "norm": job.get("norm", "ekin"),
+        "best_iteration": int(best["best_iteration"]),
         "select_chi2_ndf": float(best["chi2_ndf"]),
         "cls_high_auc": float(metrics["cls-high"]["classifier"]["cls-high"]["auc"]),
         "etot_einc_separation": float(metrics["hist-chi"]["separation_power"]["Etot / Einc"]),
@@ -428,10 +455,12 @@ def main(argv=None):
     if args.job:
         print(json.dumps(run_job(json.loads(args.job))))
         return 0
-    paths = make_data(args)
+    specs = [recipe_args(spec) for spec in args.recipes]
+    norms = {name: recipe_norm(flags) for name, flags in specs}
+    paths = make_data(args, sorted({n for n, _ in norms.values()}))
     jobs = []
-    for spec in args.recipes:
-        name, flags = recipe_args(spec)
+    for name, _ in specs:
+        norm, flags = norms[name]
         iterations = args.iterations
         if "--iterations" in flags:
             i = flags.index("--iterations")
@@ -440,7 +469,7 @@ def main(argv=None):
         for seed in args.seeds:
             tag = f"{name}_s{seed}_it{iterations}"
             jobs.append({"name": name, "seed": seed, "iterations": iterations, "train_args": flags,
-                         "checkpoint_every": args.checkpoint_every, "train": paths["train"],
+                         "checkpoint_every": args.checkpoint_every, "train": paths[f"train_{norm}"], "norm": norm,
                          "voxels": paths["voxels"], "heldout": paths["voxels_heldout"],
                          "run": os.path.join(args.work, "runs", tag), "out": os.path.join(args.out, "runs", tag),
                          "select_events": args.select_events, "select_args": args.select_args,
@@ -450,7 +479,7 @@ def main(argv=None):
     recipes = {}
     for job, res in zip(jobs, results):
         rec = recipes.setdefault(job["name"], {"train_args": job["train_args"], "iterations": job["iterations"],
-                                               "seeds": {}})
+                                               "norm": job["norm"], "seeds": {}})
         rec["seeds"][str(job["seed"])] = res
     for rec in recipes.values():
         rec["mean"], rec["spread"] = aggregate(rec["seeds"])

@@ -35,7 +35,8 @@ def inputs(n=N_INPUTS, seed=7, latent=LATENT):
 
 
 def assert_interface(model, latent=LATENT, n_out=N_VOX, batch=1):
-    """What TFCSONNXHandler relies on: node_0/node_1 float32 [1, n] in order, one float32 output 'out'."""
+    """What TFCSONNXHandler relies on: inputs named Noise/mycond (the names it looks up in the map
+    TFCSEnergyAndHitGANV2 fills; node_0/node_1 would throw) float32 [1, n] in order, one float32 output 'out'."""
     onnx.checker.check_model(model, full_check=True)
     assert model.ir_version == 7
     assert [(o.domain, o.version) for o in model.opset_import] == [("", 13)]
@@ -44,9 +45,9 @@ def assert_interface(model, latent=LATENT, n_out=N_VOX, batch=1):
         t = vi.type.tensor_type
         assert t.elem_type == onnx.TensorProto.FLOAT, vi.name
         shapes[vi.name] = [d.dim_param or d.dim_value for d in t.shape.dim]
-    assert [vi.name for vi in model.graph.input] == ["node_0", "node_1"]
+    assert [vi.name for vi in model.graph.input] == ["Noise", "mycond"] == list(ex.ONNX_INPUTS)
     assert [vi.name for vi in model.graph.output] == ["out"]
-    assert shapes == {"node_0": [batch, latent], "node_1": [batch, 2], "out": [batch, n_out]}
+    assert shapes == {"Noise": [batch, latent], "mycond": [batch, 2], "out": [batch, n_out]}
 
 
 def assert_same_network(model, graph):
@@ -100,12 +101,12 @@ def test_batched_run_with_the_dynamic_batch_flag_equals_the_row_by_row_run():
     proto = ex.export_onnx(model, dynamic_batch=True)
     assert_interface(proto, batch="batch")
     session = ex.onnx_session(proto)
-    batched = session.run(["out"], {"node_0": noise, "node_1": cond})[0]
+    batched = session.run(["out"], {"Noise": noise, "mycond": cond})[0]
     assert batched.dtype == np.float32 and batched.shape == (N_INPUTS, N_VOX)
     np.testing.assert_allclose(batched, fixed, rtol=0, atol=1e-6)
     np.testing.assert_allclose(ex.run_onnx_rows(session, noise[:50], cond[:50]), fixed[:50], rtol=0, atol=1e-7)
     with pytest.raises(Exception, match="invalid dimensions"):     # the default file takes one row only
-        ex.onnx_session(ex.export_onnx(model)).run(["out"], {"node_0": noise[:2], "node_1": cond[:2]})
+        ex.onnx_session(ex.export_onnx(model)).run(["out"], {"Noise": noise[:2], "mycond": cond[:2]})
 
 
 def test_train_generators_export_exactly():
@@ -211,8 +212,8 @@ def test_cli_format_selects_the_files(run_dir, tmp_path, fmt, files):
     if "onnx" in files:
         assert meta["onnx"] == {
             "file": f"{STEM}.onnx", "opset": 13, "ir_version": 7, "element_type": "float32",
-            "inputs": [{"name": "node_0", "shape": [1, LATENT], "content": "noise"},
-                       {"name": "node_1", "shape": [1, 2], "content": "[energy label, 0]"}],
+            "inputs": [{"name": "Noise", "shape": [1, LATENT], "content": "noise"},
+                       {"name": "mycond", "shape": [1, 2], "content": "[energy label, 0]"}],
             "output": {"name": "out", "shape": [1, N_VOX],
                        "labels": f"out_0..out_{N_VOX - 1} (flat, '<output name>_<i>')"},
             "batch": meta["onnx"]["batch"]}
@@ -243,7 +244,7 @@ def test_cli_dynamic_batch_flag(run_dir, tmp_path):
     assert sum(n.op_type == "Gemm" for n in proto.graph.node) == 4
     assert sum(n.op_type == "Add" for n in proto.graph.node) == 4                # 4 batch-norms kept as Mul + Add
     noise, cond = inputs(300, seed=9)
-    got = _session_of_file(out / f"{STEM}.onnx").run(["out"], {"node_0": noise, "node_1": cond})[0]
+    got = _session_of_file(out / f"{STEM}.onnx").run(["out"], {"Noise": noise, "mycond": cond})[0]
     assert np.max(np.abs(got - ex.keras_predict(model, noise, cond))) < TOL
 
 

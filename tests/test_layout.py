@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("preprocess", "train", "select_epoch", "export_lwtnn", "evaluate", "scaleout", "summary")
+STAGES = ("preprocess", "train", "select_epoch", "export_lwtnn", "evaluate", "scaleout", "summary", "fastcalosim")
 SHARED = ("HighLevelFeatures", "plumbing")
 TOY = "toyshower"
 #: what docs/pipeline-and-scripts.md says each script needs beside it when copied alone
@@ -35,6 +35,7 @@ COMPANIONS = {
     "evaluate.py": ["HighLevelFeatures.py", "plumbing.py"],
     "scaleout.py": ["HighLevelFeatures.py", "plumbing.py"],
     "summary.py": ["HighLevelFeatures.py", "plumbing.py"],
+    "fastcalosim.py": ["HighLevelFeatures.py", "plumbing.py", "toyshower.py"],
 }
 LOCAL = set(STAGES) | set(SHARED) | {TOY}
 
@@ -242,3 +243,27 @@ def test_help_text(command, capsys):
         assert opt.count("default") <= 1, opt
         if name not in ("-h,", "--help"):
             assert len(opt.replace("\n", " ").split()) > 2 or "|" in name, f"{name} has no help text"
+
+
+def test_copied_fastcalosim(tmp_path, tiny_chain):
+    """fastcalosim.py alone: the tiny run exported as UltraLow12 and High12 becomes a folder; the 65 GeV hits give
+    the validation file, the missing 1 TeV hits are reported; the folder's networks pass the check."""
+    import json
+    import export_lwtnn
+
+    nets = []
+    for name, lo, hi in (("UltraLow12", 6, 12), ("High12", 12, 22)):
+        run = tmp_path / f"run_{name}"
+        shutil.copytree(tiny_chain["run"], run)
+        cfg = json.loads((run / "config.json").read_text())
+        cfg.update(range=name, p_min=2.0 ** lo, p_max=2.0 ** hi, ekin_min=2.0 ** lo, ekin_max=2.0 ** hi)
+        (run / "config.json").write_text(json.dumps(cfg))
+        nets.append(str(tmp_path / f"net_{name}"))
+        assert export_lwtnn.main(["--run", str(run), "--out", nets[-1], "--binning", tiny_chain["xml"]]) == 0
+    folder = copy_alone(tmp_path, "fastcalosim.py")
+    out = run_copy(folder, "fastcalosim.py", "--out", "fcs", "--networks", *nets, "--hits",
+                   os.path.dirname(tiny_chain["hits"][0]))
+    assert "1 missing item(s)" in out
+    assert os.listdir(folder / "fcs" / "rootFiles") == ["pid22_E65536_eta_20_25_validation.root"]
+    out = run_copy(folder, "fastcalosim.py", "--check-folder", "fcs", "--networks-only", "--check-events", "2")
+    assert "2 network(s) run at 17 energy points" in out

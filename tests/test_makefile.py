@@ -73,6 +73,8 @@ def test_unchanged_rerun_plans_nothing(tree):
     ("ITERATIONS=600", AFTER_TRAIN),
     ("CKPT_EVERY=50", AFTER_TRAIN),
     ("TRAIN_ARGS=--lr 1e-4", AFTER_TRAIN),
+    ("RECIPE=fastcalogan", AFTER_TRAIN),               # the demo's default is calokit
+    ("RECIPE=caloshowergan", {"prepare"} | AFTER_TRAIN),   # prepare writes the layer representation for it
     ("EVENTS=500", ALL),
     ("SEED=7", ALL),
     ("RANGE=high", {"prepare"} | AFTER_TRAIN),
@@ -195,3 +197,44 @@ def test_calochallenge_photons_plan_two_gans_per_slice_and_one_evaluation(tree, 
                            text=True, timeout=120)
     assert re.findall(r"--range (\S+)", pions.stdout) == ["All"] and "--combine" not in pions.stdout
     assert "work/1-pions/pion_0.20/run" in pions.stdout
+
+
+def test_fastcalosim_plans_the_gans_fastcalosim_loads(tree, tmp_path):
+    """`make fastcalosim DEMO=3x2`: e/gamma UltraLow12 + High12 (toy from 64 MeV), pions All, in their own WORK;
+    one fastcalosim.py of every export and the hits, then its folder check; a rerun plans nothing; CaloChallenge
+    photons get --eta and a networks-only check; datasets 2 and 3 are refused."""
+    repo, base = tree
+    fcs = base + ["DEMO=3x2"]
+    res = subprocess.run(fcs + ["-n", "fastcalosim"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = re.sub(r"\\\n\s*", "", res.stdout)
+    w = "work/demo/fastcalosim"
+    prepares = re.findall(r"fakepy preprocess\.py prepare .*--particle (\w+) --range (\S+)\s*--out (\S+)", out)
+    want = [(p, g) for p in ("photon", "electron") for g in ("UltraLow12", "High12")] + [("pion", "All")]
+    assert sorted((p, g) for p, g, _ in prepares) == sorted(want * 2)
+    assert all(o.startswith(w + "/") for *_, o in prepares)
+    toys = re.findall(r"fakepy preprocess\.py toy --particle (\w+) .*?--out (\S+)( --energies 64 128 [\d ]+4194304)?",
+                      out)
+    assert len(toys) == 12 and all(o.startswith(w + "/") for _, o, _ in toys)
+    assert all(bool(e) == (p != "pion") for p, _, e in toys)
+    (folder,) = re.findall(r"fakepy fastcalosim\.py --out results/demo/fastcalosim --networks ([^-]+) --hits (.+)", out)
+    assert len(folder[0].split()) == 10 and all(d.startswith(f"{w}/results/") for d in folder[0].split())
+    assert len(folder[1].split()) == 6
+    assert "fakepy fastcalosim.py --check-folder results/demo/fastcalosim --json results/demo/fastcalosim-check.json" in out
+    assert not os.path.exists(repo / "work/demo/photon_0.20/UltraLow12")
+    assert subprocess.run(fcs + ["fastcalosim"], capture_output=True, timeout=120).returncode == 0
+    again = subprocess.run(fcs + ["-n", "fastcalosim"], capture_output=True, text=True, timeout=120)
+    assert "fakepy" not in again.stdout, again.stdout
+    data = tmp_path / "cc"
+    data.mkdir()
+    for name in ("dataset_1_photons_1.hdf5", "dataset_1_photons_2.hdf5"):
+        (data / name).write_text("")
+    cc = subprocess.run(base + ["-n", "fastcalosim", "DATASET=1-photons", f"DATA_DIR={data}"], capture_output=True,
+                        text=True, timeout=120)
+    assert cc.returncode == 0, cc.stderr
+    assert sorted(re.findall(r"--range (\S+)", cc.stdout)) == ["High12", "UltraLow12"]
+    assert re.search(r"fastcalosim\.py --out results/1-photons/fastcalosim --networks .* --eta 0\.20", cc.stdout)
+    assert "--check-folder results/1-photons/fastcalosim --json results/1-photons/fastcalosim-check.json " \
+           "--networks-only" in cc.stdout
+    bad = subprocess.run(base + ["-n", "fastcalosim", "DATASET=2"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "datasets 2 and 3" in bad.stderr
