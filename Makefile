@@ -7,7 +7,7 @@
 #                                  each selected and exported on its own, one combined generated file evaluated
 #   make all RECIPE=caloshowergan  the whole chain with another training recipe (see RECIPE below); with
 #                                  DATASET=1-photons CaloShowerGAN's three photon GANs (Low12 Mid1218 High18)
-#   make test                      the test suite (creates .venv from requirements.txt first)
+#   make test                      the test suite on every core (creates .venv from requirements.txt first)
 #   make smoke                     a quick check after a change (< 1 min): every script once on tiny data
 #   make voxels|train|select|export|evaluate   one stage (and what it needs) for every slice
 #   make -j2 all ETAS="0.20 0.25"  several |eta| slices, trained in parallel
@@ -74,11 +74,14 @@
 #   DATA_DIR    where CaloChallenge files are looked for / downloaded to              (data)
 #   WORK, RESULTS  intermediate and final output folders          (work/$(DATASET), results/$(DATASET))
 #   PYTHON, VENV, REQS, PYTEST_ARGS   interpreter, venv folder, requirements file, extra pytest args
+#   TEST_JOBS   pytest-xdist workers of `make test`, 0 = one process  (one per core, at most 4: each holds TensorFlow)
 #   PY_EXE      use this python instead of the venv (no install step)
 PYTHON ?= python3
 VENV ?= .venv
 REQS ?= requirements.txt
 PYTEST_ARGS ?=
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+XDIST_ARGS = -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
 DATASET ?= demo
 PARTICLES ?= photon
 ETAS ?= 0.20
@@ -255,8 +258,16 @@ $(STAMP): $(REQS)
 	touch $@
 endif
 
+# the suite on every core (pytest-xdist: each test file whole on one worker, so module-scoped fixtures are built
+# once; tests/conftest.py starts the longest files first); TEST_JOBS=0 runs it in one process. A python without
+# pytest-xdist (PY_EXE=...) runs it in one process and says so.
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	@if $(PY) -c "import xdist" 2>/dev/null; then \
+	  echo "$(PY) -m pytest -q $(XDIST_ARGS) $(PYTEST_ARGS)"; $(PY) -m pytest -q $(XDIST_ARGS) $(PYTEST_ARGS); \
+	else \
+	  echo "make test: pytest-xdist is not installed for $(PY): one process" >&2; \
+	  echo "$(PY) -m pytest -q $(PYTEST_ARGS)"; $(PY) -m pytest -q $(PYTEST_ARGS); \
+	fi
 
 # a quick check after a change (well under a minute): every script once on tiny data, real values asserted
 smoke: $(STAMP)
