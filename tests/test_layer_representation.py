@@ -205,7 +205,7 @@ def test_make_recipe_plans_prepare_with_the_norm_and_train_with_the_recipe(tmp_p
     assert len(re.findall(r"preprocess\.py prepare .*--norm layer ", out)) == 1
     assert len(re.findall(r"train\.py .*--recipe caloshowergan", out)) == 1
     default = _make_n(tmp_path / "d")
-    assert "--norm ekin" in default and "--recipe calokit" in default
+    assert "--norm ekin" in default and "--recipe calokit-etot " in default       # the demo's recipe
     data = tmp_path / "cc"
     data.mkdir()
     for name in ("dataset_1_photons_1.hdf5", "dataset_1_photons_2.hdf5"):
