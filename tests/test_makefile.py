@@ -160,16 +160,21 @@ def test_clean_hits_redoes_nothing(tree):
     assert planned(tree) == {}
 
 
+def fake_calochallenge_files(data):
+    """Empty stand-ins for the dataset-1 files in ``data`` (Make only needs them to exist); returns ``data``."""
+    data.mkdir()
+    for name in ("dataset_1_photons_1.hdf5", "dataset_1_photons_2.hdf5", "dataset_1_pions_1.hdf5",
+                 "dataset_1_pions_2.hdf5"):
+        (data / name).write_text("")
+    return data
+
+
 def test_calochallenge_photons_plan_two_gans_per_slice_and_one_evaluation(tree, tmp_path):
     """DATASET=1-photons: per slice a Low12 and a High12 GAN (prepare, train, select, export each, in their own
     folders, with BoloGAN's batches and 10,000 showers per energy in the epoch choice), one combination of the
     two generated files, one evaluate.py of it; after a (stand-in) run nothing is planned; pions stay one All GAN."""
     repo, base = tree
-    data = tmp_path / "cc"
-    data.mkdir()
-    for name in ("dataset_1_photons_1.hdf5", "dataset_1_photons_2.hdf5", "dataset_1_pions_1.hdf5",
-                 "dataset_1_pions_2.hdf5"):
-        (data / name).write_text("")
+    data = fake_calochallenge_files(tmp_path / "cc")
     cc = base + ["DATASET=1-photons", f"DATA_DIR={data}"]
     res = subprocess.run(cc + ["-n", "all"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
@@ -204,11 +209,7 @@ def test_baseline_two_range_dataset_plans_per_range_then_combines(tree, tmp_path
     own folders), the two generated files combined as `make all` combines them, one evaluate.py of the combination;
     after a (stand-in) run nothing is planned. A one-range dataset keeps one run, no combination."""
     repo, base = tree
-    data = tmp_path / "cc"
-    data.mkdir()
-    for name in ("dataset_1_photons_1.hdf5", "dataset_1_photons_2.hdf5", "dataset_1_pions_1.hdf5",
-                 "dataset_1_pions_2.hdf5"):
-        (data / name).write_text("")
+    data = fake_calochallenge_files(tmp_path / "cc")
     cc = base + ["DATASET=1-photons", f"DATA_DIR={data}"]
     res = subprocess.run(cc + ["-n", "baseline"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
