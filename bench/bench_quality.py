@@ -63,7 +63,8 @@ KEYS = ('budget.iterations', 'eval_seed', 'recipes.fastcalogan.mean.cls_high_auc
 OTHER_KEYS = ("slice", "seeds", "recipes.calokit.seeds", "recipes.calokit.mean.per_energy", "recipes.calokit.train_args")
 #: the scalar metrics of each seed, averaged (mean) and spread over seeds per recipe
 SCALARS = ("cls_high_auc", "etot_einc_separation", "separation_power_mean", "fpd_x1e3",
-           "worst_resolution_ratio_ge_1gev", "train_iterations_per_s", "train_cpu_s", "best_iteration")
+           "worst_resolution_ratio_ge_1gev", "train_iterations_per_s", "train_cpu_s", "best_iteration",
+           "voxels_ge_1mev_gen", "voxels_ge_1mev_ref", "voxels_ge_1mev_ratio")
 #: ``--ablation``: FastCaloGAN's recipe at the same training CPU time (5 critic steps cost about twice as much per
 #: iteration as 2), calokit's, and the steps between them one ingredient at a time
 ABLATION = {
@@ -234,6 +235,36 @@ def energy_table(gen_path, ref_path):
     return rows, float(overall)
 
 
+def fraction_above(path, threshold_mev=1.0, chunk=20000):
+    """Fraction of a CaloChallenge file's voxels at or above ``threshold_mev`` (read in chunks)."""
+    import h5py
+
+    above = total = 0
+    with h5py.File(path, "r") as f:
+        ds = f["showers"]
+        for i in range(0, ds.shape[0], chunk):
+            x = ds[i:i + chunk]
+            above += int(np.count_nonzero(x >= threshold_mev))
+            total += x.size
+    return above / max(total, 1)
+
+
+def voxel_fractions(gen_path, ref_path):
+    """The sparsity target's numbers: the fraction of voxels >= 1 MeV (evaluate.py's dataset-1 threshold) in the
+    generated and the held-out file, and their ratio (1 = as many lit voxels as the toy).
+
+    >>> import tempfile, plumbing
+    >>> d = tempfile.mkdtemp(); a, b = os.path.join(d, "a.h5"), os.path.join(d, "b.h5")
+    >>> plumbing.write_calo_file(a, np.ones((2, 1)), np.array([[2.0, 0.5], [1.0, 0.0]], np.float32))
+    >>> plumbing.write_calo_file(b, np.ones((2, 1)), np.array([[2.0, 3.0], [0.0, 0.0]], np.float32))
+    >>> voxel_fractions(a, b)["voxels_ge_1mev_ratio"]
+    1.0
+    """
+    gen, ref = fraction_above(gen_path), fraction_above(ref_path)
+    return {"voxels_ge_1mev_gen": gen, "voxels_ge_1mev_ref": ref,
+            "voxels_ge_1mev_ratio": gen / ref if ref > 0 else float("nan")}
+
+
 def worst_resolution(rows, min_energy=1000.0):
     """max over energies >= min_energy of max(ratio, 1/ratio) of the resolution ratio (1 = perfect)."""
     vals = [max(r["resolution_ratio"], 1 / r["resolution_ratio"]) for r in rows
@@ -284,6 +315,7 @@ def run_job(job):
         "fpd_x1e3": float(metrics["fpd"]["fpd_x1e3"]),
         "per_energy": rows, "etot_einc_separation_raw_sums": overall,
         "worst_resolution_ratio_ge_1gev": worst_resolution(rows),
+        **voxel_fractions(os.path.join(sel, "generated.h5"), job["heldout"]),
         "train_iterations_per_s": iters / wall if wall > 0 else float("nan"),
         "train_cpu_s": cpu, "train_cpu_s_per_iteration": cpu / max(iters, 1),
         "curve": learning_curve(run, job, cpu / max(iters, 1)),
