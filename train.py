@@ -772,7 +772,9 @@ class _TensorFlowStep:
             interp = eps * x + (1.0 - eps) * fake
             with tf.GradientTape() as tape:
                 with tf.GradientTape() as gp_tape:
-                    coords = [interp] + extra(interp)        # the penalty's coordinates
+                    # the penalty's coordinates: the summaries count as inputs of their own, so the path from the
+                    # voxels through them is cut here (the generator's gradient below keeps it)
+                    coords = [interp] + [tf.stop_gradient(t) for t in extra(interp)]
                     for t in coords:
                         gp_tape.watch(t)
                     d_interp = critic([interp, c] + coords[1:], training=True)
