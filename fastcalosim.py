@@ -660,14 +660,24 @@ def expo_slope(x, y, err):
     return float(fit.x[1]) if np.all(np.isfinite(fit.x)) else math.nan
 
 
-def check_shape_file(path, layers):
-    """Every relevant layer's r<l>w (or r<l>) present; the fit in every r bin finite. Returns the slopes."""
+def open_root_file(path):
+    """One of the ROOT files LoadGAN opens, open for reading with uproot (FolderError when it is missing)."""
     uproot = _uproot()
     if not os.path.isfile(path):
         raise FolderError(f"{path}: missing (LoadGAN opens it unconditionally)")
+    return uproot.open(path)
+
+
+def root_keys(f):
+    """The object names of an open ROOT file, without their ;cycle."""
+    return {k.split(";")[0] for k in f.keys()}
+
+
+def check_shape_file(path, layers):
+    """Every relevant layer's r<l>w (or r<l>) present; the fit in every r bin finite. Returns the slopes."""
     slopes = {}
-    with uproot.open(path) as f:
-        keys = {k.split(";")[0] for k in f.keys()}
+    with open_root_file(path) as f:
+        keys = root_keys(f)
         for lay in relevant(layers):
             name = f"r{lay['id']}w"
             if name not in keys:
@@ -694,12 +704,9 @@ def check_shape_file(path, layers):
 
 def check_validation_file(path, layers):
     """rootTree with extrapWeight_<l> per relevant layer; FastCaloSim's weight = mean inside [0.01, 1]."""
-    uproot = _uproot()
-    if not os.path.isfile(path):
-        raise FolderError(f"{path}: missing (LoadGAN opens it unconditionally)")
     weights = {}
-    with uproot.open(path) as f:
-        if "rootTree" not in {k.split(";")[0] for k in f.keys()}:
+    with open_root_file(path) as f:
+        if "rootTree" not in root_keys(f):
             raise FolderError(f"{path}: no TTree rootTree")
         tree = f["rootTree"]
         for lay in relevant(layers):
