@@ -26,7 +26,11 @@ energy E_tot is histogrammed and compared with the reference's E_tot by ROOT's C
   compared at 3 decimals as BoloGAN writes them, ties going to the later checkpoint; with ``mean`` exact, ties
   to the earlier), never counting an
   energy left out of training with ``train.py --exclude-energy``: such energies are reported separately in
-  best.json (chi2/ndf and the E_tot/E_inc separation power, evaluate.py's per-energy binning).
+  best.json (chi2/ndf and the E_tot/E_inc separation power, evaluate.py's per-energy binning);
+* ``--smooth K`` (odd, default 1 = the above): the choice compares, for every checkpoint, the median total chi2/ndf
+  of the K checkpoints centred on it (fewer at the ends of the run), so that a checkpoint is chosen for a good
+  neighbourhood rather than one lucky value (neighbouring checkpoints' chi2 often differs 2-5x). best.json then
+  records K and the chosen checkpoint's smoothed value next to its own.
 
 Continuous incident energies (CaloChallenge datasets 2 and 3 draw E_inc log-uniformly from 1 GeV to 1 TeV, so
 nearly every event has its own energy and a per-energy histogram would hold one shower): the events are grouped
@@ -132,7 +136,11 @@ def parse_args(argv=None):
                    help="how events are grouped for the test: auto = the reference's discrete energy points, or "
                         "log-energy bins (E_tot/E_inc compared) when its energies are continuous; points = one "
                         f"group per energy; N = N log-energy bins (1..{MAX_ENERGY_BINS})")
+    p.add_argument("--smooth", type=int, default=1, metavar="K",
+                   help="choose by the median total chi2/ndf of K neighbouring checkpoints (odd; 1 = each alone)")
     args = p.parse_args(argv)
+    if args.smooth < 1 or args.smooth % 2 == 0:
+        raise UserError(f"--smooth must be an odd integer >= 1 (got {args.smooth})")
     if args.energy_bins not in ("auto", "points"):
         try:
             n = int(args.energy_bins)
@@ -306,6 +314,19 @@ def best_index(totals, window="mean"):
         r = np.where(ok, np.round(t, 3), np.inf)
         return int(np.flatnonzero(r == r.min())[-1])
     return int(np.argmin(np.where(ok, t, np.inf)))
+
+
+def smoothed(totals, k):
+    """Running median of ``totals`` over windows of ``k`` (odd) values centred on each, shorter at the ends.
+
+    >>> smoothed([5.0, 1.0, 6.0, 7.0, 2.0], 3).tolist()
+    [3.0, 5.0, 6.0, 6.0, 4.5]
+    >>> smoothed([5.0, 1.0, 6.0], 1).tolist()
+    [5.0, 1.0, 6.0]
+    """
+    t = np.asarray(totals, dtype=np.float64)
+    h = int(k) // 2
+    return np.array([np.median(t[max(0, i - h):i + h + 1]) for i in range(t.size)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -608,14 +629,9 @@ def scan_checkpoints(args, inp):
     from tqdm import tqdm
     for k_ckpt, (it, path) in enumerate(tqdm(inp.ckpts, desc="select", unit="ckpt", file=sys.stderr, disable=None,
                                              mininterval=1.0 if sys.stderr.isatty() else 60.0)):
-        gen = load_generator_file(os.path.join(path, "generator.keras"))
-        rng = np.random.default_rng(args.seed)       # the same noise for every checkpoint
-        res = {}
+        res = checkpoint_chi2(args, inp, path)
         for g in inp.groups:
-            g_val = generated_sums(gen, g.label, rng, args.batch_size) * g.scale
-            chi2, ndf = etot_chi2(g.ref, g_val, inp.particle, overflow=args.overflow, window=args.window,
-                                  momentum=g.momentum)
-            res[g.name] = (chi2, ndf, g_val)
+            chi2, ndf, _ = res[g.name]
             rows.append({"iteration": it, "energy": g.key if inp.grouping["kind"] == "points" else g.name,
                          "role": g.role, "chi2": chi2, "ndf": ndf, "chi2_ndf": chi2 / ndf if ndf > 0 else math.inf})
             (per_x if g.role == "excluded" else per_e)[g.key].append(rows[-1]["chi2_ndf"])
@@ -625,7 +641,23 @@ def scan_checkpoints(args, inp):
         totals.append(total)
         if best_index(totals, args.window) == k_ckpt:     # keep the generated values of the best so far only
             best_k, best_res = k_ckpt, res
+    if args.smooth > 1:
+        best_k = best_index(smoothed(totals, args.smooth), args.window)
+        best_res = checkpoint_chi2(args, inp, inp.ckpts[best_k][1])     # the same noise: the scan's values
     return rows, totals, per_e, per_x, best_k, best_res
+
+
+def checkpoint_chi2(args, inp, path):
+    """{group name: (chi2, ndf, generated values)} of the checkpoint at ``path``, the same noise for every one."""
+    gen = load_generator_file(os.path.join(path, "generator.keras"))
+    rng = np.random.default_rng(args.seed)
+    res = {}
+    for g in inp.groups:
+        g_val = generated_sums(gen, g.label, rng, args.batch_size) * g.scale
+        chi2, ndf = etot_chi2(g.ref, g_val, inp.particle, overflow=args.overflow, window=args.window,
+                              momentum=g.momentum)
+        res[g.name] = (chi2, ndf, g_val)
+    return res
 
 
 def energy_report(args, inp, res, g):
@@ -693,6 +725,8 @@ def _main(argv):
     best = {
         "run": os.path.abspath(args.run), "range": inp.cfg.get("range"), "best_iteration": int(best_it),
         "checkpoint": os.path.abspath(best_path), "chi2_ndf": _num(totals[best_k]),
+        "smooth": {"checkpoints": int(args.smooth), "statistic": "median of the total chi2/ndf",
+                   "chi2_ndf": _num(smoothed(totals, args.smooth)[best_k])},
         "per_energy": {g.name: energy_report(args, inp, res, g) for g in inp.fit},
         "excluded": {g.name: energy_report(args, inp, res, g) for g in inp.held},
         "excluded_energies": inp.cfg.get("excluded_energies", []),

@@ -243,6 +243,18 @@ def test_mode_window_on_hand_made_histograms():
     assert se.best_index([math.inf, math.inf], "mode") == 1
 
 
+def test_smoothed_choice_prefers_a_good_neighbourhood():
+    # one lucky checkpoint (1.0 between two 9.0s) against a steady stretch (3, 2, 3): each alone picks the lucky
+    # one, the running median of 3 the stretch; the ends use the values they have
+    totals = [9.0, 1.0, 9.0, 3.0, 2.0, 3.0]
+    assert se.best_index(totals) == 1
+    assert se.smoothed(totals, 3).tolist() == [5.0, 9.0, 3.0, 3.0, 3.0, 2.5]
+    assert se.best_index(se.smoothed(totals, 3)) == 5
+    assert se.smoothed(totals, 5).tolist() == [9.0, 6.0, 3.0, 3.0, 3.0, 3.0]
+    assert se.best_index(se.smoothed(totals, 1)) == se.best_index(totals)
+    assert se.smoothed([1.0, math.inf, math.inf], 3)[1] == math.inf
+
+
 def test_identical_checkpoints_tie_to_the_later_one(tiny_run, tmp_path):
     """A run whose last checkpoint is a copy of its first under a later iteration: the mode window picks the
     copy when the first was best, the mean window the first (same noise, equal chi2)."""
@@ -443,3 +455,34 @@ def test_discrete_reference_keeps_points(tiny_run, tmp_path):
     g = json.loads((out / "best.json").read_text())["energy_grouping"]
     assert g["kind"] == "points" and g["compared"] == "E_tot" and g["points"] == 4
     assert g["rule"].startswith("auto: 5 distinct energies")
+
+
+def test_smooth_option_prefers_a_steady_stretch(continuous_run, tmp_path, capsys):
+    """Checkpoints with the response 15 % high, right (a lucky one), 15 % high, then 4 %, 1 %, 2 % high and 15 %
+    high again: alone, the right one is chosen; --smooth 3 takes the 1 % one, whose neighbourhood is good, and
+    best.json's numbers of it equal its rows in chi2.csv (the scan's noise)."""
+    _, ref, _ = continuous_run
+    run = tmp_path / "run"
+    factors = (1.15, 1.0, 1.15, 1.04, 1.01, 1.02, 1.15)
+    for k, factor in enumerate(factors):
+        (run / f"ckpt_{1000 * (k + 1)}").mkdir(parents=True)
+        response_generator(factor).save(run / f"ckpt_{1000 * (k + 1)}" / "generator.keras")
+    (run / "config.json").write_text(json.dumps(CONT_CFG))
+    common = ["--run", str(run), "--reference", ref, "--events", "2000", "--no-generated", "--energy-bins", "4",
+              "--window", "mean", "--overflow"]
+    for smooth, expected in ((1, 2000), (3, 5000)):
+        out = tmp_path / f"sel{smooth}"
+        assert se.main(common + ["--out", str(out), "--smooth", str(smooth)]) == 0
+        best = json.loads((out / "best.json").read_text())
+        assert best["best_iteration"] == expected and best["smooth"]["checkpoints"] == smooth
+    rows = list(csv.DictReader(open(out / "chi2.csv", newline="")))
+    totals = [float(r["chi2_ndf"]) for r in rows if r["role"] == "total"]
+    assert best["chi2_ndf"] == pytest.approx(totals[4], rel=1e-6)
+    assert best["smooth"]["chi2_ndf"] == pytest.approx(totals[5], rel=1e-6)       # median of the 4, 1, 2 % ones
+    for r in rows:
+        if int(r["iteration"]) == 5000 and r["role"] == "fit":
+            assert best["per_energy"][r["energy_mev"]]["chi2"] == pytest.approx(float(r["chi2"]), rel=1e-5)
+    for bad in ("2", "0"):
+        assert se.main(common + ["--out", str(tmp_path / "bad"), "--smooth", bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--smooth" in err[0]
