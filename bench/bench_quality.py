@@ -169,13 +169,22 @@ def call(main, argv):
 # ----------------------------------------------------------------------------------------------
 # data (made once, as make all makes it)
 
+def slice_tag(args):
+    """The folder name of the benchmark's slice, under WORK/data and WORK/runs (and OUT/runs): runs of two slices
+    with the same recipe, seed and budget never share a folder.
+
+    >>> slice_tag(argparse.Namespace(particle="pion", eta=0.2, events=1000))
+    'pion_0.20_ev1000'
+    """
+    return f"{args.particle}_{args.eta:.2f}_ev{args.events}"
+
+
 def make_data(args, norms=("ekin",)):
     """Toy hits -> voxels (training and held-out) -> one training file per representation in ``norms`` in
     args.work; returns the paths: voxels, voxels_heldout, train (voxels / E_kin) and train_<norm> for each norm."""
     import preprocess
 
-    tag = f"{args.particle}_{args.eta:.2f}_ev{args.events}"
-    d = os.path.join(args.work, "data", tag)
+    d = os.path.join(args.work, "data", slice_tag(args))
     paths = {k: os.path.join(d, f"{k}.h5") for k in ("voxels", "voxels_heldout", "train")}
     paths.update({f"train_{n}": paths["train"] if n == "ekin" else os.path.join(d, f"train_{n}.h5")
                   for n in set(norms) | {"ekin"}})
@@ -550,7 +559,8 @@ def main(argv=None):
             jobs.append({"name": name, "seed": seed, "iterations": iterations, "train_args": flags,
                          "checkpoint_every": args.checkpoint_every, "train": paths[f"train_{norm}"], "norm": norm,
                          "voxels": paths["voxels"], "heldout": paths["voxels_heldout"],
-                         "run": os.path.join(args.work, "runs", tag), "out": os.path.join(args.out, "runs", tag),
+                         "run": os.path.join(args.work, "runs", slice_tag(args), tag),
+                         "out": os.path.join(args.out, "runs", slice_tag(args), tag),
                          "select_events": args.select_events, "select_args": args.select_args,
                          "cls_epochs": args.cls_epochs, "eval_seed": args.eval_seed, "fpd_args": args.fpd_args,
                          "cls_args": args.cls_args})

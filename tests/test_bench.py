@@ -76,3 +76,18 @@ def test_bench_quick_mode_prints_every_promised_key(path):
     for key in other:
         lookup(result, key)
     print(f"{os.path.basename(path)} --quick: {seconds:.1f} s")    # shown with pytest -s (measurements)
+
+
+DOCTESTED = [p for p in BENCHES if ">>>" in open(p).read()]
+
+
+@pytest.mark.parametrize("path", DOCTESTED, ids=[os.path.basename(p) for p in DOCTESTED])
+def test_bench_docstring_examples(path):
+    """Every ``>>>`` example of a bench script runs and prints what it shows (in its own process, as the script
+    imports what it needs when it runs)."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    code = (f"import doctest, sys; sys.path.insert(0, {os.path.dirname(path)!r}); import {name}; "
+            f"r = doctest.testmod({name}, optionflags=doctest.ELLIPSIS); print(r); sys.exit(int(r.failed > 0))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "attempted=0" not in res.stdout
