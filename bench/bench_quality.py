@@ -14,8 +14,9 @@ with ``preprocess.py prepare --norm``; a NAME=ARGS recipe may pick one with ``--
   (``resolution_ratio``) and response <E_tot> (``response_ratio``); ``worst_resolution_ratio_ge_1gev`` is the
   largest max(ratio, 1/ratio) over the energies >= 1 GeV;
 * ``train_iterations_per_s``, ``train_cpu_s`` (process CPU seconds of the training), ``best_iteration``;
-* a learning curve: every few checkpoints, E_tot/E_inc separation and the resolution ratio of that checkpoint
-  (generated like the held-out sample), against the iteration and the training CPU seconds.
+* a learning curve: every few checkpoints (``--curve-points``), E_tot/E_inc separation and the resolution ratio of
+  that checkpoint (generated like the held-out sample), against the iteration and the training CPU seconds; with
+  ``--curve-shapes`` also evaluate.py's mean separation power and FPD there.
 
 and per recipe the mean and the spread (standard deviation, min, max) over seeds. Jobs run in parallel
 (``--jobs``, one TensorFlow thread each). The data are made once in ``--work`` (toy hits, voxels, training
@@ -105,6 +106,10 @@ def parse_args(argv=None):
     p.add_argument("--eval-seed", type=int, default=1, help="evaluate.py --seed (the same for every run)")
     p.add_argument("--cls-args", default=CLS_ARGS, help="evaluate.py classifier flags (the demo's, as make all)")
     p.add_argument("--fpd-args", default=FPD_ARGS, help="evaluate.py FPD/KPD flags (KPD is not reported here)")
+    p.add_argument("--curve-points", type=int, default=CURVE_POINTS, help="checkpoints on each learning curve")
+    p.add_argument("--curve-shapes", action="store_true",
+                   help="also the shapes on the learning curves: evaluate.py's mean separation power (hist-chi) and "
+                        "FPD (--fpd-args) at every curve point (about a minute of CPU per point)")
     p.add_argument("--jobs", type=int, default=2, help="trainings at once (one TensorFlow thread each)")
     p.add_argument("--work", default=os.path.join(ROOT, "work", "bench_quality"), help="data and runs")
     p.add_argument("--out", default=os.path.join(ROOT, "results", "bench_quality"), help="JSON and plot")
@@ -118,6 +123,7 @@ def parse_args(argv=None):
         args.events, args.iterations, args.checkpoint_every = 60, 20, 10
         args.seeds, args.select_events, args.cls_epochs = args.seeds[:1], 200, 1
         args.fpd_args = QUICK_FPD_ARGS
+        args.curve_points, args.curve_shapes = 2, True       # the shapes' curve code runs in the suite too
         if args.work == p.get_default("work") and args.out == p.get_default("out"):
             import tempfile                 # the test suite runs this: nothing left in the checkout
             args.work = args.out = tempfile.mkdtemp(prefix="bench_quality_quick_")
@@ -305,7 +311,7 @@ def run_job(job):
         path = os.path.join(out, f"eval_{mode}.json")
         if not up_to_date(path, os.path.join(sel, "generated.h5")):
             call(evaluate.main, ["-i", os.path.join(sel, "generated.h5"), "-r", job["heldout"], "-m", mode,
-                                 "-d", "1-pions" if cfg["particle"] in ("pion", "proton") else "1-photons",
+                                 "-d", eval_dataset(cfg),
                                  "--output_dir", os.path.join(out, f"eval_{mode}"), "--seed", str(job["eval_seed"]),
                                  "--cls_n_epochs", str(job["cls_epochs"]), "--json", path, "-q",
                                  *shlex.split(job["fpd_args"] if mode == "fpd" else job["cls_args"])])
@@ -388,7 +394,7 @@ def learning_curve(run, job, cpu_per_it):
     import plumbing
 
     ckpts = plumbing.list_checkpoints(run)
-    step = max(1, math.ceil(len(ckpts) / CURVE_POINTS))
+    step = max(1, math.ceil(len(ckpts) / job.get("curve_points", CURVE_POINTS)))
     chosen = ckpts[step - 1::step]
     if ckpts and chosen[-1] != ckpts[-1]:
         chosen.append(ckpts[-1])
@@ -407,9 +413,34 @@ def learning_curve(run, job, cpu_per_it):
         rows, overall = energy_table(tmp, job["heldout"])
         points.append({"iteration": it, "cpu_s": it * cpu_per_it, "etot_einc_separation": overall,
                        "worst_resolution_ratio_ge_1gev": worst_resolution(rows)})
+        if job.get("curve_shapes"):
+            points[-1].update(curve_shapes(tmp, job, cfg))
     if os.path.exists(tmp):
         os.remove(tmp)
     return points
+
+
+def eval_dataset(cfg):
+    """evaluate.py's -d for a run of config ``cfg``: dataset 1's pion geometry for hadrons, else its photon geometry."""
+    return "1-pions" if cfg["particle"] in ("pion", "proton") else "1-photons"
+
+
+def curve_shapes(generated, job, cfg):
+    """evaluate.py's mean separation power (hist-chi) and FPD x 1e3 of a learning-curve point's generated file."""
+    import evaluate
+
+    found = {}
+    for mode in ("hist-chi", "fpd"):
+        path = os.path.join(job["out"], f"curve_{mode}.json")
+        call(evaluate.main, ["-i", generated, "-r", job["heldout"], "-m", mode, "-d", eval_dataset(cfg),
+                             "--output_dir", os.path.join(job["out"], f"curve_{mode}"), "--seed",
+                             str(job["eval_seed"]), "--json", path, "-q",
+                             *shlex.split(job["fpd_args"] if mode == "fpd" else "")])
+        with open(path) as f:
+            found[mode] = json.load(f)
+        os.remove(path)
+    return {"separation_power_mean": float(found["hist-chi"]["separation_power_mean"]["value"]),
+            "fpd_x1e3": float(found["fpd"]["fpd_x1e3"])}
 
 
 def spawn(job, threads):
@@ -473,9 +504,12 @@ def plot_curves(recipes, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = (("etot_einc_separation", "E_tot/E_inc separation power"),
-               ("worst_resolution_ratio_ge_1gev", "worst resolution ratio (E >= 1 GeV)"))
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), constrained_layout=True)
+    metrics = [("etot_einc_separation", "E_tot/E_inc separation power"),
+               ("worst_resolution_ratio_ge_1gev", "worst resolution ratio (E >= 1 GeV)")]
+    points = [p for rec in recipes.values() for s in rec["seeds"].values() for p in s["curve"]]
+    if points and all("fpd_x1e3" in p for p in points):
+        metrics += [("separation_power_mean", "mean separation power (hist-chi)"), ("fpd_x1e3", "FPD x 1e3")]
+    fig, axes = plt.subplots(len(metrics), 2, figsize=(11, 3.75 * len(metrics)), constrained_layout=True)
     for col, (xkey, xlabel) in enumerate((("iteration", "generator iteration"),
                                           ("cpu_s", "training CPU seconds"))):
         for row, (key, ylabel) in enumerate(metrics):
@@ -563,7 +597,8 @@ def main(argv=None):
                          "out": os.path.join(args.out, "runs", slice_tag(args), tag),
                          "select_events": args.select_events, "select_args": args.select_args,
                          "cls_epochs": args.cls_epochs, "eval_seed": args.eval_seed, "fpd_args": args.fpd_args,
-                         "cls_args": args.cls_args})
+                         "cls_args": args.cls_args, "curve_points": args.curve_points,
+                         "curve_shapes": args.curve_shapes})
     results = run_all(jobs, max(1, args.jobs))
     recipes = {}
     for job, res in zip(jobs, results):
