@@ -514,7 +514,7 @@ def plot_curves(recipes, path):
                                           ("cpu_s", "training CPU seconds"))):
         for row, (key, ylabel) in enumerate(metrics):
             ax = axes[row, col]
-            for name, rec in recipes.items():
+            for k, (name, rec) in enumerate(recipes.items()):      # one colour per recipe in every panel
                 curves = [s["curve"] for s in rec["seeds"].values() if s["curve"]]
                 n = min(len(c) for c in curves) if curves else 0
                 if n == 0:
@@ -523,8 +523,8 @@ def plot_curves(recipes, path):
                 y = np.array([[p[key] for p in c[:n]] for c in curves])
                 if not np.isfinite(x).any():        # reused runs whose CPU time was not recorded
                     continue
-                line, = ax.plot(x, y.mean(0), marker="o", ms=3, label=f"{name} ({len(curves)} seeds)")
-                ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
+                ax.plot(x, y.mean(0), marker="o", ms=3, color=f"C{k}", label=f"{name} ({len(curves)} seeds)")
+                ax.fill_between(x, y.min(0), y.max(0), color=f"C{k}", alpha=0.2)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             ax.set_yscale("log")
