@@ -291,7 +291,6 @@ def worst_resolution(rows, min_energy=1000.0):
 # one (recipe, seed): train, select, evaluate, curve (runs in its own process)
 
 def run_job(job):
-    import evaluate
     import plumbing
     import select_epoch
     import train
@@ -310,11 +309,7 @@ def run_job(job):
     for mode in ("hist-chi", "cls-high", "fpd"):
         path = os.path.join(out, f"eval_{mode}.json")
         if not up_to_date(path, os.path.join(sel, "generated.h5")):
-            call(evaluate.main, ["-i", os.path.join(sel, "generated.h5"), "-r", job["heldout"], "-m", mode,
-                                 "-d", eval_dataset(cfg),
-                                 "--output_dir", os.path.join(out, f"eval_{mode}"), "--seed", str(job["eval_seed"]),
-                                 "--cls_n_epochs", str(job["cls_epochs"]), "--json", path, "-q",
-                                 *shlex.split(job["fpd_args"] if mode == "fpd" else job["cls_args"])])
+            run_evaluate(os.path.join(sel, "generated.h5"), job, cfg, mode, os.path.join(out, f"eval_{mode}"), path)
         with open(path) as f:
             metrics[mode] = json.load(f)
     rows, overall = energy_table(os.path.join(sel, "generated.h5"), job["heldout"])
@@ -394,7 +389,7 @@ def learning_curve(run, job, cpu_per_it):
     import plumbing
 
     ckpts = plumbing.list_checkpoints(run)
-    step = max(1, math.ceil(len(ckpts) / job.get("curve_points", CURVE_POINTS)))
+    step = max(1, math.ceil(len(ckpts) / job["curve_points"]))
     chosen = ckpts[step - 1::step]
     if ckpts and chosen[-1] != ckpts[-1]:
         chosen.append(ckpts[-1])
@@ -413,7 +408,7 @@ def learning_curve(run, job, cpu_per_it):
         rows, overall = energy_table(tmp, job["heldout"])
         points.append({"iteration": it, "cpu_s": it * cpu_per_it, "etot_einc_separation": overall,
                        "worst_resolution_ratio_ge_1gev": worst_resolution(rows)})
-        if job.get("curve_shapes"):
+        if job["curve_shapes"]:
             points[-1].update(curve_shapes(tmp, job, cfg))
     if os.path.exists(tmp):
         os.remove(tmp)
@@ -425,17 +420,22 @@ def eval_dataset(cfg):
     return "1-pions" if cfg["particle"] in ("pion", "proton") else "1-photons"
 
 
-def curve_shapes(generated, job, cfg):
-    """evaluate.py's mean separation power (hist-chi) and FPD x 1e3 of a learning-curve point's generated file."""
+def run_evaluate(generated, job, cfg, mode, output_dir, json_path):
+    """evaluate.py ``-m mode`` of ``generated`` against the job's held-out file, with the job's seed and flags."""
     import evaluate
 
+    call(evaluate.main, ["-i", generated, "-r", job["heldout"], "-m", mode, "-d", eval_dataset(cfg),
+                         "--output_dir", output_dir, "--seed", str(job["eval_seed"]),
+                         "--cls_n_epochs", str(job["cls_epochs"]), "--json", json_path, "-q",
+                         *shlex.split(job["fpd_args"] if mode == "fpd" else job["cls_args"])])
+
+
+def curve_shapes(generated, job, cfg):
+    """evaluate.py's mean separation power (hist-chi) and FPD x 1e3 of a learning-curve point's generated file."""
     found = {}
     for mode in ("hist-chi", "fpd"):
         path = os.path.join(job["out"], f"curve_{mode}.json")
-        call(evaluate.main, ["-i", generated, "-r", job["heldout"], "-m", mode, "-d", eval_dataset(cfg),
-                             "--output_dir", os.path.join(job["out"], f"curve_{mode}"), "--seed",
-                             str(job["eval_seed"]), "--json", path, "-q",
-                             *shlex.split(job["fpd_args"] if mode == "fpd" else "")])
+        run_evaluate(generated, job, cfg, mode, os.path.join(job["out"], f"curve_{mode}"), path)
         with open(path) as f:
             found[mode] = json.load(f)
         os.remove(path)
