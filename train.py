@@ -181,6 +181,14 @@ def parse_args(argv=None):
                    help="the critic also sees E_tot / E_kin (the sum of the normalised voxels), standardised over "
                         "the training sample and scaled to this spread (0 = off; recipe's choice, else off as in "
                         "FastCaloGAN). With --critic-summaries the layer energies get the same spread")
+    p.add_argument("--critic-sparsity", type=float, default=None, metavar="SPREAD",
+                   help="the critic also sees, per layer, the fraction of voxels at or above the readout threshold "
+                        "(--critic-threshold, in MeV: voxel / E_kin x E_kin), made smooth by a sigmoid, "
+                        "standardised over the training sample and scaled to this spread (0 = off; recipe's "
+                        "choice, else off as in FastCaloGAN); the generator is unchanged")
+    p.add_argument("--critic-threshold", type=float, default=None, metavar="MEV",
+                   help="the readout threshold --critic-sparsity counts voxels against (default 1 MeV: "
+                        "CaloChallenge dataset 1's and evaluate.py's)")
     p.add_argument("--lr-decay", type=float, default=None, metavar="F",
                    help="cosine learning-rate decay from --lr to F x --lr over --iterations (1 = constant: "
                         "FastCaloGAN; recipe's choice, else 1)")
@@ -245,6 +253,10 @@ def parse_args(argv=None):
                 "--beta1/--beta2 in [0, 1)")
     if args.critic_etot is not None and not (math.isfinite(args.critic_etot) and args.critic_etot >= 0):
         raise UserError(f"--critic-etot must be a spread >= 0 (got {args.critic_etot})")
+    if args.critic_sparsity is not None and not (math.isfinite(args.critic_sparsity) and args.critic_sparsity >= 0):
+        raise UserError(f"--critic-sparsity must be a spread >= 0 (got {args.critic_sparsity})")
+    if args.critic_threshold is not None and not (math.isfinite(args.critic_threshold) and args.critic_threshold > 0):
+        raise UserError(f"--critic-threshold must be > 0 MeV (got {args.critic_threshold})")
     if args.lr_decay is not None and not 0 < args.lr_decay <= 1:
         raise UserError(f"--lr-decay must be in (0, 1] (got {args.lr_decay})")
     if args.generator_layers is not None:
@@ -525,7 +537,7 @@ def build_layer_generator(spans, latent_dim=50, cond_dim=2, hidden=GENERATOR_HID
     return keras.Model([noise, cond], layers.Concatenate(name=LAYER_OUTPUT)(heads), name="generator")
 
 
-def build_critic(n_voxels, cond_dim=2, hidden=None, activation="relu", he=True, summaries=None):
+def build_critic(n_voxels, cond_dim=2, hidden=None, activation="relu", he=True, summaries=None, sparsity=None):
     """FastCaloGAN critic: [voxels, condition] -> Dense(hidden) (ReLU) -> linear score.
 
     ``hidden`` defaults to [N_vox] x 3; kernels He-uniform and biases zero as FastCaloGAN (``he=False``:
@@ -535,7 +547,8 @@ def build_critic(n_voxels, cond_dim=2, hidden=None, activation="relu", he=True, 
     ``summaries`` and standardised with the training sample's mean and standard deviation. The generator, and so
     what FastCaloSim runs, is unchanged. (Standardising them at each energy instead, so that a 1 % resolution
     becomes one unit, made the gradient penalty explode: the penalty bounds the critic's gradient with respect to
-    the voxels, and such features multiply it by 1/sigma.)
+    the voxels, and such features multiply it by 1/sigma.) ``sparsity`` (see :func:`sparsity_settings`) adds an
+    input ``sparsity``: each layer's soft fraction of voxels above the readout threshold, computed by the step.
     """
     keras = _keras()
     layers = keras.layers
@@ -553,6 +566,10 @@ def build_critic(n_voxels, cond_dim=2, hidden=None, activation="relu", he=True, 
         proj = layers.Dense(weights[0].shape[1], name="summaries", trainable=False)
         parts.append(proj(x))
         proj.set_weights(weights)
+    if sparsity:
+        s = keras.Input(shape=(len(sparsity["spans"]),), name="sparsity")
+        parts.append(s)
+        inputs.append(s)
     h = layers.Concatenate(name="concat")(parts)
     for i, n in enumerate(hidden):
         h = _dense(layers, n, f"dense_{i}", activation, he)(h)
@@ -630,6 +647,63 @@ def summary_weights(n_voxels, summaries):
     return [m.astype(np.float32), (-mean * scale).astype(np.float32)]
 
 
+def sparsity_settings(voxels, ekin, spans, spread, threshold=1.0, chunk=4096):
+    """The critic's per-layer soft counts (:func:`soft_counts`) of a training sample: spans, threshold and width
+    in MeV, each count's mean and std over the sample (float lists) and the spread they are scaled to.
+
+    >>> s = sparsity_settings(np.array([[0.0, 0.5], [1.0, 0.0]]), np.array([1.0, 10.0]), [(0, 2)], 0.2)
+    >>> round(s["mean"][0], 4), round(s["std"][0], 4), s["width_mev"]     # MeV [0, 0.5] and [10, 0]
+    (0.3768, 0.1828, 0.5)
+    """
+    out = {"spans": [[int(a), int(b)] for a, b in spans], "threshold_mev": float(threshold),
+           "width_mev": float(threshold) * SPARSITY_WIDTH, "spread": float(spread)}
+    counts = np.concatenate([soft_counts(voxels[i:i + chunk], np.asarray(ekin)[i:i + chunk], out)
+                             for i in range(0, len(voxels), chunk)])
+    out.update(mean=[float(v) for v in counts.mean(0)], std=[float(v) for v in counts.std(0)])
+    return out
+
+
+#: the sigmoid's width, as a fraction of the threshold: a voxel at the threshold counts 1/2, an empty one
+#: sigmoid(-1 / SPARSITY_WIDTH) = 0.12, one at twice the threshold 0.88
+SPARSITY_WIDTH = 0.5
+
+
+def count_matrix(n_voxels, spans):
+    """(n_voxels, len(spans)) float64: 1 / (voxels of span i) on span i's rows, so x @ it averages each span.
+
+    >>> count_matrix(3, [(0, 1), (1, 3)]).tolist()
+    [[1.0, 0.0], [0.0, 0.5], [0.0, 0.5]]
+    """
+    m = np.zeros((int(n_voxels), len(spans)), dtype=np.float64)
+    for i, (a, b) in enumerate(spans):
+        m[int(a):int(b), i] = 1.0 / (int(b) - int(a))
+    return m
+
+
+def soft_counts(voxels, ekin, sparsity):
+    """(N, layers) float64: per layer, the mean over its voxels of sigmoid((voxel / E_kin x E_kin - threshold) /
+    width), a differentiable fraction of voxels at or above the readout threshold (numpy; the training step
+    computes the same in its backend with :func:`sparsity_projection`'s kernel)."""
+    mev = np.asarray(voxels, dtype=np.float64) * np.asarray(ekin, dtype=np.float64).reshape(-1, 1)
+    z = (mev - sparsity["threshold_mev"]) / sparsity["width_mev"]
+    return (0.5 * (1.0 + np.tanh(0.5 * z))) @ count_matrix(mev.shape[1], sparsity["spans"])
+
+
+def sparsity_projection(n_voxels, sparsity):
+    """(kernel, bias, threshold, width) of the critic's sparsity input, or None without one: the training step
+    feeds ``sigmoid((x * E_kin - threshold) / width) @ kernel + bias`` = spread x (counts - mean) / std (std floored
+    at 1e-6), an input of the critic's own that the gradient penalty counts as coordinates of their own (as
+    :func:`independent_summaries`)."""
+    if not sparsity:
+        return None
+    std = np.maximum(np.asarray(sparsity["std"], dtype=np.float64), 1e-6)
+    scale = float(sparsity["spread"]) / std
+    kernel = count_matrix(n_voxels, sparsity["spans"]) * scale[None, :]
+    bias = -np.asarray(sparsity["mean"], dtype=np.float64) * scale
+    return (kernel.astype(np.float32), bias.astype(np.float32), float(sparsity["threshold_mev"]),
+            float(sparsity["width_mev"]))
+
+
 def layer_spans(geom, n_voxels):
     """[(first, last + 1)] voxel index span of each voxelised layer of the slice's Geometry, or [] without one
     (or one of another voxel count): the critic then sums all voxels only."""
@@ -660,7 +734,8 @@ def networks_from_config(cfg):
         gen = build_generator(cfg["n_voxels"], cfg["latent_dim"], 2, g["hidden"], g["activation"], g["batchnorm"],
                               g["output_activation"], g.get("output_batchnorm", False), layout, init)
     critic = build_critic(cfg.get("n_features", cfg["n_voxels"]), 2, c["hidden"], c["activation"],
-                          he=layout != "legacy" and init == "he", summaries=c.get("summaries"))
+                          he=layout != "legacy" and init == "he", summaries=c.get("summaries"),
+                          sparsity=c.get("sparsity"))
     return gen, critic
 
 
@@ -752,29 +827,25 @@ def draw_batches(rng, n_events, cfg, pool=None, sampler=None):
 class _TensorFlowStep:
     """The iteration as one ``tf.function`` (XLA with ``jit``): GradientTape for the losses and the penalty."""
 
-    def __init__(self, gen, critic, opt_g, opt_d, cfg, voxels, cond, jit=True):
+    def __init__(self, gen, critic, opt_g, opt_d, cfg, voxels, cond, jit=True, ekin=None):
         import tensorflow as tf
 
         self.gen, self.critic, self.opt_g, self.opt_d = gen, critic, opt_g, opt_d
         self.x_all = tf.constant(voxels)
         self.c_all = tf.constant(cond)
+        e_all = tf.constant(_step_ekin(voxels, ekin))
         b, k, lam = cfg["batch_size"], cfg["n_critic"], float(cfg["lambda_gp"])
         bn_train = batchnorm_training(cfg)
-        proj = summary_projection(cfg.get("n_features", cfg["n_voxels"]), cfg["critic"].get("summaries"))
-        if proj is not None:
-            proj = (tf.constant(proj[0]), tf.constant(proj[1]))
+        extra = _critic_extra(cfg, tf.matmul, tf.sigmoid, tf.constant)
 
-        def extra(x):           # the critic's independent summaries of x (none without them)
-            return [] if proj is None else [tf.matmul(x, proj[0]) + proj[1]]
-
-        def critic_update(x, c, z, eps):
+        def critic_update(x, c, e, z, eps):
             fake = gen([z, c], training=bn_train)
             interp = eps * x + (1.0 - eps) * fake
             with tf.GradientTape() as tape:
                 with tf.GradientTape() as gp_tape:
                     # the penalty's coordinates: the summaries count as inputs of their own, so the path from the
                     # voxels through them is cut here (the generator's gradient below keeps it)
-                    coords = [interp] + [tf.stop_gradient(t) for t in extra(interp)]
+                    coords = [interp] + [tf.stop_gradient(t) for t in extra(interp, e)]
                     for t in coords:
                         gp_tape.watch(t)
                     d_interp = critic([interp, c] + coords[1:], training=True)
@@ -782,7 +853,7 @@ class _TensorFlowStep:
                 norm = tf.sqrt(sum(tf.reduce_sum(tf.square(g), axis=1) for g in grads) + 1e-12)
                 gp = tf.reduce_mean(tf.square(norm - 1.0))
                 both = tf.concat([x, fake], 0)
-                d = critic([both, tf.concat([c, c], 0)] + extra(both), training=True)
+                d = critic([both, tf.concat([c, c], 0)] + extra(both, tf.concat([e, e], 0)), training=True)
                 w = tf.reduce_mean(d[:b]) - tf.reduce_mean(d[b:])
                 loss = lam * gp - w
             grads = tape.gradient(loss, critic.trainable_variables)
@@ -792,11 +863,13 @@ class _TensorFlowStep:
         def iteration(x_all, c_all, idx, noise, eps):
             parts = []
             for i in range(k):   # unrolled: the k critic updates are one compiled graph
-                parts.append(critic_update(tf.gather(x_all, idx[i]), tf.gather(c_all, idx[i]), noise[i], eps[i]))
+                parts.append(critic_update(tf.gather(x_all, idx[i]), tf.gather(c_all, idx[i]),
+                                           tf.gather(e_all, idx[i]), noise[i], eps[i]))
             c = tf.gather(c_all, idx[k - 1])         # FastCaloGAN: the conditions of the last critic batch
+            e = tf.gather(e_all, idx[k - 1])
             with tf.GradientTape() as tape:
                 fake = gen([noise[k], c], training=bn_train)
-                g_loss = -tf.reduce_mean(critic([fake, c] + extra(fake), training=True))
+                g_loss = -tf.reduce_mean(critic([fake, c] + extra(fake, e), training=True))
             grads = tape.gradient(g_loss, gen.trainable_variables)
             opt_g.apply(grads, gen.trainable_variables)
             m = tf.reduce_mean(tf.stack(parts), axis=0)
@@ -814,52 +887,51 @@ class _TensorFlowStep:
 class _JaxStep:
     """The iteration as one ``jax.jit`` function over explicit state (``stateless_call``/``stateless_apply``)."""
 
-    def __init__(self, gen, critic, opt_g, opt_d, cfg, voxels, cond, jit=True):
+    def __init__(self, gen, critic, opt_g, opt_d, cfg, voxels, cond, jit=True, ekin=None):
         import jax
         import jax.numpy as jnp
 
         self.gen, self.critic, self.opt_g, self.opt_d = gen, critic, opt_g, opt_d
         self.x_all = jnp.asarray(voxels)
         self.c_all = jnp.asarray(cond)
+        e_all = jnp.asarray(_step_ekin(voxels, ekin))
         b, k, lam = cfg["batch_size"], cfg["n_critic"], float(cfg["lambda_gp"])
         bn_train = batchnorm_training(cfg)
+        extra = _critic_extra(cfg, jnp.matmul, jax.nn.sigmoid, jnp.asarray)
 
-        proj = summary_projection(cfg.get("n_features", cfg["n_voxels"]), cfg["critic"].get("summaries"))
-
-        def extra(x):           # the critic's independent summaries of x (none without them)
-            return [] if proj is None else [x @ proj[0] + proj[1]]
-
-        def score(d_tv, d_ntv, x, c, coords=None):
-            out, _ = critic.stateless_call(d_tv, d_ntv, [x, c] + (extra(x) if coords is None else coords),
+        def score(d_tv, d_ntv, x, c, e, coords=None):
+            out, _ = critic.stateless_call(d_tv, d_ntv, [x, c] + (extra(x, e) if coords is None else coords),
                                            training=True)
             return out[:, 0]
 
-        def critic_loss(d_tv, d_ntv, x, c, fake, eps):
+        def critic_loss(d_tv, d_ntv, x, c, e, fake, eps):
             interp = eps * x + (1.0 - eps) * fake
-            coords = [interp] + extra(interp)                # the penalty's coordinates
-            grads = jax.grad(lambda cs: jnp.sum(score(d_tv, d_ntv, cs[0], c, cs[1:])))(coords)
+            coords = [interp] + extra(interp, e)             # the penalty's coordinates
+            grads = jax.grad(lambda cs: jnp.sum(score(d_tv, d_ntv, cs[0], c, e, cs[1:])))(coords)
             sq = sum(jnp.sum(jnp.square(g), axis=1) for g in grads)
             gp = jnp.mean(jnp.square(jnp.sqrt(sq + 1e-12) - 1.0))
-            d = score(d_tv, d_ntv, jnp.concatenate([x, fake], 0), jnp.concatenate([c, c], 0))
+            d = score(d_tv, d_ntv, jnp.concatenate([x, fake], 0), jnp.concatenate([c, c], 0),
+                      jnp.concatenate([e, e], 0))
             w = jnp.mean(d[:b]) - jnp.mean(d[b:])
             return lam * gp - w, (gp, w)
 
-        def gen_loss(g_tv, g_ntv, d_tv, d_ntv, z, c):
+        def gen_loss(g_tv, g_ntv, d_tv, d_ntv, z, c, e):
             fake, g_ntv = gen.stateless_call(g_tv, g_ntv, [z, c], training=bn_train)
-            return -jnp.mean(score(d_tv, d_ntv, fake, c)), g_ntv
+            return -jnp.mean(score(d_tv, d_ntv, fake, c, e)), g_ntv
 
         def iteration(state, x_all, c_all, idx, noise, eps):
             g_tv, g_ntv, d_tv, d_ntv, og, od = state
             parts = []
             for i in range(k):
-                x, c = x_all[idx[i]], c_all[idx[i]]
+                x, c, e = x_all[idx[i]], c_all[idx[i]], e_all[idx[i]]
                 fake, g_ntv = gen.stateless_call(g_tv, g_ntv, [noise[i], c], training=bn_train)
                 (loss, (gp, w)), grads = jax.value_and_grad(critic_loss, has_aux=True)(
-                    d_tv, d_ntv, x, c, jax.lax.stop_gradient(fake), eps[i])
+                    d_tv, d_ntv, x, c, e, jax.lax.stop_gradient(fake), eps[i])
                 d_tv, od = opt_d.stateless_apply(od, grads, d_tv)
                 parts.append(jnp.stack([loss, gp, w]))
-            c = c_all[idx[k - 1]]                   # FastCaloGAN: the conditions of the last critic batch
-            (g_loss, g_ntv), grads = jax.value_and_grad(gen_loss, has_aux=True)(g_tv, g_ntv, d_tv, d_ntv, noise[k], c)
+            c, e = c_all[idx[k - 1]], e_all[idx[k - 1]]   # FastCaloGAN: the conditions of the last critic batch
+            (g_loss, g_ntv), grads = jax.value_and_grad(gen_loss, has_aux=True)(g_tv, g_ntv, d_tv, d_ntv, noise[k],
+                                                                                c, e)
             g_tv, og = opt_g.stateless_apply(og, grads, g_tv)
             m = jnp.mean(jnp.stack(parts), axis=0)
             return (g_tv, g_ntv, d_tv, d_ntv, og, od), jnp.stack([m[0], g_loss, m[1], m[2]])
@@ -887,19 +959,48 @@ class _JaxStep:
                 var.assign(val)
 
 
-def make_train_step(gen, critic, opt_g, opt_d, cfg, voxels, cond, jit=True):
+def _step_ekin(voxels, ekin):
+    """(N, 1) float32 E_kin of the training events for the step (ones when the critic does not need it)."""
+    if ekin is None:
+        return np.ones((len(voxels), 1), dtype=np.float32)
+    return np.asarray(ekin, dtype=np.float32).reshape(-1, 1)
+
+
+def _critic_extra(cfg, matmul, sigmoid, const):
+    """``extra(x, e)``: the critic's inputs beside [voxels, condition], computed from the (normalised) voxels
+    ``x`` and their events' E_kin ``e`` (N, 1) with the backend's ``matmul``/``sigmoid``/``const``: the
+    independent summaries (:func:`summary_projection`) and the sparsity counts (:func:`sparsity_projection`),
+    each present only when the run's critic has it."""
+    n = cfg.get("n_features", cfg["n_voxels"])
+    proj = summary_projection(n, cfg["critic"].get("summaries"))
+    sp = sparsity_projection(n, cfg["critic"].get("sparsity"))
+    proj = None if proj is None else (const(proj[0]), const(proj[1]))
+    sp = None if sp is None else (const(sp[0]), const(sp[1]), sp[2], sp[3])
+
+    def extra(x, e):
+        out = [] if proj is None else [matmul(x, proj[0]) + proj[1]]
+        if sp is not None:
+            out.append(matmul(sigmoid((x * e - sp[2]) / sp[3]), sp[0]) + sp[1])
+        return out
+    return extra
+
+
+def make_train_step(gen, critic, opt_g, opt_d, cfg, voxels, cond, jit=True, ekin=None):
     """The backend's compiled training iteration: ``step(idx, noise, eps) -> losses (4,)``.
 
     Loss vector: [critic loss, generator loss, gradient penalty, Wasserstein estimate], critic values
-    averaged over the iteration's critic updates.
+    averaged over the iteration's critic updates. ``ekin`` (N,): the events' E_kin in MeV, which a critic with
+    ``sparsity`` needs (voxel / E_kin back to MeV, against the readout threshold).
     """
+    if cfg["critic"].get("sparsity") and ekin is None:
+        raise ValueError("a critic with sparsity counts needs the events' E_kin (ekin=)")
     opt_g.build(gen.trainable_variables)
     opt_d.build(critic.trainable_variables)
     backend = _backend()
     if backend == "tensorflow":
-        return _TensorFlowStep(gen, critic, opt_g, opt_d, cfg, voxels, cond, jit)
+        return _TensorFlowStep(gen, critic, opt_g, opt_d, cfg, voxels, cond, jit, ekin)
     if backend == "jax":
-        return _JaxStep(gen, critic, opt_g, opt_d, cfg, voxels, cond, jit)
+        return _JaxStep(gen, critic, opt_g, opt_d, cfg, voxels, cond, jit, ekin)
     raise UserError(f"KERAS_BACKEND={backend} is not supported by train.py (use tensorflow or jax)")
 
 
@@ -1128,6 +1229,7 @@ def make_config(args, data, dropped):
                                      spread=etot_spread if etot_spread > 0 else 1.0)
     if summaries:           # --critic-etot: the penalty's own coordinates; --critic-summaries alone: as before
         summaries["penalty"] = "independent" if etot_spread > 0 else "voxels"
+    sparsity = critic_sparsity(st, args, data, geom, spans, n_vox)
     lr_decay = float(st.get("lr_decay", args.lr_decay, None, 1.0))
     init = st.get("init", args.init, None, "he")
     latent = st.get("latent_dim", args.latent_dim, "latentDim", int(attrs["latent_dim"]), "training file")
@@ -1149,7 +1251,8 @@ def make_config(args, data, dropped):
         "beta1": float(beta1), "beta2": float(args.beta2),
         "generator": generator_settings(hidden, activation, batchnorm, output_activation, output_batchnorm, bn_mode,
                                         spans),
-        "critic": {"hidden": [int(n) for n in critic], "activation": "relu", "summaries": summaries},
+        "critic": {"hidden": [int(n) for n in critic], "activation": "relu", "summaries": summaries,
+                   **({"sparsity": sparsity} if sparsity else {})},
         "recipe": args.recipe, "recipe_description": RECIPES[args.recipe]["description"],
         "lr_decay": lr_decay, "lr_decay_iterations": int(args.iterations), "init": init,
         "batches": args.batches,
@@ -1174,6 +1277,21 @@ def make_config(args, data, dropped):
         einc = np.asarray(data["einc"], dtype=np.float64)
         cfg["data_ekin_range"] = [float(x) for x in kinetic_energy(np.array([einc.min(), einc.max()]), particle)]
     return cfg
+
+
+def critic_sparsity(st, args, data, geom, spans, n_vox):
+    """config.json's ``critic.sparsity`` (:func:`sparsity_settings`) for --critic-sparsity, else None; per
+    voxelised layer of the slice's geometry (the whole shower as one span without a geometry)."""
+    spread = float(st.get("critic_sparsity", args.critic_sparsity, None, 0.0))
+    threshold = float(st.get("critic_threshold", args.critic_threshold, None, 1.0,
+                             "default (1 MeV: CaloChallenge dataset 1's readout threshold)"))
+    if spread <= 0:
+        return None
+    if spans is not None:
+        raise UserError(f"{args.data}: --critic-sparsity counts voxel / E_kin against a threshold; this file holds "
+                        f"the layer representation (train on a file of prepare's default --norm)")
+    ekin = kinetic_energy(np.asarray(data["einc"], dtype=np.float64), data["attrs"]["particle"])
+    return sparsity_settings(data["voxels"], ekin, layer_spans(geom, n_vox) or [(0, n_vox)], spread, threshold)
 
 
 LAYER_NORMALISATION = ("layer representation: [voxel / its layer's energy (zero voxels set to 1e-4 MeV first), layer "
@@ -1336,7 +1454,8 @@ def _main(argv):
     if start >= target:
         print(f"train.py: {run} is already at iteration {start} (target {target}); nothing to do")
         return 0
-    step = make_train_step(gen, critic, opt_g, opt_d, cfg, voxels, condition_vector(label), jit=cfg.get("jit", True))
+    step = make_train_step(gen, critic, opt_g, opt_d, cfg, voxels, condition_vector(label), jit=cfg.get("jit", True),
+                           ekin=kinetic_energy(einc, cfg["particle"]))
     sequential = SequentialPool(einc, cfg) if cfg.get("strategy", {"name": "all"})["name"] == "sequential" else None
     if sequential:
         sequential(start + 1)             # an empty starting sample fails here, before any work

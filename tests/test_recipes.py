@@ -122,12 +122,55 @@ def test_penalty_counts_the_independent_summary_as_a_coordinate():
     np.testing.assert_allclose(norm, np.sqrt((w[:6] ** 2).sum() + w[8] ** 2), rtol=1e-5)
 
 
+def test_soft_counts_have_their_analytic_values():
+    """A voxel at the threshold counts 1/2, an empty one sigmoid(-2), one at 3x the threshold sigmoid(4); each
+    layer averages its own voxels; voxel / E_kin is turned back into MeV with each event's E_kin."""
+    sig = lambda z: 1.0 / (1.0 + math.exp(-z))  # noqa: E731
+    sp = {"spans": [[0, 1], [1, 4]], "threshold_mev": 1.0, "width_mev": 0.5}
+    vox = np.array([[0.1, 0.0, 0.3, 1.0], [0.0, 0.05, 0.05, 0.05]])    # voxel / E_kin
+    got = train.soft_counts(vox, np.array([10.0, 20.0]), sp)           # MeV: [1, 0, 3, 10] and [0, 1, 1, 1]
+    want = [[0.5, (sig(-2) + sig(4) + sig(18)) / 3], [sig(-2), 0.5]]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    s = train.sparsity_settings(vox, np.array([10.0, 20.0]), sp["spans"], spread=0.3)
+    np.testing.assert_allclose(s["mean"], np.mean(want, 0), rtol=1e-12)
+    np.testing.assert_allclose(s["std"], np.std(want, 0), rtol=1e-12)
+    assert (s["threshold_mev"], s["width_mev"], s["spread"]) == (1.0, 0.5, 0.3)
+
+
+def test_critic_sparsity_input_is_the_standardised_soft_count_in_the_backend(tmp_path, data):
+    """--critic-sparsity 0.2: config.json keeps one count per voxelised layer with the training sample's mean and
+    std; the training step's input (computed by the backend, keras.ops here) is 0.2 x (counts - mean) / std of
+    numpy's counts, beside E_tot; the critic takes it as an input of its own; the layer representation and a
+    negative spread are refused."""
+    keras = plumbing.import_keras()
+    assert _train(data, tmp_path / "sp", 2, 2, "--no-jit", "--recipe", "calokit-etot", "--critic-sparsity",
+                  "0.2") == 0
+    cfg = plumbing.read_run_config(str(tmp_path / "sp"))
+    sp = cfg["critic"]["sparsity"]
+    assert sp["spans"] == [[0, 8], [8, 168], [168, 358], [358, 363], [363, 368]] and sp["spread"] == 0.2
+    assert cfg["settings_source"]["critic_threshold"].startswith("default (1 MeV")
+    rng = np.random.default_rng(4)
+    vox = (rng.exponential(1e-3, size=(64, 368)) * (rng.random((64, 368)) < 0.4)).astype(np.float32)
+    ekin = np.exp(rng.uniform(np.log(300.0), np.log(3e6), size=64))
+    extra = train._critic_extra(cfg, keras.ops.matmul, keras.ops.sigmoid, keras.ops.convert_to_tensor)
+    got = [np.asarray(t) for t in extra(keras.ops.convert_to_tensor(vox),
+                                        keras.ops.convert_to_tensor(ekin[:, None].astype(np.float32)))]
+    assert [t.shape for t in got] == [(64, 1), (64, 5)]
+    want = 0.2 * (train.soft_counts(vox, ekin, sp) - sp["mean"]) / np.asarray(sp["std"])
+    np.testing.assert_allclose(got[1], want, rtol=1e-4, atol=2e-5)
+    critic = train.networks_from_config(cfg)[1]
+    assert [t.shape[-1] for t in critic.inputs] == [368, 2, 1, 5]
+    assert _train(data, tmp_path / "neg", 2, 2, "--critic-sparsity", "-0.1") == 2
+    layer_file = with_layer_representation(data, str(tmp_path / "layer.h5"))
+    assert _train(layer_file, tmp_path / "lay", 2, 2, "--critic-sparsity", "0.2") == 2
+
+
 def test_decay_and_summaries_resume_exactly(tmp_path, data):
-    """A killed run with the decaying rate (its schedule is in the optimiser state) and the critic's summaries
-    (layer energies and E_tot, as independent inputs) continues exactly."""
+    """A killed run with the decaying rate (its schedule is in the optimiser state), the critic's summaries
+    (layer energies and E_tot, as independent inputs) and its sparsity counts continues exactly."""
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     flags = ("--recipe", "calokit", "--lr-decay", "0.1", "--critic-summaries", "--critic-etot", "0.2",
-             "--keep-resume", "2", "--no-jit")
+             "--critic-sparsity", "0.2", "--keep-resume", "2", "--no-jit")
     assert _train(data, ref, 8, 4, *flags) == 0
     shutil.copytree(ref, cut)
     shutil.rmtree(cut / "ckpt_8")          # as if killed after the first checkpoint

@@ -46,6 +46,16 @@ def test_backend_specific_train_tests_pass_on_jax_backend(tmp_path):
     assert passed == len(JAX_SUBSET), tail
 
 
+def test_critic_inputs_pass_on_jax_backend(tmp_path):
+    """The JAX step's own critic inputs (E_tot, layer energies, sparsity counts): computed as numpy computes them,
+    and a killed run resumes exactly."""
+    tests = os.path.join(ROOT, "tests", "test_recipes.py")
+    names = ("test_critic_sparsity_input_is_the_standardised_soft_count_in_the_backend",
+             "test_decay_and_summaries_resume_exactly")
+    passed, tail = run_on_jax(tmp_path, *(f"{tests}::{name}" for name in names))
+    assert passed == len(names), tail
+
+
 @pytest.mark.slow
 def test_train_tests_pass_on_jax_backend(tmp_path):
     passed, tail = run_on_jax(tmp_path, TRAIN_TESTS)
