@@ -189,6 +189,11 @@ def parse_args(argv=None):
     p.add_argument("--critic-threshold", type=float, default=None, metavar="MEV",
                    help="the readout threshold --critic-sparsity counts voxels against (default 1 MeV: "
                         "CaloChallenge dataset 1's and evaluate.py's)")
+    p.add_argument("--relu-gradient-leak", type=float, default=None, metavar="SLOPE",
+                   help="in training, the output ReLU passes this gradient slope where it is zero, so that voxels "
+                        "the generator has switched off for every input can come back; its values stay those of the "
+                        "ReLU, so the saved and exported network is unchanged (0 = off; recipe's choice, else off "
+                        "as in FastCaloGAN)")
     p.add_argument("--lr-decay", type=float, default=None, metavar="F",
                    help="cosine learning-rate decay from --lr to F x --lr over --iterations (1 = constant: "
                         "FastCaloGAN; recipe's choice, else 1)")
@@ -257,6 +262,8 @@ def parse_args(argv=None):
         raise UserError(f"--critic-sparsity must be a spread >= 0 (got {args.critic_sparsity})")
     if args.critic_threshold is not None and not (math.isfinite(args.critic_threshold) and args.critic_threshold > 0):
         raise UserError(f"--critic-threshold must be > 0 MeV (got {args.critic_threshold})")
+    if args.relu_gradient_leak is not None and not 0 <= args.relu_gradient_leak <= 1:
+        raise UserError(f"--relu-gradient-leak must be a slope in [0, 1] (got {args.relu_gradient_leak})")
     if args.lr_decay is not None and not 0 < args.lr_decay <= 1:
         raise UserError(f"--lr-decay must be in (0, 1] (got {args.lr_decay})")
     if args.generator_layers is not None:
@@ -837,6 +844,14 @@ class _TensorFlowStep:
         b, k, lam = cfg["batch_size"], cfg["n_critic"], float(cfg["lambda_gp"])
         bn_train = batchnorm_training(cfg)
         extra = _critic_extra(cfg, tf.matmul, tf.sigmoid, tf.constant)
+        leak = float(cfg.get("relu_gradient_leak", 0.0))
+        pre = output_preactivation(gen) if leak > 0 else None
+
+        def gen_train(z, c):    # the generator update's voxels: the ReLU's gradient leaks with --relu-gradient-leak
+            if pre is None:
+                return gen([z, c], training=bn_train)
+            return leaky_gradient_relu(pre([z, c], training=bn_train), leak, tf.minimum, tf.nn.relu,
+                                       tf.stop_gradient)
 
         def critic_update(x, c, e, z, eps):
             fake = gen([z, c], training=bn_train)
@@ -868,7 +883,7 @@ class _TensorFlowStep:
             c = tf.gather(c_all, idx[k - 1])         # FastCaloGAN: the conditions of the last critic batch
             e = tf.gather(e_all, idx[k - 1])
             with tf.GradientTape() as tape:
-                fake = gen([noise[k], c], training=bn_train)
+                fake = gen_train(noise[k], c)
                 g_loss = -tf.reduce_mean(critic([fake, c] + extra(fake, e), training=True))
             grads = tape.gradient(g_loss, gen.trainable_variables)
             opt_g.apply(grads, gen.trainable_variables)
@@ -898,6 +913,8 @@ class _JaxStep:
         b, k, lam = cfg["batch_size"], cfg["n_critic"], float(cfg["lambda_gp"])
         bn_train = batchnorm_training(cfg)
         extra = _critic_extra(cfg, jnp.matmul, jax.nn.sigmoid, jnp.asarray)
+        leak = float(cfg.get("relu_gradient_leak", 0.0))
+        pre = output_preactivation(gen) if leak > 0 else None
 
         def score(d_tv, d_ntv, x, c, e, coords=None):
             out, _ = critic.stateless_call(d_tv, d_ntv, [x, c] + (extra(x, e) if coords is None else coords),
@@ -916,7 +933,11 @@ class _JaxStep:
             return lam * gp - w, (gp, w)
 
         def gen_loss(g_tv, g_ntv, d_tv, d_ntv, z, c, e):
-            fake, g_ntv = gen.stateless_call(g_tv, g_ntv, [z, c], training=bn_train)
+            if pre is None:
+                fake, g_ntv = gen.stateless_call(g_tv, g_ntv, [z, c], training=bn_train)
+            else:               # --relu-gradient-leak (same variables, same order: see output_preactivation)
+                x, g_ntv = pre.stateless_call(g_tv, g_ntv, [z, c], training=bn_train)
+                fake = leaky_gradient_relu(x, leak, jnp.minimum, jax.nn.relu, jax.lax.stop_gradient)
             return -jnp.mean(score(d_tv, d_ntv, fake, c, e)), g_ntv
 
         def iteration(state, x_all, c_all, idx, noise, eps):
@@ -957,6 +978,34 @@ class _JaxStep:
         for variables, values in zip(targets, self.state):
             for var, val in zip(variables, values):
                 var.assign(val)
+
+
+def output_preactivation(gen):
+    """The generator's voxels before its output ReLU: a Model sharing ``gen``'s variables, in the same order, for
+    :func:`leaky_gradient_relu` (``--relu-gradient-leak``)."""
+    keras = _keras()
+    last = gen.get_layer("voxels")
+    relu = ((isinstance(last, keras.layers.LeakyReLU) and float(last.negative_slope) == 0.0)
+            or (type(last) is keras.layers.Activation and getattr(last.activation, "__name__", "") == "relu"))
+    if not relu:
+        raise UserError("--relu-gradient-leak: the generator's output layer 'voxels' is not a ReLU of its own")
+    pre = keras.Model(gen.inputs, last.input, name="generator_preactivation")
+    for a, b in ((pre.trainable_variables, gen.trainable_variables),
+                 (pre.non_trainable_variables, gen.non_trainable_variables)):
+        if [id(v) for v in a] != [id(v) for v in b]:
+            raise RuntimeError("generator_preactivation does not hold the generator's variables in their order")
+    return pre
+
+
+def leaky_gradient_relu(x, slope, minimum, relu, stop_gradient):
+    """relu(x) in value; in gradient 1 where x > 0 and ``slope`` where x <= 0 (with the backend's ``minimum``,
+    ``relu`` and ``stop_gradient``): a voxel the ReLU holds at zero for every input still feels the critic.
+
+    >>> leaky_gradient_relu(np.array([-2.0, 3.0]), 0.1, np.minimum, lambda v: np.maximum(v, 0), lambda v: v)
+    array([0., 3.])
+    """
+    neg = minimum(x, 0.0)
+    return relu(x) + slope * (neg - stop_gradient(neg))
 
 
 def _step_ekin(voxels, ekin):
@@ -1232,6 +1281,10 @@ def make_config(args, data, dropped):
     sparsity = critic_sparsity(st, args, data, geom, spans, n_vox)
     lr_decay = float(st.get("lr_decay", args.lr_decay, None, 1.0))
     init = st.get("init", args.init, None, "he")
+    leak = float(st.get("relu_gradient_leak", args.relu_gradient_leak, None, 0.0))
+    if leak > 0 and not (spans is None and output_activation == "relu" and (batchnorm or init != "he")):
+        raise UserError("--relu-gradient-leak: this generator's output is not a ReLU layer of its own (it needs "
+                        "prepare's default --norm, --output-activation relu, and batch-norm or --init glorot)")
     latent = st.get("latent_dim", args.latent_dim, "latentDim", int(attrs["latent_dim"]), "training file")
     batch = st.get("batch_size", args.batch_size, "batchSize", 128)
     n_critic = st.get("n_critic", args.n_critic, "gdratio", 5)
@@ -1255,6 +1308,7 @@ def make_config(args, data, dropped):
                    **({"sparsity": sparsity} if sparsity else {})},
         "recipe": args.recipe, "recipe_description": RECIPES[args.recipe]["description"],
         "lr_decay": lr_decay, "lr_decay_iterations": int(args.iterations), "init": init,
+        **({"relu_gradient_leak": leak} if leak > 0 else {}),
         "batches": args.batches,
         "strategy": {"name": args.strategy, "first_sample_iterations": int(args.first_sample_iterations),
                      "add_every": int(args.add_every)},

@@ -165,6 +165,63 @@ def test_critic_sparsity_input_is_the_standardised_soft_count_in_the_backend(tmp
     assert _train(layer_file, tmp_path / "lay", 2, 2, "--critic-sparsity", "0.2") == 2
 
 
+def test_leaky_gradient_relu_values_and_slopes():
+    """Its values are the ReLU's; its gradient is 1 above zero and the slope at or below it (backend autodiff)."""
+    keras = plumbing.import_keras()
+    ops = keras.ops
+    x = np.array([-2.0, -0.5, 0.5, 3.0], dtype=np.float32)
+    f = lambda v: train.leaky_gradient_relu(v, 0.1, ops.minimum, ops.relu, ops.stop_gradient)  # noqa: E731
+    np.testing.assert_array_equal(np.asarray(f(ops.convert_to_tensor(x))), [0.0, 0.0, 0.5, 3.0])
+    if train._backend() == "jax":
+        import jax
+        grad = jax.grad(lambda v: f(v).sum())(x)
+    else:
+        import tensorflow as tf
+        v = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(v)
+            y = tf.reduce_sum(f(v))
+        grad = tape.gradient(y, v)
+    np.testing.assert_allclose(np.asarray(grad), [0.1, 0.1, 1.0, 1.0], rtol=1e-6)
+
+
+def test_relu_gradient_leak_revives_a_dead_voxel(tmp_path, data):
+    """A voxel whose output ReLU is shut for every input (bias -1000) gets no update without the leak and one with
+    it; the network, its outputs and config.json's generator block are the plain ReLU's either way; a generator
+    without an output ReLU of its own is refused."""
+    assert _train(data, tmp_path / "lk", 2, 2, "--no-jit", "--recipe", "calokit-etot", "--relu-gradient-leak",
+                  "0.1") == 0
+    cfg = plumbing.read_run_config(str(tmp_path / "lk"))
+    assert cfg["relu_gradient_leak"] == 0.1 and cfg["generator"]["output_activation"] == "relu"
+    keras = plumbing.import_keras()
+    d = train.load_training_file(data)
+    moved = {}
+    for leak in (0.0, 0.1):
+        c = dict(cfg, relu_gradient_leak=leak)
+        keras.utils.set_random_seed(1)
+        gen, critic = train.networks_from_config(c)
+        dense = gen.get_layer("dense_out")
+        w, b = dense.get_weights()
+        b[5] = -1e3
+        dense.set_weights([w, b])
+        step = train.make_train_step(gen, critic, train.make_optimizer(c), train.make_optimizer(c, c["n_critic"]), c,
+                                     d["voxels"], plumbing.condition_vector(d["label"]), jit=False,
+                                     ekin=plumbing.kinetic_energy(d["einc"], "photon"))
+        rng = np.random.default_rng(0)
+        for _ in range(2):
+            step(*train.draw_batches(rng, len(d["voxels"]), c))
+        step.sync()
+        moved[leak] = np.abs(dense.get_weights()[0] - w).max(axis=0)
+        z = np.full((4, c["latent_dim"]), 0.5, dtype=np.float32)
+        out = np.asarray(gen([z, plumbing.condition_vector(d["label"][:4])]))
+        assert (out[:, 5] == 0).all() and (out >= 0).all()
+        pre = np.asarray(train.output_preactivation(gen)([z, plumbing.condition_vector(d["label"][:4])]))
+        np.testing.assert_array_equal(out, np.maximum(pre, 0))
+    assert moved[0.0][5] == 0 and moved[0.1][5] > 0
+    assert (moved[0.0][6:] > 0).any()                  # the other voxels learn in both
+    assert _train(data, tmp_path / "swish", 2, 2, "--output-activation", "swish", "--relu-gradient-leak", "0.1") == 2
+
+
 def test_decay_and_summaries_resume_exactly(tmp_path, data):
     """A killed run with the decaying rate (its schedule is in the optimiser state), the critic's summaries
     (layer energies and E_tot, as independent inputs) and its sparsity counts continues exactly."""

@@ -46,12 +46,13 @@ def test_backend_specific_train_tests_pass_on_jax_backend(tmp_path):
     assert passed == len(JAX_SUBSET), tail
 
 
-def test_critic_inputs_pass_on_jax_backend(tmp_path):
+def test_critic_inputs_and_leak_pass_on_jax_backend(tmp_path):
     """The JAX step's own critic inputs (E_tot, layer energies, sparsity counts): computed as numpy computes them,
-    and a killed run resumes exactly."""
+    and a killed run resumes exactly; its generator update with the leaking ReLU gradient revives a dead voxel."""
     tests = os.path.join(ROOT, "tests", "test_recipes.py")
     names = ("test_critic_sparsity_input_is_the_standardised_soft_count_in_the_backend",
-             "test_decay_and_summaries_resume_exactly")
+             "test_decay_and_summaries_resume_exactly", "test_leaky_gradient_relu_values_and_slopes",
+             "test_relu_gradient_leak_revives_a_dead_voxel")
     passed, tail = run_on_jax(tmp_path, *(f"{tests}::{name}" for name in names))
     assert passed == len(names), tail
 
