@@ -93,6 +93,13 @@ RECIPES = {
         "description": "calokit, and the critic also sees E_tot / E_kin as an input coordinate of its own at "
                        "spread 0.2 (--critic-etot 0.2): the generator, and so what FastCaloSim runs, is unchanged",
         "options": {"n_critic": 2, "lr": 2e-4, "init": "glorot", "critic_etot": 0.2}},
+    "calokit-etot-leak": {
+        "description": "calokit-etot, and in training the output ReLU's gradient leaks 0.1 below zero "
+                       "(--relu-gradient-leak 0.1: no voxel stays switched off for good; the network is the same "
+                       "ReLU network) with the learning rate decaying as a cosine to 0.1x over the run "
+                       "(--lr-decay 0.1)",
+        "options": {"n_critic": 2, "lr": 2e-4, "init": "glorot", "critic_etot": 0.2, "relu_gradient_leak": 0.1,
+                    "lr_decay": 0.1}},
     "caloshowergan": {
         "description": "CaloShowerGAN's (FastCaloGAN's successor, same authors; its public training code): the "
                        "layer representation (a training file of preprocess.py prepare --norm layer) learnt by "

@@ -200,12 +200,21 @@ def _make_n(tmp_path, *args):
     return res.stdout.replace("\\\n", " ")
 
 
+def test_make_knows_every_recipe_of_train():
+    """`make help` lists, and RECIPE= accepts, exactly train.py's recipes."""
+    import train
+
+    res = subprocess.run(["make", "-s", "-C", ROOT, "help"], capture_output=True, text=True, timeout=60)
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("recipes (RECIPE=...):")]
+    assert line and line[0].split(":", 1)[1].split() == list(train.RECIPES)
+
+
 def test_make_recipe_plans_prepare_with_the_norm_and_train_with_the_recipe(tmp_path):
     out = _make_n(tmp_path, "RECIPE=caloshowergan")
     assert len(re.findall(r"preprocess\.py prepare .*--norm layer ", out)) == 1
     assert len(re.findall(r"train\.py .*--recipe caloshowergan", out)) == 1
     default = _make_n(tmp_path / "d")
-    assert "--norm ekin" in default and "--recipe calokit-etot " in default       # the demo's recipe
+    assert "--norm ekin" in default and "--recipe calokit-etot-leak " in default       # the demo's recipe
     data = tmp_path / "cc"
     data.mkdir()
     for name in ("dataset_1_photons_1.hdf5", "dataset_1_photons_2.hdf5"):

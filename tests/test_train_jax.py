@@ -3,8 +3,9 @@ the default suite, not only on a GPU machine. Keras fixes its backend at import,
 
 The default run takes the tests of test_train.py that exercise what differs between backends (JAX_SUBSET: the
 compiled training step, reproducible across processes and resumed exactly after a SIGKILL, generation on the
-compiled and the numpy path, batch-norm in both training modes); ``-m slow`` runs every test of the file on JAX.
-The others (bad inputs, settings, schedules, network choice from the XML, training beats untrained) still run on
+compiled and the numpy path, batch-norm in both training modes) and of test_recipes.py those of the step's own
+critic inputs and its leaking ReLU gradient (JAX_RECIPES), all in one process; ``-m slow`` runs every test of
+test_train.py on JAX. The others (bad inputs, settings, schedules, network choice from the XML, training beats untrained) still run on
 TensorFlow in the default suite.
 """
 import os
@@ -24,6 +25,12 @@ TRAIN_TESTS = os.path.join(ROOT, "tests", "test_train.py")
 JAX_SUBSET = ("test_runs_on_the_requested_backend", "test_generator_contract_and_generate",
               "test_numpy_generation_path_covers_every_generator_variant", "test_run_directory_layout",
               "test_kill_and_resume", "test_batchnorm_inference_mode_keeps_statistics")
+#: test_recipes.py's tests of the JAX step's own critic inputs (E_tot and sparsity counts, computed as numpy
+#: computes them, in a run that trains) and of its generator update with the leaking ReLU gradient (exact resume on
+#: JAX is test_kill_and_resume's)
+RECIPE_TESTS = os.path.join(ROOT, "tests", "test_recipes.py")
+JAX_RECIPES = ("test_critic_sparsity_input_is_the_standardised_soft_count_in_the_backend",
+               "test_leaky_gradient_relu_values_and_slopes", "test_relu_gradient_leak_revives_a_dead_voxel")
 
 
 def run_on_jax(tmp_path, *targets):
@@ -39,22 +46,15 @@ def run_on_jax(tmp_path, *targets):
 
 
 def test_backend_specific_train_tests_pass_on_jax_backend(tmp_path):
-    with open(TRAIN_TESTS) as f:
-        defined = set(re.findall(r"^def (test_\w+)", f.read(), re.M))
-    assert set(JAX_SUBSET) <= defined, set(JAX_SUBSET) - defined      # a renamed test cannot drop out silently
-    passed, tail = run_on_jax(tmp_path, *(f"{TRAIN_TESTS}::{name}" for name in JAX_SUBSET))
-    assert passed == len(JAX_SUBSET), tail
-
-
-def test_critic_inputs_and_leak_pass_on_jax_backend(tmp_path):
-    """The JAX step's own critic inputs (E_tot, layer energies, sparsity counts): computed as numpy computes them,
-    and a killed run resumes exactly; its generator update with the leaking ReLU gradient revives a dead voxel."""
-    tests = os.path.join(ROOT, "tests", "test_recipes.py")
-    names = ("test_critic_sparsity_input_is_the_standardised_soft_count_in_the_backend",
-             "test_decay_and_summaries_resume_exactly", "test_leaky_gradient_relu_values_and_slopes",
-             "test_relu_gradient_leak_revives_a_dead_voxel")
-    passed, tail = run_on_jax(tmp_path, *(f"{tests}::{name}" for name in names))
-    assert passed == len(names), tail
+    """JAX_SUBSET and JAX_RECIPES in one process (one JAX start)."""
+    targets = []
+    for path, names in ((TRAIN_TESTS, JAX_SUBSET), (RECIPE_TESTS, JAX_RECIPES)):
+        with open(path) as f:
+            defined = set(re.findall(r"^def (test_\w+)", f.read(), re.M))
+        assert set(names) <= defined, set(names) - defined      # a renamed test cannot drop out silently
+        targets += [f"{path}::{name}" for name in names]
+    passed, tail = run_on_jax(tmp_path, *targets)
+    assert passed == len(targets), tail
 
 
 @pytest.mark.slow
