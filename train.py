@@ -15,7 +15,11 @@ event) and trains the FastCaloGAN V2 network pair with Keras 3 on whatever backe
   back into voxel / E_kin;
 * critic: input [voxels, condition] concatenated, Dense layers of the XML's ``discriminator`` sizes or three of
   N_vox with ReLU, linear output (width capped at CRITIC_WIDTH_CAP = 2048 by default, so that CaloChallenge
-  datasets 2 and 3 fit; ``--critic-width``);
+  datasets 2 and 3 fit; ``--critic-width``); on request it also sees inputs of its own, each standardised over the
+  training sample and scaled to a chosen spread, which the gradient penalty counts as coordinates of their own:
+  E_tot / E_kin (``--critic-etot``), the layer energies (``--critic-summaries``) and each layer's soft fraction of
+  voxels above the readout threshold (``--critic-sparsity``); the generator, and so what FastCaloSim runs, is
+  unchanged by them, as by ``--relu-gradient-leak`` (:func:`leaky_gradient_relu`, the output ReLU's gradient only);
 * WGAN-GP: 5 critic steps per generator step, lambda 10, Adam (lr 1e-4, beta1 0.55), batch 128 -- or the XML's
   settings (particle < region < range; command-line flags above all; config.json says where each came from).
   Strategy ``all`` (every energy from the start) or ``sequential`` (:func:`sequential_exponents`).
