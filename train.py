@@ -196,7 +196,8 @@ def parse_args(argv=None):
                    help="the critic also sees, per layer, the fraction of voxels at or above the readout threshold "
                         "(--critic-threshold, in MeV: voxel / E_kin x E_kin), made smooth by a sigmoid, "
                         "standardised over the training sample and scaled to this spread (0 = off; recipe's "
-                        "choice, else off as in FastCaloGAN); the generator is unchanged")
+                        "choice, else off as in FastCaloGAN); the generator is unchanged. Measured harmful at "
+                        "spreads 0.05 and 0.2 (the count's gradient scales with E_kin; docs/recipes-and-quality.md)")
     p.add_argument("--critic-threshold", type=float, default=None, metavar="MEV",
                    help="the readout threshold --critic-sparsity counts voxels against (default 1 MeV: "
                         "CaloChallenge dataset 1's and evaluate.py's)")
@@ -711,7 +712,8 @@ def sparsity_projection(n_voxels, sparsity):
     """(kernel, bias, threshold, width) of the critic's sparsity input, or None without one: the training step
     feeds ``sigmoid((x * E_kin - threshold) / width) @ kernel + bias`` = spread x (counts - mean) / std (std floored
     at 1e-6), an input of the critic's own that the gradient penalty counts as coordinates of their own (as
-    :func:`independent_summaries`)."""
+    :func:`independent_summaries`). The generator's gradient through a count is E_kin / width times the
+    sigmoid's slope (up to ~1e7 at 4 TeV), which is why the option, measured, steers training badly."""
     if not sparsity:
         return None
     std = np.maximum(np.asarray(sparsity["std"], dtype=np.float64), 1e-6)
