@@ -693,10 +693,8 @@ def count_matrix(n_voxels, spans):
     >>> count_matrix(3, [(0, 1), (1, 3)]).tolist()
     [[1.0, 0.0], [0.0, 0.5], [0.0, 0.5]]
     """
-    m = np.zeros((int(n_voxels), len(spans)), dtype=np.float64)
-    for i, (a, b) in enumerate(spans):
-        m[int(a):int(b), i] = 1.0 / (int(b) - int(a))
-    return m
+    m = summary_matrix(n_voxels, spans)[:, 1:].astype(np.float64)       # the 0/1 span columns
+    return m / m.sum(axis=0)
 
 
 def soft_counts(voxels, ekin, sparsity):
